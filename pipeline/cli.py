@@ -1,0 +1,162 @@
+"""The `kdcache` command: precompute, inspect, verify (stage one) and train, evaluate (stage two).
+
+Exit codes: 0 done or cache hit, 1 failure, 2 bad usage, 75 store locked by another run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from pipeline.cli_common import build_config, common_options, emit, handle_errors, setup_logging
+from storage.errors import IntegrityError
+from storage.fsio import parse_storage_options
+from storage.reader import CacheReader
+
+log = logging.getLogger("kdcache")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="kdcache")
+def main() -> None:
+    """kdcache: run a teacher once into a sharded cache, then train many students from it."""
+
+
+@main.command()
+@click.option("--config", type=click.Path(), help="TOML file; any option below can live there.")
+@click.option("--teacher", help="Teacher spec package.module:attr (class or factory).")
+@click.option("--checkpoint", help="State dict, TorchScript or torch.export file (path or URL).")
+@click.option("--teacher-arg", multiple=True, help="k=v keyword for the teacher (repeatable).")
+@click.option("--data", help="Data set spec package.module:attr (map-style, class or factory).")
+@click.option("--data-arg", multiple=True, help="k=v keyword for the data set (repeatable).")
+@click.option("--out", help="Store URL: a folder, memory://..., s3://bucket/prefix, ...")
+@click.option("--temperature", type=float, help="Soft-label temperature T > 0 (default 4.0).")
+@click.option(
+    "--codec", type=click.Choice(["topk", "dense"]), help="Soft-label codec (default topk)."
+)
+@click.option("--top-k", type=int, help="Classes kept per sample by the topk codec (default 8).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), help="Logit storage dtype.")
+@click.option("--features", help="Teacher submodule (named_modules name) whose output to store.")
+@click.option(
+    "--pool", type=click.Choice(["avg", "token-mean", "cls", "flatten"]), help="Feature pooling."
+)
+@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), help="Feature dtype.")
+@click.option("--batch-size", type=int, help="Teacher batch size (default 256).")
+@click.option("--shard-rows", type=int, help="Rows per shard (default 65536).")
+@click.option("--num-workers", type=int, help="DataLoader workers (default 0).")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default auto).")
+@click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision."
+)
+@click.option("--task", type=click.Choice(["classification", "regression"]), help="Teacher kind.")
+@click.option(
+    "--force", is_flag=True, default=None, help="Replace a store made with other settings."
+)
+@click.option("--storage-option", multiple=True, help="k=v fsspec storage option (repeatable).")
+@common_options
+@handle_errors
+def precompute(**options) -> None:
+    """Stage one: run the teacher once and write soft labels (+ features) to a store."""
+    from stages.precompute import PrecomputeConfig, run
+
+    setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
+    log_json = bool(options.get("log_json"))
+    cfg = build_config(PrecomputeConfig, options.get("config"), options, ("data", "out"))
+    result = run(cfg)
+    m = result["manifest"]
+    if result["status"] == "hit":
+        emit(
+            log_json,
+            f"cache hit: {cfg.out} already holds this cache (fingerprint {m['fingerprint'][:12]}); "
+            "nothing computed",
+            status="hit",
+            url=cfg.out,
+            fingerprint=m["fingerprint"],
+        )
+    elif m is not None:
+        s = m["stats"]
+        emit(
+            log_json,
+            f"wrote {m['num_rows']} rows in {len(m['shards'])} shards to {cfg.out} "
+            f"in {result['seconds']:.1f}s ({s['bytes_per_sample']:.0f} bytes/sample)",
+            status="done",
+            url=cfg.out,
+            fingerprint=m["fingerprint"],
+            resumed_shards=result.get("resumed", 0),
+            **s,
+        )
+
+
+def _summary(reader: CacheReader) -> dict:
+    m, s = reader.manifest, reader.manifest.get("stats", {})
+    f = reader.features_info
+    return {
+        "url": reader.url,
+        "format": m["format"],
+        "rows": reader.num_rows,
+        "shards": len(reader.shards),
+        "task": reader.task,
+        "codec": reader.codec,
+        "temperature": reader.temperature,
+        "top_k": reader.top_k,
+        "num_classes": reader.num_classes,
+        "logit_dtype": reader.soft["dtype"],
+        "feature_layer": f["layer"] if f else None,
+        "feature_dim": f["dim"] if f else None,
+        "feature_dtype": f["dtype"] if f else None,
+        "total_bytes": s.get("total_bytes"),
+        "bytes_per_sample": s.get("bytes_per_sample"),
+        "teacher_accuracy": s.get("teacher_accuracy"),
+        "mean_topk_kl": s.get("mean_topk_kl"),
+        "mean_residual_mass": s.get("mean_residual_mass"),
+        "teacher_seconds": s.get("teacher_seconds"),
+        "teacher": m["teacher"].get("spec"),
+        "data": m["data"].get("spec"),
+        "fingerprint": reader.fingerprint,
+        "created": m.get("created"),
+        "kdcache_version": m.get("kdcache_version"),
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@main.command()
+@click.argument("url")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--storage-option", multiple=True, help="k=v fsspec storage option (repeatable).")
+@handle_errors
+def inspect(url: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
+    """Summarise a store: rows, shards, codec, T, k, bytes/sample, teacher accuracy, top-k cost."""
+    summary = _summary(CacheReader(url, parse_storage_options(storage_option)))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        click.echo(f"{key:<{width}}  {_fmt(value)}")
+
+
+@main.command()
+@click.argument("url")
+@click.option("--storage-option", multiple=True, help="k=v fsspec storage option (repeatable).")
+@click.option("--quiet", is_flag=True, help="Print only problems.")
+@handle_errors
+def verify(url: str, storage_option: tuple[str, ...], quiet: bool) -> None:
+    """Re-hash every file against the manifest; check schemas and row counts."""
+    reader = CacheReader(url, parse_storage_options(storage_option))
+    problems = reader.verify()
+    if problems:
+        raise IntegrityError(f"{url}: {len(problems)} problem(s):\n" + "\n".join(problems))
+    if not quiet:
+        files = sum(len(s["files"]) for s in reader.shards) + len(reader.manifest.get("files", {}))
+        click.echo(
+            f"ok: {url}: {reader.num_rows} rows, {len(reader.shards)} shards, {files} files verified"
+        )

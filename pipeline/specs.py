@@ -1,0 +1,98 @@
+"""`package.module:attr` specs, `k=v` arguments and config files: how users name their code."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from storage.errors import UsageError
+
+
+def resolve(spec: str, what: str = "spec") -> Any:
+    """Import `package.module:attr` (dots after the colon walk attributes)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(
+            f"{what} {spec!r} is not of the form package.module:attr, "
+            "e.g. pipeline.examples.models:TeacherCNN"
+        )
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(
+            f"{what} {spec!r}: cannot import {module_name!r} ({exc}); "
+            "check the spelling and that the package is installed or on PYTHONPATH"
+        ) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(
+                f"{what} {spec!r}: {module_name!r} has no attribute {attr!r}"
+            ) from None
+    return obj
+
+
+def build(spec: str, kwargs: dict, what: str = "spec") -> Any:
+    """Resolve a spec and call it with kwargs (a class or a factory function)."""
+    target = resolve(spec, what)
+    if not callable(target):
+        if kwargs:
+            raise UsageError(f"{what} {spec!r} is not callable, so it takes no arguments")
+        return target
+    try:
+        return target(**kwargs)
+    except TypeError as exc:
+        raise UsageError(f"{what} {spec!r} rejected its arguments {kwargs}: {exc}") from None
+
+
+def parse_value(text: str) -> Any:
+    """CLI values: JSON when they parse as JSON (numbers, true, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_kv(pairs: tuple[str, ...] | list[str], option: str) -> dict:
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{option} {pair!r} is not key=value, e.g. {option} split=train")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def load_config(path: str | None) -> dict:
+    """A TOML job file; every CLI option can live there (dashes or underscores both work)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path!r} does not exist")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path!r} is not valid TOML: {exc}") from None
+    return normalise_keys(doc)
+
+
+def normalise_keys(doc: dict) -> dict:
+    return {k.replace("-", "_"): v for k, v in doc.items()}
+
+
+def merge_options(defaults: dict, config: dict, cli: dict) -> dict:
+    """CLI beats config file beats defaults; unknown config keys are refused, not ignored."""
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise UsageError(
+            f"config has unknown option(s) {unknown}; known: {', '.join(sorted(defaults))}"
+        )
+    out = dict(defaults)
+    out.update(config)
+    out.update({k: v for k, v in cli.items() if v is not None and v != ()})
+    return out

@@ -1,0 +1,65 @@
+"""Capture a named submodule's output during forward and pool it to one vector per sample."""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+
+from storage.errors import UsageError
+
+POOLS = ("avg", "token-mean", "cls", "flatten")
+
+
+def pool(t: torch.Tensor, mode: str) -> torch.Tensor:
+    """avg: mean over every dim after 1 (conv N,C,...); token-mean: mean over dim 1 (N,T,D);
+    cls: index 0 of dim 1; flatten: everything after the batch dim."""
+    if mode == "avg":
+        return t.flatten(2).mean(-1) if t.dim() > 2 else t
+    if mode == "token-mean":
+        return t.mean(1) if t.dim() > 2 else t
+    if mode == "cls":
+        return t[:, 0] if t.dim() > 2 else t
+    if mode == "flatten":
+        return t.flatten(1)
+    raise UsageError(f"--pool {mode!r} is not one of {', '.join(POOLS)}")
+
+
+def find_module(model: torch.nn.Module, name: str, option: str = "--features") -> torch.nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(f"{option} {name!r} is not a submodule of {type(model).__name__}{hint}")
+    return modules[name]
+
+
+class FeatureTap:
+    """Context manager: while active, `.value` holds the pooled output of the last forward."""
+
+    def __init__(self, model: torch.nn.Module, name: str, mode: str, option: str = "--features"):
+        if mode not in POOLS:
+            raise UsageError(f"--pool {mode!r} is not one of {', '.join(POOLS)}")
+        self.module = find_module(model, name, option)
+        self.mode = mode
+        self.name = name
+        self.value: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module, inputs, output) -> None:
+        if isinstance(output, tuple | list):
+            output = output[0]
+        if not isinstance(output, torch.Tensor) or output.dim() < 2:
+            raise UsageError(
+                f"feature layer {self.name!r} returned {type(output).__name__}"
+                f"{getattr(output, 'shape', '')}: it needs a (batch, ...) tensor"
+            )
+        self.value = pool(output, self.mode)
+
+    def __enter__(self) -> FeatureTap:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()

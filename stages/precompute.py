@@ -1,0 +1,343 @@
+"""Stage one: run the teacher once over a data set into a sharded, verifiable store.
+
+Ranks (torchrun) take shard i when i % world == rank; rank 0 holds the lock, prepares the store and
+publishes the manifest after a barrier. Inside a rank the teacher runs in the main thread and a
+writer thread encodes and publishes shards, so compute never waits on disk or network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.data import BatchView, data_fingerprint, load_dataset
+from pipeline.fingerprint import store_fingerprint
+from pipeline.models import load_model, logits_of
+from pipeline.runtime import autocast, init_distributed, resolve_device, to_device
+from stages.encode import add_stats, check_labels, check_logits, encode_batch, summarise
+from stages.hooks import POOLS, FeatureTap
+from storage.errors import KdcacheError, UsageError
+from storage.fsio import open_location
+from storage.lock import StoreLock
+from storage.manifest import FORMAT, kdcache_version, load_manifest
+from storage.writer import StoreWriter, existing_state, wipe
+
+log = logging.getLogger("kdcache.precompute")
+CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class PrecomputeConfig:
+    data: str
+    out: str
+    teacher: str | None = None
+    checkpoint: str | None = None
+    teacher_args: dict = field(default_factory=dict)
+    data_args: dict = field(default_factory=dict)
+    temperature: float = 4.0
+    codec: str | None = None  # topk for classifiers, dense for regression
+    top_k: int = 8
+    dtype: str = "float16"
+    features: str | None = None
+    pool: str = "avg"
+    feature_dtype: str = "float16"
+    batch_size: int = 256
+    shard_rows: int = 65536
+    num_workers: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    task: str = "classification"
+    force: bool = False
+    quiet: bool = False
+    storage_options: dict = field(default_factory=dict)
+    queue_depth: int = 4
+
+    def validate(self) -> None:
+        """Everything that can be checked before a model or a byte of data is touched."""
+        if self.task not in ("classification", "regression"):
+            raise UsageError(f"--task {self.task!r}: use classification or regression")
+        if self.codec is None:
+            self.codec = "dense" if self.task == "regression" else "topk"
+        if self.codec not in ("topk", "dense"):
+            raise UsageError(f"--codec {self.codec!r}: use topk or dense")
+        if self.task == "regression" and self.codec != "dense":
+            raise UsageError("--task regression stores raw outputs: use --codec dense")
+        if self.task == "regression":
+            self.temperature = 1.0  # raw outputs are stored; there is nothing to temper
+        if not self.temperature > 0:
+            raise UsageError(f"--temperature {self.temperature} must be > 0 (soft labels use z/T)")
+        if self.codec == "topk" and self.top_k < 1:
+            raise UsageError(f"--top-k {self.top_k} must be >= 1")
+        for name, value in (("--dtype", self.dtype), ("--feature-dtype", self.feature_dtype)):
+            if value not in ("float16", "float32"):
+                raise UsageError(f"{name} {value!r}: use float16 or float32")
+        if self.pool not in POOLS:
+            raise UsageError(f"--pool {self.pool!r}: use one of {', '.join(POOLS)}")
+        for name in ("batch_size", "shard_rows", "queue_depth"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.num_workers < 0:
+            raise UsageError("--num-workers must be >= 0")
+        if self.teacher is None and self.checkpoint is None:
+            raise UsageError("--teacher SPEC (and/or --checkpoint FILE) is required")
+
+
+def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict:
+    soft = {"codec": cfg.codec, "dtype": cfg.dtype}
+    if cfg.codec == "topk":
+        soft["top_k"] = cfg.top_k
+    header = {
+        "format": FORMAT,
+        "teacher": teacher_id,
+        "data": {
+            "spec": cfg.data,
+            "kwargs": cfg.data_args,
+            "num_samples": len(ds),
+            "fingerprint": data_fp,
+        },
+        "temperature": float(cfg.temperature),
+        "soft_labels": soft,
+        "features": (
+            {"layer": cfg.features, "pool": cfg.pool, "dtype": cfg.feature_dtype}
+            if cfg.features
+            else None
+        ),
+        "shard_rows": cfg.shard_rows,
+        "num_rows": len(ds),
+        "task": cfg.task,
+        "precision": cfg.precision,
+    }
+    header["fingerprint"] = store_fingerprint(header)
+    return header
+
+
+def _forward(model, x, device, cfg, tap):
+    with torch.inference_mode(), autocast(device, cfg.precision):
+        z = logits_of(model(to_device(x, device)))
+    feats = tap.value if tap is not None else None
+    return z, feats
+
+
+def _complete_header(header, model, ds, device, cfg) -> dict:
+    """Probe one small batch for the derived sizes: num_classes and the feature dim."""
+    view = BatchView(ds, cfg.data)
+    ids, x, _ = view[np.arange(min(2, len(ds)))]
+    tap = FeatureTap(model, cfg.features, cfg.pool) if cfg.features else None
+    with tap or contextlib.nullcontext():
+        z, feats = _forward(model, x, device, cfg, tap)
+    z = check_logits(z, ids.numpy(), len(ids), cfg.task)
+    c = int(z.shape[1])
+    if cfg.codec == "topk" and cfg.top_k > c:
+        raise UsageError(f"--top-k {cfg.top_k} exceeds the teacher's {c} classes; use <= {c}")
+    header["soft_labels"]["num_classes"] = c
+    header["teacher"]["num_classes"] = c
+    if feats is not None:
+        dim = int(feats.shape[1]) if feats.dim() == 2 else int(np.prod(feats.shape[1:]))
+        itemsize = np.dtype(cfg.feature_dtype).itemsize
+        cols = max(1, min(dim, CHUNK_BYTES // (cfg.shard_rows * itemsize)))
+        header["features"].update(dim=dim, chunk_cols=cols, path="features.zarr")
+    return header
+
+
+def _plan(n: int, shard_rows: int, batch_size: int, shards: list[int]) -> list[tuple]:
+    """(shard, ids) per batch; batches never straddle shards so any split gives equal bytes."""
+    out = []
+    for i in shards:
+        lo, hi = i * shard_rows, min(n, (i + 1) * shard_rows)
+        for a in range(lo, hi, batch_size):
+            out.append((i, np.arange(a, min(hi, a + batch_size), dtype=np.int64)))
+    return out
+
+
+class _WriterThread(threading.Thread):
+    """Encodes and publishes shards from a bounded queue; its first error stops the run."""
+
+    def __init__(self, store: StoreWriter, depth: int):
+        super().__init__(daemon=True, name="kdcache-writer")
+        self.store = store
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.totals: dict = {}
+        h = store.header
+        self.settings = {
+            "task": h["task"],
+            "temperature": h["temperature"],
+            "codec": h["soft_labels"]["codec"],
+            "top_k": h["soft_labels"].get("top_k"),
+        }
+
+    def put(self, item) -> None:
+        while True:
+            self.raise_if_failed()
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        # Protocol: a shard index, its batches, None (commit); a None in place of an index stops.
+        try:
+            while (index := self.q.get()) is not None:
+                with self.store.shard(index) as shard:
+                    while (payload := self.q.get()) is not None:
+                        z, labels, ids, feats = payload
+                        if feats is not None:
+                            feats = feats.reshape(len(ids), -1).float().cpu().numpy()
+                        columns, stats = encode_batch(z, labels, ids, self.settings)
+                        add_stats(shard.stats, stats)
+                        shard.add(columns, feats)
+                add_stats(self.totals, shard.stats)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+
+
+def _prepare_store(loc, header, cfg, model, ds, device) -> tuple:
+    """Rank 0: decide hit / fresh / resume, and make the store ready for the writers."""
+    try:
+        state = existing_state(loc, header)
+    except UsageError:
+        if not cfg.force or not (loc.exists("_run.json") or loc.exists("manifest.json")):
+            raise
+        state = "replace"
+    if state == "complete" and not cfg.force:
+        return ("hit", load_manifest(loc))
+    if state in ("replace", "complete"):
+        log.warning("--force: replacing the store at %s", loc.url)
+        wipe(loc)
+    header = _complete_header(header, model, ds, device, cfg)
+    store = StoreWriter(loc, header)
+    store.prepare()
+    return ("run", header, sorted(store.committed()))
+
+
+def _publish(store: StoreWriter, seconds: dict) -> dict:
+    totals: dict = {}
+    entries = store.committed()
+    for entry in entries.values():
+        add_stats(totals, entry["stats"])
+    stats = summarise(totals)
+    size = sum(f["bytes"] for e in entries.values() for f in e["files"].values())
+    stats.update(
+        total_bytes=size,
+        bytes_per_sample=size / max(1, store.header["num_rows"]),
+        **seconds,
+    )
+    return store.publish(stats, extra={"kdcache_version": kdcache_version()})
+
+
+def run(cfg: PrecomputeConfig) -> dict:
+    """Run stage one; returns {"status": "hit" | "done", "manifest": ..., ...}."""
+    cfg.validate()
+    started = time.perf_counter()
+    wants_cuda = cfg.device.startswith("cuda") or (
+        cfg.device == "auto" and torch.cuda.is_available()
+    )
+    dist = init_distributed("cuda" if wants_cuda else "cpu")
+    device = resolve_device(cfg.device, dist.local_rank)
+    loc = open_location(cfg.out, cfg.storage_options)
+    ds = load_dataset(cfg.data, cfg.data_args)
+    model, teacher_id = load_model(
+        cfg.teacher, cfg.teacher_args, cfg.checkpoint, cfg.storage_options
+    )
+    model = model.to(device)
+    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds))
+    lock = StoreLock(loc) if dist.is_main else None
+    try:
+        decision: tuple = ("error", None)
+        if dist.is_main:
+            try:
+                lock.acquire()
+                decision = _prepare_store(loc, header, cfg, model, ds, device)
+            except KdcacheError as exc:
+                decision = ("error", exc)
+                dist.broadcast(decision)
+                raise
+        decision = dist.broadcast(decision)
+        if decision[0] == "error":
+            raise decision[1]
+        if decision[0] == "hit":
+            return {
+                "status": "hit",
+                "manifest": decision[1],
+                "seconds": time.perf_counter() - started,
+            }
+        _, header, committed = decision
+        store = StoreWriter(loc, header)
+        num_shards = -(-header["num_rows"] // cfg.shard_rows)
+        mine = [
+            i for i in range(num_shards) if i % dist.world_size == dist.rank and i not in committed
+        ]
+        teacher_seconds = _compute(store, mine, model, ds, device, cfg, dist.is_main)
+        dist.barrier()
+        if not dist.is_main:
+            return {"status": "done", "manifest": None, "seconds": time.perf_counter() - started}
+        wall = time.perf_counter() - started
+        manifest = _publish(store, {"teacher_seconds": teacher_seconds, "wall_seconds": wall})
+        return {"status": "done", "manifest": manifest, "seconds": wall, "resumed": len(committed)}
+    finally:
+        if lock is not None and lock._thread is not None:
+            lock.release()
+
+
+def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
+    """Teacher forward over this rank's shards, handing batches to the writer thread."""
+    n = store.header["num_rows"]
+    plan = _plan(n, cfg.shard_rows, cfg.batch_size, shards)
+    if not plan:
+        return 0.0
+    loader = torch.utils.data.DataLoader(
+        BatchView(ds, cfg.data),
+        sampler=[ids for _, ids in plan],
+        batch_size=None,
+        num_workers=cfg.num_workers,
+    )
+    writer = _WriterThread(store, cfg.queue_depth)
+    writer.start()
+    tap = FeatureTap(model, cfg.features, cfg.pool) if cfg.features else None
+    rows = sum(len(ids) for _, ids in plan)
+    bar = tqdm(
+        total=rows,
+        unit="sample",
+        desc="precompute",
+        disable=True if (cfg.quiet or not show) else None,
+    )
+    busy = 0.0
+    current = None
+    with tap or contextlib.nullcontext(), bar:
+        for (shard, _), (ids, x, y) in zip(plan, loader, strict=True):
+            if shard != current:
+                if current is not None:
+                    writer.put(None)
+                writer.put(shard)
+                current = shard
+            t = time.perf_counter()
+            z, feats = _forward(model, x, device, cfg, tap)
+            ids_np, y_np = ids.numpy(), y.numpy()
+            z = check_logits(z, ids_np, len(ids_np), cfg.task)
+            if cfg.task == "classification":
+                check_labels(y_np, ids_np, z.shape[1])
+            busy += time.perf_counter() - t
+            writer.put((z, y_np, ids_np, feats))
+            bar.update(len(ids_np))
+        writer.put(None)
+        writer.put(None)
+        writer.join()
+    writer.raise_if_failed()
+    return busy
+
+
+def config_dict(cfg: PrecomputeConfig) -> dict:
+    return asdict(cfg)

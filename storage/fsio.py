@@ -1,0 +1,128 @@
+"""fsspec I/O with one rule: what a reader can see is always a whole file.
+
+Local folders publish by writing a temporary sibling and renaming it. Object stores cannot rename,
+but a single PUT is atomic there (an object is visible whole or not at all), so they get one
+`pipe` of the finished bytes. Either way nobody reads a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+
+from storage.errors import UsageError
+
+_CHUNK = 8 << 20
+
+
+def _strip_file_scheme(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+@dataclass
+class Location:
+    """A store root: the fsspec filesystem, the root path inside it and the URL the user gave."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+    storage_options: dict = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    @property
+    def zarr_store(self) -> str:
+        # zarr wants a plain path for local folders (its LocalStore) and a URL otherwise.
+        return self.root if self.is_local else self.url.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Publish `data` under `parts` so that readers see all of it or nothing."""
+        target = self.path(*parts)
+        parent = target.rsplit("/", 1)[0]
+        if self.is_local:
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def remove(self, *parts: str, recursive: bool = False) -> None:
+        target = self.path(*parts)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=recursive)
+
+    def sha256(self, *parts: str) -> tuple[str, int]:
+        """Hash a file by streaming it; returns (hex digest, size in bytes)."""
+        h = hashlib.sha256()
+        size = 0
+        with self.fs.open(self.path(*parts), "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return h.hexdigest(), size
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names (not paths) directly below `parts`; empty when it does not exist."""
+        target = self.path(*parts)
+        if not self.fs.exists(target):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(target, detail=False))
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def open_location(url: str, storage_options: dict | None = None) -> Location:
+    """Resolve a user URL (plain path, file://, memory://, s3://, ...) to a Location."""
+    if not url:
+        raise UsageError("empty store URL: pass a folder or fsspec URL, e.g. --out runs/cache")
+    options = dict(storage_options or {})
+    plain = _strip_file_scheme(url)
+    try:
+        if "://" not in plain:
+            fs = fsspec.filesystem("file")
+            root = os.path.abspath(plain)
+            url = root
+        else:
+            fs, root = fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as exc:
+        hint = " (install the extra: pip install 'kdcache[s3]')" if url.startswith("s3") else ""
+        raise UsageError(f"cannot open store URL {url!r}: {exc}{hint}") from None
+    return Location(url=url, fs=fs, root=root.rstrip("/"), storage_options=options)
+
+
+def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict:
+    """`key=value` pairs from the CLI; values that look like JSON scalars are parsed as such."""
+    import json
+
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--storage-option {pair!r} is not key=value, e.g. anon=true")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options

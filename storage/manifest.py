@@ -1,0 +1,96 @@
+"""The manifest: one JSON document that names every shard, its checksums and the fingerprint.
+
+It is written last, in one atomic publish, after every shard is durable; its presence is what makes
+a store complete. `_run.json` (the same header, no shards) is written first so that a rerun can
+tell "resume my own run" from "someone else's settings" before a manifest exists.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from importlib import metadata
+
+from storage.errors import FormatError
+from storage.fsio import Location
+
+FORMAT = "kdcache/1"
+MANIFEST = "manifest.json"
+RUN_FILE = "_run.json"
+COMMITS = "_commits"
+SOFT_LABELS = "soft_labels"
+FEATURES = "features.zarr"
+LOCK_FILE = "_lock.json"
+
+
+def kdcache_version() -> str:
+    try:
+        return metadata.version("kdcache")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def parquet_key(index: int) -> str:
+    return f"{SOFT_LABELS}/{shard_name(index)}.parquet"
+
+
+def dumps(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def read_json(loc: Location, name: str) -> dict | None:
+    if not loc.exists(name):
+        return None
+    try:
+        return json.loads(loc.read_bytes(name))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(
+            f"{loc.path(name)} is not valid JSON ({exc}); the store is damaged"
+        ) from None
+
+
+def load_manifest(loc: Location) -> dict:
+    """Read and validate the manifest; an absent one means the store is incomplete or missing."""
+    doc = read_json(loc, MANIFEST)
+    if doc is None:
+        if loc.exists(RUN_FILE):
+            raise FormatError(
+                f"{loc.url} is an incomplete kdcache store (no {MANIFEST}): rerun the same "
+                "`kdcache precompute` command to finish it"
+            )
+        raise FormatError(f"{loc.url} is not a kdcache store: {MANIFEST} not found")
+    check_format(doc, loc.url)
+    return doc
+
+
+def check_format(doc: dict, url: str) -> None:
+    fmt = doc.get("format")
+    if fmt != FORMAT:
+        raise FormatError(
+            f"{url}: unknown store format {fmt!r}; this kdcache {kdcache_version()} reads {FORMAT!r}. "
+            "Upgrade kdcache or recompute the store with --force"
+        )
+    for key in ("fingerprint", "shards", "num_rows", "soft_labels", "temperature", "teacher"):
+        if key not in doc:
+            raise FormatError(f"{url}: manifest lacks {key!r}; the store is damaged, recompute it")
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two JSON-like dicts, with both values."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(diff(a, b, path + "."))
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,140 @@
+"""Reading a store: open a URL, trust only what the manifest lists, hand out numpy per shard."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from storage.errors import FormatError, IntegrityError
+from storage.fsio import Location, open_location
+from storage.manifest import FEATURES, load_manifest, parquet_key
+from storage.shards import decode_table, soft_label_schema
+
+
+class CacheReader:
+    """A complete store, opened read-only.
+
+    `read_shard(i)` is the hot path stage two builds on: one Parquet read and one Zarr slice, turned
+    into numpy columns (`sample_id`, `label` with -1 for missing, `logits` or `topk_indices` /
+    `topk_logits` / `logsumexp`, and `features` when stored) with no per-row Python.
+    """
+
+    def __init__(self, url: str | Location, storage_options: dict | None = None):
+        self.loc = url if isinstance(url, Location) else open_location(url, storage_options)
+        self.url = self.loc.url
+        self.manifest = load_manifest(self.loc)
+        m = self.manifest
+        self.soft = m["soft_labels"]
+        self.codec: str = self.soft["codec"]
+        self.top_k: int | None = self.soft.get("top_k")
+        self.num_classes: int = self.soft["num_classes"]
+        self.temperature: float = float(m["temperature"])
+        self.task: str = m.get("task", "classification")
+        self.features_info: dict | None = m.get("features")
+        self.shards: list[dict] = m["shards"]
+        self.num_rows: int = int(m["num_rows"])
+        self.fingerprint: str = m["fingerprint"]
+        self.data_fingerprint: str = m["data"]["fingerprint"]
+        self._array = None
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @property
+    def has_features(self) -> bool:
+        return self.features_info is not None
+
+    @property
+    def features(self):
+        if self._array is None and self.has_features:
+            self._array = zarr.open_array(
+                store=self.loc.zarr_store + "/" + FEATURES,
+                mode="r",
+                storage_options=self.loc.storage_options or None,
+            )
+        return self._array
+
+    def schema(self) -> pa.Schema:
+        width = self.top_k if self.codec == "topk" else self.num_classes
+        return soft_label_schema(self.codec, width, self.soft["dtype"])
+
+    def shard_table(self, index: int) -> pa.Table:
+        data = self.loc.read_bytes(parquet_key(self.shards[index]["index"]))
+        return pq.read_table(io.BytesIO(data))
+
+    def iter_record_batches(self, index: int | None = None) -> Iterator[pa.RecordBatch]:
+        for i in range(len(self.shards)) if index is None else [index]:
+            yield from self.shard_table(i).to_batches()
+
+    def read_features(self, start: int, stop: int) -> np.ndarray:
+        if not self.has_features:
+            raise FormatError(f"{self.url} stores no features (precompute ran without --features)")
+        return self.features[start:stop]
+
+    def shard_features(self, index: int) -> np.ndarray:
+        s = self.shards[index]
+        return self.read_features(s["first_row"], s["first_row"] + s["rows"])
+
+    def read_shard(self, index: int, features: bool = True) -> dict[str, np.ndarray]:
+        out = decode_table(self.shard_table(index))
+        if features and self.has_features:
+            out["features"] = self.shard_features(index)
+        return out
+
+    def verify(self) -> list[str]:
+        """Re-hash every file the manifest lists and check schemas and row counts.
+
+        Returns one line per problem, each naming the bad file; empty means the store is sound.
+        """
+
+        problems = []
+        listed = dict(self.manifest.get("files", {}))
+        for shard in self.shards:
+            listed.update(shard["files"])
+        for key, want in sorted(listed.items()):
+            if not self.loc.exists(key):
+                problems.append(f"{self.loc.path(key)}: missing")
+                continue
+            digest, size = self.loc.sha256(key)
+            if digest != want["sha256"] or size != want["bytes"]:
+                problems.append(
+                    f"{self.loc.path(key)}: checksum mismatch (file changed or corrupt)"
+                )
+        expected = self.schema()
+        total = 0
+        for shard in self.shards:
+            key = parquet_key(shard["index"])
+            if any(key in p for p in problems):
+                continue
+            try:
+                meta = pq.read_metadata(io.BytesIO(self.loc.read_bytes(key)))
+            except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+                problems.append(f"{self.loc.path(key)}: unreadable Parquet ({exc})")
+                continue
+            schema = meta.schema.to_arrow_schema()
+            if not schema.equals(expected):
+                problems.append(f"{self.loc.path(key)}: schema {schema} != expected {expected}")
+            if meta.num_rows != shard["rows"]:
+                problems.append(
+                    f"{self.loc.path(key)}: {meta.num_rows} rows, manifest says {shard['rows']}"
+                )
+            if shard["first_row"] != total:
+                problems.append(f"{self.loc.path(key)}: first_row {shard['first_row']} != {total}")
+            total += shard["rows"]
+        if total != self.num_rows:
+            problems.append(f"{self.url}: shards hold {total} rows, manifest says {self.num_rows}")
+        if self.has_features and not any(FEATURES in p for p in problems):
+            shape = tuple(self.features.shape)
+            if shape != (self.num_rows, self.features_info["dim"]):
+                problems.append(f"{self.loc.path(FEATURES)}: shape {shape} does not match manifest")
+        return problems
+
+    def check_integrity(self) -> None:
+        problems = self.verify()
+        if problems:
+            raise IntegrityError("\n".join(problems))
