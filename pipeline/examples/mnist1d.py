@@ -24,6 +24,7 @@ import json
 import os
 import random
 import tempfile
+import threading
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +39,9 @@ TRANSFER_SEED = 1
 NUM_FEATURES = 40
 # Bumped whenever the on-disk layout changes so stale files are never misread.
 _CACHE_FORMAT = 1
+# make_dataset draws from the process-global RNGs, so two threads generating at once would
+# interleave their streams and cache corrupted data; processes are isolated and need no lock.
+_GENERATE_LOCK = threading.Lock()
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -75,12 +79,13 @@ def _generate(args: dict) -> dict[str, np.ndarray]:
 
     # make_dataset reseeds the global `random` and `np.random` generators; restore them so that
     # building a dataset never changes the randomness of the caller (e.g. a seeded trainer).
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        data = make_dataset(ObjectView(dict(args)))
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    with _GENERATE_LOCK:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            data = make_dataset(ObjectView(dict(args)))
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
     return {
         "x": np.asarray(data["x"], dtype=np.float32),
         "y": np.asarray(data["y"], dtype=np.int64),
