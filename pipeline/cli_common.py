@@ -89,15 +89,27 @@ def handle_errors(fn):
     return wrapper
 
 
-def build_config(cls, config_path: str | None, cli: dict, required: tuple[str, ...]):
-    """Dataclass config from defaults < TOML file < CLI, with k=v lists folded into dicts."""
+def build_config(
+    cls,
+    config_path: str | None,
+    cli: dict,
+    required: tuple[str, ...],
+    file_opts: dict | None = None,
+):
+    """Dataclass config from defaults < TOML file < CLI, with k=v lists folded into dicts.
+
+    `file_opts` stands in for the file when the caller has already read it (several students).
+    """
     defaults = {
         f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
         for f in dataclasses.fields(cls)
     }
+    for name, value in defaults.items():
+        if value is dataclasses.MISSING:
+            defaults[name] = None  # a field without a default: `required` reports it if unset
     for name in required:
         defaults.setdefault(name, None)
-    file_opts = load_config(config_path)
+    file_opts = load_config(config_path) if file_opts is None else dict(file_opts)
     cli = dict(cli)
     for single, plural in (
         ("teacher_arg", "teacher_args"),

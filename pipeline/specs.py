@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,9 @@ def resolve(spec: str, what: str = "spec") -> Any:
             f"{what} {spec!r} is not of the form package.module:attr, "
             "e.g. pipeline.examples.models:TeacherCNN"
         )
+    # Like `python -m`, let a spec name code in the current folder without a PYTHONPATH.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:

@@ -21,10 +21,16 @@ from tqdm import tqdm
 from pipeline.data import BatchView, data_fingerprint, load_dataset
 from pipeline.fingerprint import store_fingerprint
 from pipeline.models import load_model, logits_of
-from pipeline.runtime import autocast, init_distributed, resolve_device, to_device
+from pipeline.runtime import (
+    autocast,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+    to_device,
+)
 from stages.encode import add_stats, check_labels, check_logits, encode_batch, summarise
 from stages.hooks import POOLS, FeatureTap
-from storage.errors import KdcacheError, UsageError
+from storage.errors import FormatError, KdcacheError, UsageError
 from storage.fsio import open_location
 from storage.lock import StoreLock
 from storage.manifest import FORMAT, kdcache_version, load_manifest
@@ -120,10 +126,18 @@ def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict
 
 
 def _forward(model, x, device, cfg, tap):
+    if tap is not None:
+        tap.value = None  # never hand on the last batch's features if the layer did not run
     with torch.inference_mode(), autocast(device, cfg.precision):
         z = logits_of(model(to_device(x, device)))
-    feats = tap.value if tap is not None else None
-    return z, feats
+    if tap is None:
+        return z, None
+    if tap.value is None:
+        raise UsageError(
+            f"--features {cfg.features!r} did not run during the teacher's forward: "
+            "choose a submodule the forward pass calls"
+        )
+    return z, tap.value
 
 
 def _complete_header(header, model, ds, device, cfg) -> dict:
@@ -157,6 +171,10 @@ def _plan(n: int, shard_rows: int, batch_size: int, shards: list[int]) -> list[t
     return out
 
 
+class _Aborted(Exception):
+    pass
+
+
 class _WriterThread(threading.Thread):
     """Encodes and publishes shards from a bounded queue; its first error stops the run."""
 
@@ -165,6 +183,7 @@ class _WriterThread(threading.Thread):
         self.store = store
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.stop = threading.Event()
         self.totals: dict = {}
         h = store.header
         self.settings = {
@@ -187,12 +206,26 @@ class _WriterThread(threading.Thread):
         if self.error is not None:
             raise self.error
 
+    def abort(self) -> None:
+        """The main thread failed: leave the open shard uncommitted and end the thread."""
+        self.stop.set()
+        self.join(timeout=60)
+
+    def _get(self):
+        while not self.stop.is_set():
+            try:
+                return self.q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        raise _Aborted
+
     def run(self) -> None:
         # Protocol: a shard index, its batches, None (commit); a None in place of an index stops.
+        # An abort raises inside the open shard, so its partial rows are never committed.
         try:
-            while (index := self.q.get()) is not None:
+            while (index := self._get()) is not None:
                 with self.store.shard(index) as shard:
-                    while (payload := self.q.get()) is not None:
+                    while (payload := self._get()) is not None:
                         z, labels, ids, feats = payload
                         if feats is not None:
                             feats = feats.reshape(len(ids), -1).float().cpu().numpy()
@@ -208,19 +241,32 @@ def _prepare_store(loc, header, cfg, model, ds, device) -> tuple:
     """Rank 0: decide hit / fresh / resume, and make the store ready for the writers."""
     try:
         state = existing_state(loc, header)
-    except UsageError:
+    except (UsageError, FormatError):
+        # Other settings, an unknown format version or a damaged manifest: all replaceable, but
+        # only when the folder is a kdcache store (never someone else's files).
         if not cfg.force or not (loc.exists("_run.json") or loc.exists("manifest.json")):
             raise
         state = "replace"
     if state == "complete" and not cfg.force:
         return ("hit", load_manifest(loc))
+    # Probe the teacher before wiping anything, so that a bad option cannot cost the old store.
+    header = _complete_header(header, model, ds, device, cfg)
     if state in ("replace", "complete"):
         log.warning("--force: replacing the store at %s", loc.url)
         wipe(loc)
-    header = _complete_header(header, model, ds, device, cfg)
     store = StoreWriter(loc, header)
     store.prepare()
     return ("run", header, sorted(store.committed()))
+
+
+def _acquire(lock: StoreLock) -> None:
+    # The lock is the first write to --out, so it is where an unwritable location shows up.
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to --out {lock.loc.url}: {exc.strerror or exc}; choose a writable location"
+        ) from None
 
 
 def _publish(store: StoreWriter, seconds: dict) -> dict:
@@ -245,7 +291,10 @@ def run(cfg: PrecomputeConfig) -> dict:
     wants_cuda = cfg.device.startswith("cuda") or (
         cfg.device == "auto" and torch.cuda.is_available()
     )
+    # A process group made here is destroyed here: gloo aborts the process at exit otherwise.
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist = init_distributed("cuda" if wants_cuda else "cpu")
+    owns_group = owns_group and dist.enabled
     device = resolve_device(cfg.device, dist.local_rank)
     loc = open_location(cfg.out, cfg.storage_options)
     ds = load_dataset(cfg.data, cfg.data_args)
@@ -259,11 +308,12 @@ def run(cfg: PrecomputeConfig) -> dict:
         decision: tuple = ("error", None)
         if dist.is_main:
             try:
-                lock.acquire()
+                _acquire(lock)
                 decision = _prepare_store(loc, header, cfg, model, ds, device)
-            except KdcacheError as exc:
-                decision = ("error", exc)
-                dist.broadcast(decision)
+            except Exception as exc:
+                # The other ranks wait on this broadcast whatever failed; tell them, then fail.
+                shared = exc if isinstance(exc, KdcacheError) else KdcacheError(f"rank 0: {exc}")
+                dist.broadcast(("error", shared))
                 raise
         decision = dist.broadcast(decision)
         if decision[0] == "error":
@@ -271,7 +321,7 @@ def run(cfg: PrecomputeConfig) -> dict:
         if decision[0] == "hit":
             return {
                 "status": "hit",
-                "manifest": decision[1],
+                "manifest": decision[1] if dist.is_main else None,  # one report per run
                 "seconds": time.perf_counter() - started,
             }
         _, header, committed = decision
@@ -290,6 +340,8 @@ def run(cfg: PrecomputeConfig) -> dict:
     finally:
         if lock is not None and lock._thread is not None:
             lock.release()
+        if owns_group:
+            shutdown_distributed()
 
 
 def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
@@ -316,25 +368,29 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
     )
     busy = 0.0
     current = None
-    with tap or contextlib.nullcontext(), bar:
-        for (shard, _), (ids, x, y) in zip(plan, loader, strict=True):
-            if shard != current:
-                if current is not None:
-                    writer.put(None)
-                writer.put(shard)
-                current = shard
-            t = time.perf_counter()
-            z, feats = _forward(model, x, device, cfg, tap)
-            ids_np, y_np = ids.numpy(), y.numpy()
-            z = check_logits(z, ids_np, len(ids_np), cfg.task)
-            if cfg.task == "classification":
-                check_labels(y_np, ids_np, z.shape[1])
-            busy += time.perf_counter() - t
-            writer.put((z, y_np, ids_np, feats))
-            bar.update(len(ids_np))
-        writer.put(None)
-        writer.put(None)
-        writer.join()
+    try:
+        with tap or contextlib.nullcontext(), bar:
+            for (shard, _), (ids, x, y) in zip(plan, loader, strict=True):
+                if shard != current:
+                    if current is not None:
+                        writer.put(None)
+                    writer.put(shard)
+                    current = shard
+                t = time.perf_counter()
+                z, feats = _forward(model, x, device, cfg, tap)
+                ids_np, y_np = ids.numpy(), y.numpy()
+                z = check_logits(z, ids_np, len(ids_np), cfg.task)
+                if cfg.task == "classification":
+                    check_labels(y_np, ids_np, z.shape[1])
+                busy += time.perf_counter() - t
+                writer.put((z, y_np, ids_np, feats))
+                bar.update(len(ids_np))
+            writer.put(None)
+            writer.put(None)
+            writer.join()
+    except BaseException:
+        writer.abort()
+        raise
     writer.raise_if_failed()
     return busy
 

@@ -109,7 +109,12 @@ class CacheReader:
         total = 0
         for shard in self.shards:
             key = parquet_key(shard["index"])
-            if any(key in p for p in problems):
+            # A file already reported missing or corrupt has no contents worth checking.
+            damaged = any(key in p for p in problems)
+            if shard["first_row"] != total:
+                problems.append(f"{self.loc.path(key)}: first_row {shard['first_row']} != {total}")
+            total += shard["rows"]
+            if damaged:
                 continue
             try:
                 meta = pq.read_metadata(io.BytesIO(self.loc.read_bytes(key)))
@@ -123,9 +128,6 @@ class CacheReader:
                 problems.append(
                     f"{self.loc.path(key)}: {meta.num_rows} rows, manifest says {shard['rows']}"
                 )
-            if shard["first_row"] != total:
-                problems.append(f"{self.loc.path(key)}: first_row {shard['first_row']} != {total}")
-            total += shard["rows"]
         if total != self.num_rows:
             problems.append(f"{self.url}: shards hold {total} rows, manifest says {self.num_rows}")
         if self.has_features and not any(FEATURES in p for p in problems):

@@ -18,6 +18,7 @@ from storage.fsio import Location
 from storage.manifest import (
     COMMITS,
     FEATURES,
+    LOCK_FILE,
     MANIFEST,
     RUN_FILE,
     SOFT_LABELS,
@@ -103,6 +104,7 @@ class StoreWriter:
     def prepare(self) -> None:
         """Write the run header and create the feature array (rank 0 only, before the barrier)."""
         self.loc.fs.makedirs(self.loc.root, exist_ok=True)
+        self._sweep_temporaries()
         self.loc.write_bytes(dumps(self.header), RUN_FILE)
         if self.features and not self.loc.exists(FEATURES, "zarr.json"):
             f = self.features
@@ -117,6 +119,18 @@ class StoreWriter:
                 storage_options=self.loc.storage_options or None,
                 overwrite=True,
             )
+
+    def _sweep_temporaries(self) -> None:
+        """Delete the temporary files a killed writer left in a local folder (ours: `*.tmp-<hex>`,
+        zarr's: `*.<hex>.partial`). Object stores have none: they get whole PUTs."""
+        if not self.loc.is_local:
+            return
+        for path in self.loc.fs.find(self.loc.root):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(LOCK_FILE):
+                continue  # another process may be writing its lock attempt right now
+            if ".tmp-" in name or name.endswith(".partial"):
+                self.loc.fs.rm_file(path)
 
     @property
     def array(self):

@@ -1,0 +1,337 @@
+"""Streaming a store into torch: a seeded, exactly-once, bounded-memory IterableDataset.
+
+Each epoch the shards are put in a seeded order (``seed + epoch``) and their rows, concatenated in
+that order, are cut into contiguous spans, one per (rank, DataLoader worker) slot, whose lengths
+differ by at most one row. A slot reads only the shards its span overlaps, whole (one Parquet GET
+and one Zarr slice each), in a prefetch thread that stays ``prefetch`` shards ahead so object-store
+latency hides behind training. Rows then pass through a shuffle buffer that is mixed with numpy
+permutations per incoming shard, never per sample; memory is the buffer plus the prefetched
+shards, whatever the size of the store. Inputs are joined from ``data`` by ``sample_id`` one batch
+at a time with the vectorised ``pipeline.data.get_batch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.data import data_fingerprint, get_batch
+from storage.errors import UsageError
+from storage.reader import CacheReader
+from storage.shards import decode_table
+
+log = logging.getLogger("kdcache.stream")
+_END = object()
+
+
+def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _slot() -> tuple[int, int]:
+    """(worker id, number of workers) of the DataLoader worker running this iterator."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def span(total: int, slot: int, slots: int) -> tuple[int, int]:
+    """Slot `slot` of `slots` gets rows [lo, hi) of `total`; lengths differ by at most one."""
+    return total * slot // slots, total * (slot + 1) // slots
+
+
+def batches_of(rows: int, batch_size: int) -> int:
+    return -(-rows // batch_size)
+
+
+class _Prefetcher:
+    """Runs `read(piece)` for each piece in a thread, at most `depth` results ahead."""
+
+    def __init__(self, read, pieces: list, depth: int):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, args=(read, pieces), daemon=True, name="kdcache-prefetch"
+        )
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, read, pieces) -> None:
+        try:
+            for piece in pieces:
+                if not self._put(read(piece)):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            self._put(exc)
+
+    def __iter__(self):
+        while (item := self.q.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def _take(cols: dict, index) -> dict:
+    return {k: v[index] for k, v in cols.items()}
+
+
+def _concat(a: dict | None, b: dict) -> dict:
+    return b if a is None else {k: np.concatenate([a[k], b[k]]) for k in b}
+
+
+def shuffle_buffer(pieces, batch_size: int, buffer_size: int, rng, shuffle: bool):
+    """Batches (dicts of numpy columns) from a stream of pieces through a bounded buffer.
+
+    Every incoming piece is concatenated to the buffer and the whole lot permuted at once; full
+    batches are cut from the front until about `buffer_size` rows remain to mix with the next
+    piece. The last partial batch is kept (exactly-once), so only one batch per slot is short.
+    """
+    buf = None
+    for piece in pieces:
+        buf = _concat(buf, piece)
+        n = len(buf["sample_id"])
+        if n < buffer_size + batch_size:
+            continue
+        if shuffle:
+            buf = _take(buf, rng.permutation(n))
+        cut = (n - buffer_size) // batch_size * batch_size
+        for a in range(0, cut, batch_size):
+            yield _take(buf, slice(a, a + batch_size))
+        buf = _take(buf, slice(cut, n))
+    if buf is None or not len(buf["sample_id"]):
+        return
+    n = len(buf["sample_id"])
+    if shuffle:
+        buf = _take(buf, rng.permutation(n))
+    for a in range(0, n, batch_size):
+        yield _take(buf, slice(a, a + batch_size))
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """What both streams share: the epoch, the slot split and the batch count."""
+
+    def __init__(self, batch_size, shuffle, seed, rank, world_size, num_workers):
+        if batch_size < 1:
+            raise UsageError(f"--batch-size {batch_size} must be >= 1")
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = _world(rank, world_size)
+        self.num_workers = num_workers
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the order; call before each epoch (DataLoader workers get a fresh copy)."""
+        self.epoch = epoch
+
+    def _rows(self) -> int:
+        raise NotImplementedError
+
+    def num_batches(self, rank: int | None = None) -> int:
+        """Batches `rank` yields per epoch, given `num_workers` (the count passed at construction)."""
+        rank = self.rank if rank is None else rank
+        w = max(1, self.num_workers)
+        slots = self.world_size * w
+        total = 0
+        for s in range(rank * w, rank * w + w):
+            lo, hi = span(self._rows(), s, slots)
+            total += batches_of(hi - lo, self.batch_size)
+        return total
+
+    def __len__(self) -> int:
+        # Exact when the DataLoader's num_workers equals the one given here; the split itself
+        # always follows the real worker count, so coverage never depends on this number.
+        return self.num_batches()
+
+    def _my_span(self) -> tuple[int, int, np.random.Generator]:
+        worker, workers = _slot()
+        slot = self.rank * workers + worker
+        rng = np.random.default_rng([self.seed, self.epoch, slot])
+        return *span(self._rows(), slot, self.world_size * workers), rng
+
+
+class CacheStream(_Stream):
+    """Batches of a store as dicts of tensors, each row once per epoch across ranks x workers.
+
+    Keys: `sample_id` int64, `label` int64 (-1 missing), `logits` or `topk_indices` /
+    `topk_logits` / `logsumexp` as stored, `features` as stored (float16 stays float16) when
+    `features` is true and the store has them, and `input` joined from `data` when given.
+    `len()` is the number of batches this rank yields (exact when `num_workers` matches the
+    DataLoader's). Wrap it as `DataLoader(stream, batch_size=None, num_workers=...)`.
+    """
+
+    def __init__(
+        self,
+        cache: str | CacheReader,
+        data=None,
+        batch_size: int = 256,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_size: int = 16384,
+        prefetch: int = 2,
+        storage_options: dict | None = None,
+        features: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        ignore_fingerprint: bool = False,
+    ):
+        super().__init__(batch_size, shuffle, seed, rank, world_size, num_workers)
+        if buffer_size < 0 or prefetch < 1:
+            raise UsageError(
+                f"--buffer-size {buffer_size} must be >= 0, --prefetch {prefetch} >= 1"
+            )
+        self.reader = (
+            cache if isinstance(cache, CacheReader) else CacheReader(cache, storage_options)
+        )
+        self.data, self.buffer_size, self.prefetch = data, buffer_size, prefetch
+        self.features = bool(features) and self.reader.has_features
+        if data is not None:
+            check_data(self.reader, data, ignore_fingerprint)
+
+    def __getstate__(self) -> dict:
+        # The open Zarr array is per process; workers reopen it lazily.
+        state = dict(self.__dict__)
+        reader = object.__new__(CacheReader)
+        reader.__dict__.update(self.reader.__dict__, _array=None)
+        state["reader"] = reader
+        return state
+
+    def _rows(self) -> int:
+        return self.reader.num_rows
+
+    def shard_order(self, epoch: int | None = None) -> list[int]:
+        n = len(self.reader.shards)
+        if not self.shuffle:
+            return list(range(n))
+        epoch = self.epoch if epoch is None else epoch
+        return np.random.default_rng(self.seed + epoch).permutation(n).tolist()
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(shard, first, stop) row ranges, in epoch order, that cover global rows [lo, hi)."""
+        out, offset = [], 0
+        for i in self.shard_order():
+            rows = self.reader.shards[i]["rows"]
+            a, b = max(lo, offset), min(hi, offset + rows)
+            if a < b:
+                out.append((i, a - offset, b - offset))
+            offset += rows
+        return out
+
+    def _read(self, piece: tuple[int, int, int]) -> dict[str, np.ndarray]:
+        i, a, b = piece
+        table = self.reader.shard_table(i)
+        if (a, b) != (0, table.num_rows):
+            table = table.slice(a, b - a)
+        cols = decode_table(table)
+        if self.features:
+            first = self.reader.shards[i]["first_row"]
+            cols["features"] = self.reader.read_features(first + a, first + b)
+        return cols
+
+    def _to_torch(self, cols: dict) -> dict[str, torch.Tensor]:
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cols.items()}
+        if self.data is not None:
+            batch["input"], _ = get_batch(self.data, cols["sample_id"])
+        return batch
+
+    def __iter__(self):
+        lo, hi, rng = self._my_span()
+        fetch = _Prefetcher(self._read, self.pieces(lo, hi), self.prefetch)
+        try:
+            for cols in shuffle_buffer(fetch, self.batch_size, self.buffer_size, rng, self.shuffle):
+                yield self._to_torch(cols)
+        finally:
+            fetch.close()
+
+
+def check_data(reader: CacheReader, data, ignore_fingerprint: bool = False) -> None:
+    """Refuse a `--data` that is not the one the cache was computed from."""
+    if len(data) < reader.num_rows:
+        raise UsageError(
+            f"--data has {len(data)} samples but the cache {reader.url} has {reader.num_rows} rows: "
+            "pass the data set the cache was computed from"
+        )
+    got, want = data_fingerprint(data), reader.data_fingerprint
+    if got == want:
+        return
+    source = reader.manifest["data"]
+    if not ignore_fingerprint:
+        raise UsageError(
+            f"--data does not match the cache {reader.url}: data fingerprint {got} != the cache's "
+            f"{want} (made from {source.get('spec')} {source.get('kwargs')}); pass that data set, "
+            "or --ignore-fingerprint to train anyway"
+        )
+    log.warning(
+        "--ignore-fingerprint: --data (fingerprint %s) is NOT the data the cache %s was made from "
+        "(%s); soft labels may not belong to these inputs",
+        got,
+        reader.url,
+        want,
+    )
+
+
+class LabelStream(_Stream):
+    """The hard-label twin of CacheStream: labeled rows of a map-style data set, no cache.
+
+    Same contract (seeded per-epoch order, exactly once across ranks x workers); the ids are a
+    small int array, so the whole epoch is one permutation and no buffer is needed.
+    """
+
+    def __init__(
+        self,
+        data,
+        batch_size: int = 256,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        chunk: int = 8192,
+    ):
+        super().__init__(batch_size, shuffle, seed, rank, world_size, num_workers)
+        self.data = data
+        labels = [
+            get_batch(data, np.arange(a, min(len(data), a + chunk)))[1]
+            for a in range(0, len(data), chunk)
+        ]
+        self.labels = np.concatenate(labels)
+        self.ids = np.flatnonzero(self.labels >= 0).astype(np.int64)
+        if not len(self.ids):
+            raise UsageError("--data has no labeled rows: without --cache the student needs labels")
+
+    def _rows(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        lo, hi, _ = self._my_span()
+        ids = self.ids
+        if self.shuffle:
+            ids = ids[np.random.default_rng([self.seed, self.epoch]).permutation(len(ids))]
+        for a in range(lo, hi, self.batch_size):
+            chunk = ids[a : min(hi, a + self.batch_size)]
+            x, _ = get_batch(self.data, chunk)
+            yield {
+                "sample_id": torch.from_numpy(chunk),
+                "label": torch.from_numpy(self.labels[chunk]),
+                "input": x,
+            }

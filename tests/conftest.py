@@ -1,0 +1,143 @@
+"""Shared fixtures: toy stage-one runs in-process, through click, and as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests import toy_models
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = "tests.toy_models:ToyNet"
+DATA = "tests.toy_models:ToyData"
+
+
+def toy_config(out, **overrides):
+    """A small, fast PrecomputeConfig over ToyNet/ToyData; any field can be overridden."""
+    from stages.precompute import PrecomputeConfig
+
+    fields = dict(
+        teacher=TEACHER,
+        data=DATA,
+        out=str(out),
+        data_args={"n": 50},
+        shard_rows=16,
+        batch_size=8,
+        quiet=True,
+        device="cpu",
+    )
+    fields.update(overrides)
+    return PrecomputeConfig(**fields)
+
+
+def toy_precompute(out, **overrides) -> dict:
+    from stages.precompute import run
+
+    return run(toy_config(out, **overrides))
+
+
+def teacher_outputs(n: int = 50, teacher_args: dict | None = None, data_args: dict | None = None):
+    """What ToyNet computes on ToyData, in the test itself: (logits z, body activations, x)."""
+    model = toy_models.ToyNet(**(teacher_args or {})).eval()
+    x = torch.from_numpy(toy_models.toy_inputs(n, **(data_args or {})))
+    with torch.no_grad():
+        return model(x), model.body(x), x
+
+
+def cli_args(out, *extra: str, n: int = 50) -> list[str]:
+    return [
+        "precompute",
+        "--teacher",
+        TEACHER,
+        "--data",
+        DATA,
+        "--data-arg",
+        f"n={n}",
+        "--out",
+        str(out),
+        "--shard-rows",
+        "16",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def memory_url():
+    """A fresh memory:// store URL, removed afterwards (the memory filesystem is process-global)."""
+    url = f"memory://kdcache-tests/{uuid.uuid4().hex}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    root = url[len("memory://") :]
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+@pytest.fixture
+def cli():
+    """Invoke `kdcache ...` in-process; returns click's Result (stdout, stderr, exit_code)."""
+    from pipeline.cli import main
+
+    def invoke(*args: str, env: dict | None = None):
+        return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+    return invoke
+
+
+def kdcache_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from pipeline.cli import main; main()", *map(str, args)]
+
+
+@pytest.fixture
+def kdcache_proc():
+    """Run `kdcache ...` as a real process from the repo root (for exit codes, locks, kill -9)."""
+
+    def run(*args: str, env: dict | None = None, timeout: float = 120):
+        return subprocess.run(
+            kdcache_cmd(*args),
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> None:
+    """A user error is one `kdcache: error:` line naming the problem, never a traceback."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("kdcache: error: "), stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, stderr)
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every data file of a store (not its bookkeeping JSON) by relative path -> bytes."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel.startswith(("soft_labels/", "features.zarr/")):
+            out[rel] = p.read_bytes()
+    return out
+
+
+def labels_of(n: int, every_missing: int = 0) -> np.ndarray:
+    ds = toy_models.ToyData(n, every_missing=every_missing)
+    return np.array([-1 if (y := ds.label(i)) is None else y for i in range(n)], np.int64)

@@ -1,0 +1,190 @@
+"""The streaming reader: exactly-once splits, seeded order, the input join, bounded reading."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from storage.errors import UsageError
+from storage.reader import CacheReader
+from storage.stream import CacheStream, LabelStream, _Prefetcher, shuffle_buffer, span
+from tests.conftest import toy_precompute
+from tests.toy_models import ToyData, toy_inputs
+
+N = 100
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    url = tmp_path_factory.mktemp("stream") / "store"
+    # 7 shards of 16 rows (the last holds 4), labels missing on every 7th row, features stored.
+    toy_precompute(
+        url, data_args={"n": N, "every_missing": 7}, features="body", dtype="float32", top_k=3
+    )
+    return str(url)
+
+
+def ids_of(stream: CacheStream | LabelStream, workers: int) -> list[np.ndarray]:
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    return [b["sample_id"].numpy() for b in loader]
+
+
+@pytest.mark.parametrize(("workers", "ranks"), [(0, 1), (2, 1), (1, 3), (2, 2)])
+def test_every_row_exactly_once_across_ranks_and_workers(store, workers, ranks):
+    per_rank = []
+    for rank in range(ranks):
+        stream = CacheStream(
+            store, batch_size=8, buffer_size=20, seed=3, rank=rank, world_size=ranks,
+            num_workers=workers, features=workers == 2,
+        )  # fmt: skip
+        stream.set_epoch(1)
+        batches = ids_of(stream, workers)
+        assert len(batches) == len(stream)
+        assert all(len(b) <= 8 for b in batches)
+        per_rank.append(np.concatenate(batches))
+    everything = np.concatenate(per_rank)
+    np.testing.assert_array_equal(np.sort(everything), np.arange(N))
+    sizes = [len(ids) for ids in per_rank]
+    assert max(sizes) - min(sizes) <= max(1, workers)
+
+
+def test_spans_cover_and_differ_by_at_most_one():
+    for total in (0, 1, 7, 100, 1001):
+        for slots in (1, 2, 3, 8):
+            parts = [span(total, s, slots) for s in range(slots)]
+            assert parts[0][0] == 0 and parts[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+            sizes = [hi - lo for lo, hi in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_same_seed_same_order_other_epoch_or_seed_differs(store):
+    def order(seed, epoch):
+        s = CacheStream(store, batch_size=8, buffer_size=20, seed=seed, features=False)
+        s.set_epoch(epoch)
+        return np.concatenate([b["sample_id"].numpy() for b in s])
+
+    a = order(0, 1)
+    np.testing.assert_array_equal(a, order(0, 1))
+    assert not np.array_equal(a, order(0, 2))
+    assert not np.array_equal(a, order(1, 1))
+    assert not np.array_equal(a, np.arange(N))  # it is shuffled at all
+    s = CacheStream(store, batch_size=8, shuffle=False, features=False)
+    np.testing.assert_array_equal(np.concatenate([b["sample_id"] for b in s]), np.arange(N))
+
+
+def test_batches_join_inputs_and_carry_stored_columns(store):
+    reader = CacheReader(store)
+    stored = [reader.read_shard(i) for i in range(len(reader.shards))]
+    stored = {k: np.concatenate([s[k] for s in stored]) for k in stored[0]}
+    x_all = toy_inputs(N)
+    stream = CacheStream(store, ToyData(N, every_missing=7), batch_size=16, buffer_size=8, seed=5)
+    seen = 0
+    for b in stream:
+        ids = b["sample_id"].numpy()
+        assert b["sample_id"].dtype == torch.int64 and b["label"].dtype == torch.int64
+        assert b["features"].dtype == torch.float16  # never widened
+        np.testing.assert_array_equal(b["input"].numpy(), x_all[ids])
+        np.testing.assert_array_equal(b["label"].numpy(), stored["label"][ids])
+        assert (b["label"].numpy()[ids % 7 == 0] == -1).all()
+        for key in ("topk_indices", "topk_logits", "logsumexp", "features"):
+            np.testing.assert_array_equal(b[key].numpy(), stored[key][ids])
+        seen += len(ids)
+    assert seen == N
+
+
+def test_features_off_and_dense_columns(store, tmp_path):
+    assert "features" not in next(iter(CacheStream(store, features=False)))
+    toy_precompute(tmp_path / "dense", codec="dense", data_args={"n": 20})
+    batch = next(iter(CacheStream(str(tmp_path / "dense"), batch_size=32)))
+    assert set(batch) == {"sample_id", "label", "logits"} and batch["logits"].shape == (20, 10)
+
+
+def test_other_data_is_refused_with_both_fingerprints(store, caplog):
+    reader = CacheReader(store)
+    with pytest.raises(UsageError) as err:
+        CacheStream(store, ToyData(N, seed=1))
+    msg = str(err.value)
+    assert reader.data_fingerprint in msg and "--ignore-fingerprint" in msg and "\n" not in msg
+    from pipeline.data import data_fingerprint
+
+    assert data_fingerprint(ToyData(N, seed=1)) in msg
+    with caplog.at_level(logging.WARNING, logger="kdcache"):
+        stream = CacheStream(store, ToyData(N, seed=1), ignore_fingerprint=True)
+    assert "--ignore-fingerprint" in caplog.text
+    assert len(next(iter(stream))["input"]) > 0
+    with pytest.raises(UsageError, match="has 50 samples"):
+        CacheStream(store, ToyData(50), ignore_fingerprint=True)
+
+
+def test_shuffle_buffer_pulls_pieces_lazily_and_loses_nothing():
+    pulled = []
+
+    def pieces():
+        for i in range(20):
+            pulled.append(i)
+            yield {"sample_id": np.arange(i * 10, i * 10 + 10)}
+
+    rng = np.random.default_rng(0)
+    gen = shuffle_buffer(pieces(), batch_size=8, buffer_size=30, rng=rng, shuffle=True)
+    first = next(gen)
+    assert len(first["sample_id"]) == 8
+    assert len(pulled) == 4  # 30 buffered + 8 for the batch need 4 pieces of 10, no more
+    rest = [b["sample_id"] for b in gen]
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([first["sample_id"], *rest])), np.arange(200)
+    )
+    assert sum(len(b) < 8 for b in rest) == 0  # 200 = 25 * 8: no short batch
+
+
+def test_prefetch_reads_at_most_depth_ahead():
+    calls, lock = [], threading.Lock()
+
+    def read(i):
+        with lock:
+            calls.append(i)
+        return i
+
+    fetch = _Prefetcher(read, list(range(50)), depth=3)
+    it = iter(fetch)
+    assert next(it) == 0
+    time.sleep(0.3)  # give the thread every chance to run ahead
+    # consumed 1, queue holds 3, and the thread may hold one more it cannot put yet
+    assert len(calls) <= 1 + 3 + 1
+    assert list(it) == list(range(1, 50))
+    fetch.close()
+
+
+def test_prefetch_hands_reader_errors_to_the_consumer():
+    def read(i):
+        if i == 2:
+            raise OSError("boom")
+        return i
+
+    fetch = _Prefetcher(read, [0, 1, 2, 3], depth=2)
+    with pytest.raises(OSError, match="boom"):
+        list(fetch)
+    fetch.close()
+
+
+@pytest.mark.parametrize(("workers", "ranks"), [(0, 1), (2, 2)])
+def test_label_stream_covers_labeled_rows_exactly_once(workers, ranks):
+    data = ToyData(N, every_missing=4)
+    got = []
+    for rank in range(ranks):
+        stream = LabelStream(data, 16, seed=1, rank=rank, world_size=ranks, num_workers=workers)
+        batches = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
+        assert len(batches) == len(stream)
+        for b in batches:
+            assert (b["label"] >= 0).all()
+            np.testing.assert_array_equal(b["input"].numpy(), toy_inputs(N)[b["sample_id"]])
+        got += [b["sample_id"].numpy() for b in batches]
+    want = np.array([i for i in range(N) if i % 4], dtype=np.int64)
+    np.testing.assert_array_equal(np.sort(np.concatenate(got)), want)
+    with pytest.raises(UsageError, match="no labeled rows"):
+        LabelStream(ToyData(10, labels=False))

@@ -1,0 +1,185 @@
+"""Tiny teachers and data sets the stage-one tests build by spec (`tests.toy_models:ToyNet`).
+
+Everything is seeded, so two processes that build the same spec get the same weights and samples.
+The bad ones exist to prove that each way a user's code can be wrong gives one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+IN_DIM = 8
+TOKENS = 4
+FORBID_ENV = "KDCACHE_TOY_FORBID_FORWARD"
+
+
+class Body(nn.Module):
+    """(B, IN_DIM) -> (B, dim, TOKENS): a conv-like layout so every pool mode differs."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(IN_DIM, dim * TOKENS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x)).view(len(x), self.dim, TOKENS)
+
+
+class _Logits:
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+
+class ToyNet(nn.Module):
+    """A seeded classifier with a `body` submodule.
+
+    sleep: seconds per forward (to make a run slow enough to kill); count_file: append one line per
+    forward (to prove a cache hit runs none); out: how the logits are wrapped (tensor, dict, tuple,
+    object); sabotage: a path the first forward creates as a regular file (to break a store). With KDCACHE_TOY_FORBID_FORWARD set, forward raises.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        dim: int = 16,
+        seed: int = 0,
+        sleep: float = 0.0,
+        count_file: str | None = None,
+        out: str = "tensor",
+        scale: float = 3.0,
+        sabotage: str | None = None,
+    ):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = Body(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.spare = nn.Identity()  # never called by forward
+        self.sleep, self.count_file, self.out, self.scale = sleep, count_file, out, scale
+        self.sabotage = sabotage
+
+    def forward(self, x: torch.Tensor):
+        if os.environ.get(FORBID_ENV):
+            raise RuntimeError("ToyNet.forward called while forbidden")
+        if self.count_file:
+            with open(self.count_file, "a") as f:
+                f.write(f"{len(x)}\n")
+        if self.sleep:
+            time.sleep(self.sleep)
+        if self.sabotage and not os.path.exists(self.sabotage):
+            with open(self.sabotage, "w") as f:
+                f.write("not a folder")
+        z = self.head(self.body(x).mean(-1)) * self.scale
+        if self.out == "dict":
+            return {"logits": z, "extra": z * 0}
+        if self.out == "tuple":
+            return (z, z * 0)
+        if self.out == "object":
+            return _Logits(z)
+        return z
+
+
+class NaNNet(ToyNet):
+    """Returns NaN for the rows whose first input is above `threshold` (all rows by default)."""
+
+    def __init__(self, threshold: float = -1e9, inf: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold, self.inf = threshold, inf
+
+    def forward(self, x):
+        z = super().forward(x)
+        bad = float("inf") if self.inf else float("nan")
+        return torch.where((x[:, 0] > self.threshold)[:, None], torch.full_like(z, bad), z)
+
+
+class WrongShapeNet(ToyNet):
+    def forward(self, x):
+        return super().forward(x)[:, :, None].expand(-1, -1, 2)
+
+
+class NotAModule:
+    def __call__(self, x):
+        return x
+
+
+class RegNet(nn.Module):
+    """A regression teacher with `outputs` values per sample (1 gives a (B,) output)."""
+
+    def __init__(self, outputs: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(IN_DIM, 8)
+        self.head = nn.Linear(8, outputs)
+        self.outputs = outputs
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.body(x)))
+        return y[:, 0] if self.outputs == 1 else y
+
+
+def toy_inputs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, IN_DIM)).astype(np.float32)
+
+
+class ToyData:
+    """Map-style (x, y) with y = i % num_classes; labels=False gives bare x, every_missing=m makes
+    every m-th label missing (an (x, None) item)."""
+
+    def __init__(
+        self,
+        n: int = 100,
+        labels: bool = True,
+        num_classes: int = 10,
+        seed: int = 0,
+        every_missing: int = 0,
+    ):
+        self.x = toy_inputs(n, seed)
+        self.labels, self.num_classes, self.every_missing = labels, num_classes, every_missing
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def label(self, i: int) -> int | None:
+        if not self.labels or (self.every_missing and i % self.every_missing == 0):
+            return None
+        return i % self.num_classes
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(self.x[i])
+        return x if not self.labels else (x, self.label(i))
+
+
+class ToyDictData(ToyData):
+    def __getitem__(self, i: int):
+        item = {"input": self.x[i]}
+        if self.label(i) is not None:
+            item["label"] = self.label(i)
+        return item
+
+
+class ToyBatchData(ToyData):
+    """The same samples through the vectorised `get_batch(ids)` path."""
+
+    def get_batch(self, ids):
+        ids = np.asarray(ids)
+        y = ids % self.num_classes if self.labels else None
+        return {"input": torch.from_numpy(self.x[ids]), "label": y}
+
+
+class BadLabelData(ToyData):
+    def __init__(self, n: int = 40, bad_index: int = 30, bad_label: int = 99, **kwargs):
+        super().__init__(n, **kwargs)
+        self.bad_index, self.bad_label = bad_index, bad_label
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return x, (self.bad_label if i == self.bad_index else y)
+
+
+class EmptyData(ToyData):
+    def __init__(self, **kwargs):
+        super().__init__(0)
