@@ -39,8 +39,19 @@ def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
 
 
+def _class_label(y) -> int:
+    """An integer class id, or -1 for anything else (regression targets, vectors, None)."""
+    a = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+    if a.ndim != 0 or a.dtype.kind not in "iuf" or not float(a).is_integer():
+        return -1
+    return int(a)
+
+
 def get_batch(ds, ids: np.ndarray, spec: str = "data") -> tuple[torch.Tensor, np.ndarray]:
     """Inputs stacked into one tensor and int64 labels (-1 where an item has none).
+
+    Only integer class ids count as labels; regression targets are not stored (a regression
+    student distils from the teacher's stored outputs).
 
     Datasets with a vectorised `get_batch(ids) -> {"input", "label"}` skip the per-item loop.
     """
@@ -48,13 +59,15 @@ def get_batch(ds, ids: np.ndarray, spec: str = "data") -> tuple[torch.Tensor, np
         batch = ds.get_batch(ids)
         labels = batch.get("label")
         labels = np.full(len(ids), -1, np.int64) if labels is None else np.asarray(labels)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            labels = np.array([_class_label(v) for v in labels], np.int64)
         return _as_tensor(batch["input"]), labels.astype(np.int64, copy=False)
     xs, ys = [], np.full(len(ids), -1, np.int64)
     for j, i in enumerate(ids):
         x, y = _split_item(ds[int(i)], spec)
         xs.append(_as_tensor(x))
         if y is not None:
-            ys[j] = int(y)
+            ys[j] = _class_label(y)
     return torch.stack(xs), ys
 
 

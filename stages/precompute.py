@@ -382,6 +382,8 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
                 z = check_logits(z, ids_np, len(ids_np), cfg.task)
                 if cfg.task == "classification":
                     check_labels(y_np, ids_np, z.shape[1])
+                else:
+                    y_np = np.full_like(y_np, -1)  # regression targets are not class labels
                 busy += time.perf_counter() - t
                 writer.put((z, y_np, ids_np, feats))
                 bar.update(len(ids_np))
