@@ -66,7 +66,7 @@ def precompute(**options) -> None:
     cfg = build_config(PrecomputeConfig, options.get("config"), options, ("data", "out"))
     result = run(cfg)
     m = result["manifest"]
-    if result["status"] == "hit":
+    if result["status"] == "hit" and m is not None:  # None: not rank 0
         emit(
             log_json,
             f"cache hit: {cfg.out} already holds this cache (fingerprint {m['fingerprint'][:12]}); "
@@ -160,3 +160,13 @@ def verify(url: str, storage_option: tuple[str, ...], quiet: bool) -> None:
         click.echo(
             f"ok: {url}: {reader.num_rows} rows, {len(reader.shards)} shards, {files} files verified"
         )
+
+
+from pipeline.cli_train import evaluate, train  # noqa: E402
+
+main.add_command(train)
+main.add_command(evaluate)
+
+from pipeline.cli_report import report  # noqa: E402
+
+main.add_command(report)

@@ -28,9 +28,18 @@ class Location:
     """A store root: the fsspec filesystem, the root path inside it and the URL the user gave."""
 
     url: str
-    fs: fsspec.AbstractFileSystem
+    _fs: fsspec.AbstractFileSystem = field(repr=False)
     root: str
     storage_options: dict = field(default_factory=dict)
+    _pid: int = field(default_factory=os.getpid, repr=False, compare=False)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        # Async filesystems (s3fs, gcsfs, ...) run an event loop thread and refuse to work in a
+        # forked child such as a DataLoader worker: each process resolves the URL for itself.
+        if self._pid != os.getpid():
+            self._fs, self._pid = _filesystem(self.url, self.storage_options)[0], os.getpid()
+        return self._fs
 
     @property
     def is_local(self) -> bool:
@@ -44,8 +53,14 @@ class Location:
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def _fresh(self, path: str) -> str:
+        # Other processes (ranks, other runs) write here too: never answer from a directory
+        # listing this process cached earlier (s3fs and other object stores cache them).
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        return self.fs.exists(self._fresh(self.path(*parts)))
 
     def read_bytes(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.path(*parts))
@@ -82,7 +97,7 @@ class Location:
 
     def listdir(self, *parts: str) -> list[str]:
         """Names (not paths) directly below `parts`; empty when it does not exist."""
-        target = self.path(*parts)
+        target = self._fresh(self.path(*parts))
         if not self.fs.exists(target):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(target, detail=False))
@@ -100,16 +115,18 @@ def open_location(url: str, storage_options: dict | None = None) -> Location:
     options = dict(storage_options or {})
     plain = _strip_file_scheme(url)
     try:
-        if "://" not in plain:
-            fs = fsspec.filesystem("file")
-            root = os.path.abspath(plain)
-            url = root
-        else:
-            fs, root = fsspec.core.url_to_fs(url, **options)
+        fs, root = _filesystem(plain, options)
     except (ImportError, ValueError) as exc:
         hint = " (install the extra: pip install 'kdcache[s3]')" if url.startswith("s3") else ""
         raise UsageError(f"cannot open store URL {url!r}: {exc}{hint}") from None
-    return Location(url=url, fs=fs, root=root.rstrip("/"), storage_options=options)
+    url = root if "://" not in plain else url
+    return Location(url=url, _fs=fs, root=root.rstrip("/"), storage_options=options)
+
+
+def _filesystem(url: str, options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
+    if "://" not in url:
+        return fsspec.filesystem("file"), os.path.abspath(url)
+    return fsspec.core.url_to_fs(url, **options)
 
 
 def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict:

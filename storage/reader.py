@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -51,7 +52,10 @@ class CacheReader:
 
     @property
     def features(self):
+        if self._array is not None and self._array_pid != os.getpid():
+            self._array = None  # opened before a fork: its S3 client is not usable here
         if self._array is None and self.has_features:
+            self._array_pid = os.getpid()
             self._array = zarr.open_array(
                 store=self.loc.zarr_store + "/" + FEATURES,
                 mode="r",

@@ -8,6 +8,10 @@ latency hides behind training. Rows then pass through a shuffle buffer that is m
 permutations per incoming shard, never per sample; memory is the buffer plus the prefetched
 shards, whatever the size of the store. Inputs are joined from ``data`` by ``sample_id`` one batch
 at a time with the vectorised ``pipeline.data.get_batch``.
+
+Batches hold at most ``batch_size`` rows. Every slot cuts its span into the same number of
+batches (that of the largest slot) of near-equal size, so all ranks take the same number of steps
+(DDP needs no uneven-input handling in practice, and resume is exact) and no batch is tiny.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ def span(total: int, slot: int, slots: int) -> tuple[int, int]:
     return total * slot // slots, total * (slot + 1) // slots
 
 
-def batches_of(rows: int, batch_size: int) -> int:
-    return -(-rows // batch_size)
+def batch_sizes(rows: int, count: int) -> list[int]:
+    """`rows` cut into `count` batches whose sizes differ by at most one (empty ones dropped)."""
+    q, r = divmod(rows, count)
+    return [q + 1] * r + [q] * (count - r) if q else [1] * r
 
 
 class _Prefetcher:
@@ -100,32 +106,34 @@ def _concat(a: dict | None, b: dict) -> dict:
     return b if a is None else {k: np.concatenate([a[k], b[k]]) for k in b}
 
 
-def shuffle_buffer(pieces, batch_size: int, buffer_size: int, rng, shuffle: bool):
-    """Batches (dicts of numpy columns) from a stream of pieces through a bounded buffer.
+def shuffle_buffer(pieces, sizes: list[int], buffer_size: int, rng, shuffle: bool):
+    """Batches of the given sizes (dicts of numpy columns) from pieces, through a bounded buffer.
 
-    Every incoming piece is concatenated to the buffer and the whole lot permuted at once; full
-    batches are cut from the front until about `buffer_size` rows remain to mix with the next
-    piece. The last partial batch is kept (exactly-once), so only one batch per slot is short.
+    Every incoming piece is concatenated to the buffer and, when a batch is due, the whole lot is
+    permuted at once; batches are cut from the front until about `buffer_size` rows remain to
+    mix with the next piece. The sizes must add up to the rows the pieces hold.
     """
-    buf = None
+    buf, i = None, 0
     for piece in pieces:
         buf = _concat(buf, piece)
         n = len(buf["sample_id"])
-        if n < buffer_size + batch_size:
+        if i == len(sizes) or n < buffer_size + sizes[i]:
             continue
         if shuffle:
             buf = _take(buf, rng.permutation(n))
-        cut = (n - buffer_size) // batch_size * batch_size
-        for a in range(0, cut, batch_size):
-            yield _take(buf, slice(a, a + batch_size))
-        buf = _take(buf, slice(cut, n))
+        a = 0
+        while i < len(sizes) and n - a - sizes[i] >= buffer_size:
+            yield _take(buf, slice(a, a + sizes[i]))
+            a, i = a + sizes[i], i + 1
+        buf = _take(buf, slice(a, n))
     if buf is None or not len(buf["sample_id"]):
         return
-    n = len(buf["sample_id"])
     if shuffle:
-        buf = _take(buf, rng.permutation(n))
-    for a in range(0, n, batch_size):
-        yield _take(buf, slice(a, a + batch_size))
+        buf = _take(buf, rng.permutation(len(buf["sample_id"])))
+    a = 0
+    for size in sizes[i:]:
+        yield _take(buf, slice(a, a + size))
+        a += size
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -146,6 +154,13 @@ class _Stream(torch.utils.data.IterableDataset):
     def _rows(self) -> int:
         raise NotImplementedError
 
+    def _sizes(self, rows: int, slots: int) -> list[int]:
+        # Every slot makes the same number of batches (that of the largest slot), so every rank
+        # takes the same number of optimizer steps; sizes differ by at most one row, so no batch
+        # is tiny (batch norm cannot train on one row). Batches hold at most batch_size rows.
+        largest = -(-self._rows() // slots)
+        return batch_sizes(rows, max(1, -(-largest // self.batch_size)))
+
     def num_batches(self, rank: int | None = None) -> int:
         """Batches `rank` yields per epoch, given `num_workers` (the count passed at construction)."""
         rank = self.rank if rank is None else rank
@@ -154,7 +169,7 @@ class _Stream(torch.utils.data.IterableDataset):
         total = 0
         for s in range(rank * w, rank * w + w):
             lo, hi = span(self._rows(), s, slots)
-            total += batches_of(hi - lo, self.batch_size)
+            total += len(self._sizes(hi - lo, slots))
         return total
 
     def __len__(self) -> int:
@@ -162,11 +177,12 @@ class _Stream(torch.utils.data.IterableDataset):
         # always follows the real worker count, so coverage never depends on this number.
         return self.num_batches()
 
-    def _my_span(self) -> tuple[int, int, np.random.Generator]:
+    def _my_span(self) -> tuple[int, int, list[int], np.random.Generator]:
         worker, workers = _slot()
-        slot = self.rank * workers + worker
+        slot, slots = self.rank * workers + worker, self.world_size * workers
         rng = np.random.default_rng([self.seed, self.epoch, slot])
-        return *span(self._rows(), slot, self.world_size * workers), rng
+        lo, hi = span(self._rows(), slot, slots)
+        return lo, hi, self._sizes(hi - lo, slots), rng
 
 
 class CacheStream(_Stream):
@@ -255,10 +271,10 @@ class CacheStream(_Stream):
         return batch
 
     def __iter__(self):
-        lo, hi, rng = self._my_span()
+        lo, hi, sizes, rng = self._my_span()
         fetch = _Prefetcher(self._read, self.pieces(lo, hi), self.prefetch)
         try:
-            for cols in shuffle_buffer(fetch, self.batch_size, self.buffer_size, rng, self.shuffle):
+            for cols in shuffle_buffer(fetch, sizes, self.buffer_size, rng, self.shuffle):
                 yield self._to_torch(cols)
         finally:
             fetch.close()
@@ -323,12 +339,12 @@ class LabelStream(_Stream):
         return len(self.ids)
 
     def __iter__(self):
-        lo, hi, _ = self._my_span()
+        lo, _, sizes, _ = self._my_span()
         ids = self.ids
         if self.shuffle:
             ids = ids[np.random.default_rng([self.seed, self.epoch]).permutation(len(ids))]
-        for a in range(lo, hi, self.batch_size):
-            chunk = ids[a : min(hi, a + self.batch_size)]
+        for a, size in zip(np.cumsum([lo, *sizes]), sizes, strict=False):
+            chunk = ids[a : a + size]
             x, _ = get_batch(self.data, chunk)
             yield {
                 "sample_id": torch.from_numpy(chunk),

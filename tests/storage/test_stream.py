@@ -12,7 +12,14 @@ import torch
 
 from storage.errors import UsageError
 from storage.reader import CacheReader
-from storage.stream import CacheStream, LabelStream, _Prefetcher, shuffle_buffer, span
+from storage.stream import (
+    CacheStream,
+    LabelStream,
+    _Prefetcher,
+    batch_sizes,
+    shuffle_buffer,
+    span,
+)
 from tests.conftest import toy_precompute
 from tests.toy_models import ToyData, toy_inputs
 
@@ -44,13 +51,21 @@ def test_every_row_exactly_once_across_ranks_and_workers(store, workers, ranks):
         )  # fmt: skip
         stream.set_epoch(1)
         batches = ids_of(stream, workers)
-        assert len(batches) == len(stream)
-        assert all(len(b) <= 8 for b in batches)
+        assert len(batches) == len(stream) == stream.num_batches(0)  # same steps on every rank
+        assert all(4 <= len(b) <= 8 for b in batches)  # at most batch_size, never tiny
         per_rank.append(np.concatenate(batches))
     everything = np.concatenate(per_rank)
     np.testing.assert_array_equal(np.sort(everything), np.arange(N))
     sizes = [len(ids) for ids in per_rank]
     assert max(sizes) - min(sizes) <= max(1, workers)
+
+
+def test_batch_sizes_are_near_equal():
+    assert batch_sizes(10, 3) == [4, 3, 3] and batch_sizes(2, 3) == [1, 1]
+    for rows in (1, 9, 100, 1001):
+        for count in (1, 2, 7):
+            sizes = batch_sizes(rows, count)
+            assert sum(sizes) == rows and max(sizes) - min(sizes) <= 1 and min(sizes) > 0
 
 
 def test_spans_cover_and_differ_by_at_most_one():
@@ -131,7 +146,7 @@ def test_shuffle_buffer_pulls_pieces_lazily_and_loses_nothing():
             yield {"sample_id": np.arange(i * 10, i * 10 + 10)}
 
     rng = np.random.default_rng(0)
-    gen = shuffle_buffer(pieces(), batch_size=8, buffer_size=30, rng=rng, shuffle=True)
+    gen = shuffle_buffer(pieces(), [8] * 25, buffer_size=30, rng=rng, shuffle=True)
     first = next(gen)
     assert len(first["sample_id"]) == 8
     assert len(pulled) == 4  # 30 buffered + 8 for the batch need 4 pieces of 10, no more

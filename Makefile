@@ -1,0 +1,121 @@
+# kdcache: the MNIST-1D job end to end, and the developer chores.  `make help` lists the targets.
+#
+#   make run    set up .venv, train the teacher, run it once into a cache, train the students
+#               from that cache, write runs/report.md          (the README's first command)
+#   make test   set up .venv and run the test suite            (the README's second command)
+#
+# Every stage is idempotent: a finished stage is skipped (teacher: its model.pt exists) or is a
+# no-op inside kdcache (a cache hit; an already trained student), an interrupted one resumes.
+# Override any variable on the command line: make run TEMPERATURE=2 TOPK=4 RUNS=runs-t2
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+MAKEFLAGS += --no-builtin-rules --no-print-directory
+
+PYTHON ?= python3
+VENV ?= .venv
+# Only here is torch pinned (pyproject.toml takes a range): the CPU wheel for a fresh machine.
+# GPU users: make setup TORCH_SPEC='torch==2.13.0' TORCH_INDEX=https://download.pytorch.org/whl/cu126
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+# bench is in: the default test suite smoke-tests the benchmarks, one of which reads `datasets`.
+EXTRAS ?= dev,bench
+RUNS ?= runs
+TEMPERATURE ?= 4
+TOPK ?= 8
+CACHE ?= $(RUNS)/cache/mnist1d-T$(TEMPERATURE)-k$(TOPK)
+EPOCHS ?=
+DEVICE ?= auto
+# One intra-op thread per process: these models are tiny, and on a small shared machine extra
+# threads mostly spin. Set THREADS= (empty) to let torch decide.
+THREADS ?= 1
+TEACHER_CONFIG ?= configs/teacher.toml
+STUDENTS_CONFIG ?= configs/students.toml
+DATA_DIR ?= $(RUNS)/data
+PRECOMPUTE_ARGS ?=
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdcache-setup
+TEACHER_DIR := $(RUNS)/teacher
+MNIST1D := pipeline.examples.mnist1d:MNIST1D
+DATA_PY := from pipeline.examples.mnist1d import MNIST1D; [print(MNIST1D(split=s)) for s in ("train+transfer", "test")]
+# Job commands see the data cache dir (MNIST-1D is generated once into it) and the thread count.
+KDCACHE := KDCACHE_DATA_DIR=$(DATA_DIR) $(if $(THREADS),OMP_NUM_THREADS=$(THREADS)) $(VENV)/bin/kdcache
+
+.PHONY: help setup data teacher precompute students report run test test-all lint bench cron \
+	clean distclean
+
+help: ## List the targets and the variables they take
+	@echo "kdcache: make TARGET [VAR=value ...]"
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo
+	@echo "Variables (now): RUNS=$(RUNS) CACHE=$(CACHE) TEMPERATURE=$(TEMPERATURE) TOPK=$(TOPK)"
+	@echo "  EPOCHS=$(EPOCHS) (empty: per-student epochs from $(STUDENTS_CONFIG)) DEVICE=$(DEVICE)"
+	@echo "  THREADS=$(THREADS) PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC=$(TORCH_SPEC)"
+
+run: setup data teacher precompute students report ## The whole job, stage after stage
+	@echo "done: see $(RUNS)/report.md"
+
+setup: $(STAMP) ## Create .venv: CPU torch (TORCH_SPEC), then kdcache[dev,bench] editable
+
+# Reruns only when pyproject.toml changes (or the venv is gone).
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "kdcache needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) -V 2>&1). Try PYTHON=python3.11" >&2; \
+		exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	@touch $@
+
+data: setup ## Generate MNIST-1D (train, test, 30,000 transfer) into DATA_DIR once
+	KDCACHE_DATA_DIR=$(DATA_DIR) $(PY) -c '$(DATA_PY)'
+
+teacher: $(TEACHER_DIR)/model.pt ## Train the teacher CNN on the 4,000 labeled samples (skipped once done)
+
+$(TEACHER_DIR)/model.pt: | $(STAMP)
+	$(KDCACHE) train --config $(TEACHER_CONFIG) --out $(TEACHER_DIR) --device $(DEVICE) $(TRAIN_ARGS)
+
+precompute: teacher ## Stage one: the teacher once over train+transfer into CACHE (a rerun is a cache hit)
+	$(KDCACHE) precompute --teacher pipeline.examples.models:TeacherCNN \
+		--checkpoint $(TEACHER_DIR)/model.pt --data $(MNIST1D) --data-arg split=train+transfer \
+		--out $(CACHE) --codec topk --top-k $(TOPK) --temperature $(TEMPERATURE) \
+		--features features --shard-rows 4096 --device $(DEVICE) $(PRECOMPUTE_ARGS)
+
+students: precompute ## Stage two: every student in STUDENTS_CONFIG from CACHE, into RUNS/students
+	$(KDCACHE) train --config $(STUDENTS_CONFIG) --cache $(CACHE) --out $(RUNS)/students \
+		--device $(DEVICE) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+
+report: students ## RUNS/report.md + report.json + accuracy_curves.png + accuracy_bars.png
+	$(KDCACHE) report --runs $(RUNS) --out $(RUNS)/report.md
+
+test: setup ## The default test suite (slow tests excluded)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: setup ## Every test, slow ones included
+	$(PY) -m pytest -m 'slow or not slow' $(PYTEST_ARGS)
+
+lint: setup ## ruff check + ruff format --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup ## The benchmarks (bench/run_all.py); not timed tests
+	$(PY) -m bench.run_all $(BENCH_ARGS)
+
+cron: ## `make run` under a non-blocking lock; skips (exit 0) while another run holds it
+	@mkdir -p $(RUNS)
+	@flock --nonblock --conflict-exit-code 75 $(RUNS)/.make.lock $(MAKE) run || { rc=$$?; \
+		[ $$rc -eq 75 ] || exit $$rc; echo "make cron: another run holds $(RUNS)/.make.lock; skipped"; }
+
+clean: ## Delete RUNS (runs, caches, reports, generated data)
+	rm -rf $(RUNS)
+
+distclean: clean ## Also delete .venv and tool caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis bench/out

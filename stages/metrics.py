@@ -1,0 +1,171 @@
+"""Evaluation metrics as additive sums (so ranks can all_reduce them) and the per-epoch CSV log.
+
+A batch contributes a float64 vector ``[n, correct, nll_sum, count_b.., confidence_b..,
+correct_b..]`` over ``BINS`` equal-width confidence bins; `summarise` turns any sum of such vectors
+into accuracy, mean cross-entropy and the expected calibration error
+``ECE = sum_b (n_b / n) * |accuracy_b - confidence_b|`` (Guo et al., 2017; 15 bins).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BINS = 15
+CSV_FIELDS = (
+    "epoch",
+    "step",
+    "lr",
+    "loss",
+    "hard_loss",
+    "soft_loss",
+    "feature_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "eval_ece",
+    "agreement",
+    "epoch_seconds",
+    "samples_per_sec",
+)
+
+
+def sums_size(bins: int = BINS) -> int:
+    return 3 + 3 * bins
+
+
+def bin_index(confidence: torch.Tensor, bins: int = BINS) -> torch.Tensor:
+    """Bins (lo, hi] of width 1/bins; confidence 0 falls in the first."""
+    return (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
+
+
+def batch_sums(logits: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> torch.Tensor:
+    """The additive metric vector of one batch (rows with label < 0 are ignored)."""
+    keep = labels >= 0
+    logits, labels = logits[keep].double(), labels[keep].long()
+    out = torch.zeros(sums_size(bins), dtype=torch.float64, device=logits.device)
+    if not len(labels):
+        return out
+    probs = logits.softmax(-1)
+    confidence, pred = probs.max(-1)
+    correct = (pred == labels).double()
+    b = bin_index(confidence, bins)
+    out[0] = len(labels)
+    out[1] = correct.sum()
+    out[2] = F.cross_entropy(logits, labels, reduction="sum")
+    out[3 : 3 + bins] = torch.bincount(b, minlength=bins).double()
+    out[3 + bins : 3 + 2 * bins] = torch.zeros(
+        bins, dtype=torch.float64, device=logits.device
+    ).index_add(0, b, confidence)
+    out[3 + 2 * bins :] = torch.zeros(bins, dtype=torch.float64, device=logits.device).index_add(
+        0, b, correct
+    )
+    return out
+
+
+def summarise(sums: torch.Tensor | np.ndarray, bins: int = BINS) -> dict:
+    """accuracy, loss (mean cross-entropy) and ece from summed metric vectors; None when empty."""
+    s = np.asarray(sums.cpu() if isinstance(sums, torch.Tensor) else sums, dtype=np.float64)
+    n = s[0]
+    if n == 0:
+        return {"n": 0, "accuracy": None, "loss": None, "ece": None}
+    conf, corr = s[3 + bins : 3 + 2 * bins], s[3 + 2 * bins :]
+    ece = float(np.abs(corr - conf).sum() / n)
+    return {"n": int(n), "accuracy": float(s[1] / n), "loss": float(s[2] / n), "ece": ece}
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = BINS
+) -> float:
+    """Reference ECE on plain arrays, one bin at a time (the definition, for tests and reports)."""
+    confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        m = (confidence > lo) & (confidence <= hi)
+        if i == 0:
+            m |= confidence == 0
+        if m.any():
+            total += m.sum() * abs(correct[m].mean() - confidence[m].mean())
+    return float(total / len(confidence))
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    keep = labels >= 0
+    return float((logits[keep].argmax(-1) == labels[keep]).double().mean())
+
+
+def teacher_top1(cols: dict) -> np.ndarray:
+    """The teacher's predicted class for cached rows: argmax of dense logits or the first top-k."""
+    if "topk_indices" in cols:
+        return np.asarray(cols["topk_indices"][:, 0], dtype=np.int64)
+    return np.asarray(cols["logits"], dtype=np.float32).argmax(1).astype(np.int64)
+
+
+def agreement(student_logits: torch.Tensor, teacher_pred: torch.Tensor) -> float:
+    """Fraction of rows where the student's top-1 equals the teacher's."""
+    return float((student_logits.argmax(-1) == teacher_pred).double().mean())
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    return (
+        f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} (hard {row['hard_loss']:.4f} "
+        f"soft {row['soft_loss']:.4f} feature {row['feature_loss']:.4f}) eval_accuracy "
+        f"{_pct(row['eval_accuracy'])} agreement {_pct(row['agreement'])} "
+        f"[{row['epoch_seconds']:.1f}s]"
+    )
+
+
+def run_totals(rows: list[dict]) -> dict:
+    """final and best (by eval_accuracy) epochs, train seconds and samples/s of a run's rows."""
+    keys = ("epoch", "eval_accuracy", "eval_ece", "agreement", "eval_loss")
+    final = {k: rows[-1][k] for k in keys}
+    scored = [r for r in rows if r["eval_accuracy"] is not None]
+    best = {k: max(scored, key=lambda r: r["eval_accuracy"])[k] for k in keys} if scored else final
+    seconds = sum(r["epoch_seconds"] for r in rows)
+    samples = sum(r["samples_per_sec"] * r["epoch_seconds"] for r in rows if r["samples_per_sec"])
+    return {
+        "train_seconds": seconds,
+        "samples_per_sec": samples / seconds if seconds else None,
+        "final": final,
+        "best": best,
+        "test_accuracy": final["eval_accuracy"],
+    }
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: _cell(row.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def _cell(v):
+    if v is None:
+        return ""
+    return f"{v:.10g}" if isinstance(v, float) else v
+
+
+def parse_csv(text: str) -> list[dict]:
+    """Rows of a metrics.csv back as numbers (empty cells -> None)."""
+    rows = []
+    for raw in csv.DictReader(io.StringIO(text)):
+        row = {}
+        for k, v in raw.items():
+            if v in ("", None):
+                row[k] = None
+            elif k in ("epoch", "step"):
+                row[k] = int(v)
+            else:
+                row[k] = float(v)
+        rows.append(row)
+    return rows

@@ -1,0 +1,274 @@
+"""The job report: the teacher and every student side by side, the cache, and what it saved.
+
+`run` reads finished `kdcache train` folders (RUNS/teacher and RUNS/students/*: summary.json and
+metrics.csv) plus the store the students trained from, and writes report.md, report.json and two
+PNGs beside `out`. Accuracy is each run's *final* epoch on its --eval-data, not its best epoch:
+picking the best epoch on the test set would flatter every model. Teacher agreement is recomputed
+here on that same eval data (student top-1 == teacher top-1), because the trainer's own figure is
+measured on the first cached rows, most of which are the teacher's training rows.
+
+The baseline is a student trained on hard labels only (alpha = 0, beta = 0); `gain_points` compares
+it with the best distilled student of the same architecture (same spec and kwargs), so the only
+difference between the two is the loss.
+
+Teacher time saved, counting the n students whose loss reads the cache (alpha > 0 or beta > 0),
+with t the teacher's forward seconds recorded by `kdcache precompute`:
+  one pass each: (n - 1) * t   each student would have run the teacher once over the data itself
+  online KD:     (E - 1) * t   E = those students' epochs summed (a teacher forward every epoch)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data import load_dataset
+from pipeline.models import logits_of
+from stages.evaluate import dataset_batches, load_student
+from stages.metrics import parse_csv
+from storage.errors import UsageError
+from storage.reader import CacheReader
+
+log = logging.getLogger("kdcache.report")
+PLOTS = ("accuracy_curves.png", "accuracy_bars.png")
+
+
+@dataclass
+class ReportConfig:
+    runs: str = "runs"
+    out: str | None = None  # default RUNS/report.md; report.json and the PNGs go beside it
+    teacher: str | None = None  # default RUNS/teacher
+    students: str | None = None  # default RUNS/students
+    plots: bool = True
+    agreement: bool = True  # recompute teacher agreement on the eval data (loads the models)
+
+    def validate(self) -> None:
+        root = Path(self.runs)
+        self.out = self.out or str(root / "report.md")
+        self.teacher = self.teacher or str(root / "teacher")
+        self.students = self.students or str(root / "students")
+        if not Path(self.students).is_dir():
+            raise UsageError(
+                f"--students {self.students}: no such folder; train students first "
+                "(`make students` or `kdcache train --config ... --out FOLDER`)"
+            )
+
+
+def _load_run(folder: Path) -> dict | None:
+    """summary.json (+ parsed metrics.csv) of a finished run, None when it has not finished."""
+    if not (folder / "summary.json").is_file():
+        return None
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = []
+    if (folder / "metrics.csv").is_file():
+        rows = parse_csv((folder / "metrics.csv").read_text())
+    summary["_rows"], summary["_folder"] = rows, str(folder)
+    return summary
+
+
+def _kind(s: dict) -> str:
+    st = s.get("settings", {})
+    if not s.get("cache") or (st.get("alpha", 0) == 0 and st.get("beta", 0) == 0):
+        return "hard labels"
+    return "KD + features" if st.get("beta", 0) > 0 else "KD"
+
+
+def _entry(s: dict, role: str) -> dict:
+    st, best = s.get("settings", {}), s.get("best", {})
+    kind = _kind(s)
+    distilled = role == "student" and kind != "hard labels"
+    return {
+        "name": s["name"] if role == "student" else "teacher",
+        "role": role,
+        "kind": kind,
+        "model": s["student"].rsplit(":", 1)[-1],
+        "spec": s["student"],
+        "model_args": s.get("student_args") or {},
+        "num_params": s.get("num_params"),
+        "test_accuracy": s.get("test_accuracy"),
+        "best_accuracy": best.get("eval_accuracy"),
+        "best_epoch": best.get("epoch"),
+        "eval_ece": s.get("final", {}).get("eval_ece"),
+        "agreement": None,
+        "cache_agreement": s.get("final", {}).get("agreement"),
+        "temperature": st.get("temperature") if distilled else None,
+        "alpha": st.get("alpha") if distilled else None,
+        "beta": st.get("beta") if distilled else None,
+        "epochs": s.get("epochs"),
+        "train_seconds": s.get("train_seconds"),
+        "wall_seconds": s.get("wall_seconds"),
+        "samples_per_sec": s.get("samples_per_sec"),
+        "cache": s.get("cache"),
+        "cache_fingerprint": s.get("cache_fingerprint"),
+        "eval_data": [st.get("eval_data"), st.get("eval_data_args") or {}],
+        "curve": [
+            [r["epoch"], r["eval_accuracy"]] for r in s["_rows"] if r["eval_accuracy"] is not None
+        ],
+        "folder": s["_folder"],
+    }
+
+
+@torch.no_grad()
+def _predictions(model, data) -> np.ndarray:
+    model.eval()
+    out = [logits_of(model(x)).argmax(-1) for x, _ in dataset_batches(data, 1024)]
+    return torch.cat(out).numpy()
+
+
+def _agreements(teacher: dict, students: list[dict]) -> None:
+    """Fill each student's `agreement`: share of eval rows where its top-1 is the teacher's."""
+    t_model, _ = load_student(teacher["folder"])
+    cached: dict[str, tuple] = {}
+    for e in students:
+        spec, args = e["eval_data"]
+        if not spec:
+            continue
+        key = json.dumps([spec, args], sort_keys=True)
+        if key not in cached:
+            data = load_dataset(spec, args)
+            cached[key] = (data, _predictions(t_model, data))
+        data, t_pred = cached[key]
+        s_model, _ = load_student(e["folder"])
+        e["agreement"] = float((_predictions(s_model, data) == t_pred).mean())
+
+
+def _cache_info(url: str, students: list[dict]) -> dict:
+    users = [e for e in students if e["cache"] == url and e["kind"] != "hard labels"]
+    info: dict = {"url": url, "students": [e["name"] for e in users]}
+    try:
+        r = CacheReader(url)
+    except Exception as exc:  # noqa: BLE001 - a moved or deleted cache still deserves a report
+        info["error"] = f"{type(exc).__name__}: {exc}"
+        return info
+    stats = r.manifest.get("stats", {})
+    t = stats.get("teacher_seconds")
+    n, e_sum = len(users), sum(e["epochs"] or 0 for e in users)
+    info.update(
+        rows=r.num_rows,
+        shards=len(r.shards),
+        codec=r.codec,
+        top_k=r.top_k,
+        num_classes=r.num_classes,
+        temperature=r.temperature,
+        logit_dtype=r.soft["dtype"],
+        features=r.features_info,
+        total_bytes=stats.get("total_bytes"),
+        bytes_per_sample=stats.get("bytes_per_sample"),
+        teacher_accuracy=stats.get("teacher_accuracy"),
+        mean_topk_kl=stats.get("mean_topk_kl"),
+        teacher_seconds=t,
+        precompute_wall_seconds=stats.get("wall_seconds"),
+        fingerprint=r.fingerprint,
+        stale_students=[e["name"] for e in users if e["cache_fingerprint"] != r.fingerprint],
+        time_saved=None
+        if t is None or not n
+        else {
+            "teacher_seconds": t,
+            "students": n,
+            "epochs": e_sum,
+            "one_pass_each_seconds": (n - 1) * t,
+            "online_seconds": (e_sum - 1) * t,
+            "formula": "one pass each: (n - 1) * t; online KD: (E - 1) * t",
+        },
+    )
+    return info
+
+
+def _headline(report: dict) -> dict:
+    students, by_name = report["students"], {e["name"]: e for e in report["students"]}
+    hard = [e for e in students if e["kind"] == "hard labels" and e["test_accuracy"] is not None]
+    distilled = [
+        e for e in students if e["kind"] != "hard labels" and e["test_accuracy"] is not None
+    ]
+    same = lambda a, b: (a["spec"], a["model_args"]) == (b["spec"], b["model_args"])  # noqa: E731
+    # Prefer a baseline that has distilled siblings of its own architecture to compare with.
+    hard.sort(key=lambda b: not any(same(b, d) for d in distilled))
+    base = hard[0] if hard else None
+    rivals = [d for d in distilled if base is not None and same(base, d)]
+    best = max(rivals, key=lambda e: e["test_accuracy"]) if rivals else None
+    scored = [e for e in students if e["test_accuracy"] is not None]
+    top = max(scored, key=lambda e: e["test_accuracy"]) if scored else None
+    for e in students:
+        e["gain_points"] = (
+            None
+            if base is None or e["test_accuracy"] is None
+            else round(100 * (e["test_accuracy"] - base["test_accuracy"]), 4)
+        )
+    return {
+        "baseline": base and base["name"],
+        "baseline_accuracy": base and base["test_accuracy"],
+        "best_student": best and best["name"],
+        "best_accuracy": best and best["test_accuracy"],
+        "gain_points": by_name[best["name"]]["gain_points"] if best else None,
+        "best_overall": top and top["name"],
+    }
+
+
+def collect(cfg: ReportConfig) -> dict:
+    """The report as a dict (what report.json holds)."""
+    cfg.validate()
+    teacher_run = _load_run(Path(cfg.teacher))
+    folders = sorted(p for p in Path(cfg.students).iterdir() if p.is_dir())
+    runs = [(p, _load_run(p)) for p in folders]
+    finished = [s for _, s in runs if s is not None]
+    if not finished:
+        raise UsageError(
+            f"--students {cfg.students}: no finished student (no */summary.json); "
+            "run `make students` (or rerun its `kdcache train` command to finish)"
+        )
+    # Training order (summary.json is written last), so the table follows the job file.
+    finished.sort(key=lambda s: (os.path.getmtime(Path(s["_folder"]) / "summary.json"), s["name"]))
+    students = [_entry(s, "student") for s in finished]
+    teacher = _entry(teacher_run, "teacher") if teacher_run else None
+    if teacher and cfg.agreement:
+        _agreements(teacher, students)
+    caches = sorted({e["cache"] for e in students if e["cache"]})
+    report = {
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runs": cfg.runs,
+        "teacher": teacher,
+        "students": students,
+        "unfinished": [p.name for p, s in runs if s is None],
+        "caches": [_cache_info(url, students) for url in caches],
+    }
+    report.update(_headline(report))
+    return report
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomic: a reader (or a cron job running alongside) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def run(cfg: ReportConfig) -> dict:
+    """Collect the report and write report.md, report.json and (with plots) the PNGs."""
+    from stages.report_text import markdown
+
+    report = collect(cfg)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    if cfg.plots:
+        try:
+            from stages.report_plots import plot_bars, plot_curves
+        except ImportError as exc:
+            log.warning("no plots: %s (pip install 'kdcache[report]' for matplotlib)", exc)
+        else:
+            for name, plot in zip(PLOTS, (plot_curves, plot_bars), strict=True):
+                _write(out.parent / name, plot(report))
+                written.append(str(out.parent / name))
+    report["plots"] = [Path(p).name for p in written]
+    json_path = out.with_suffix(".json")
+    _write(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    _write(out, markdown(report).encode())
+    report["written"] = [str(out), str(json_path), *written]
+    return report
