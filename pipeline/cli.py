@@ -10,7 +10,14 @@ import logging
 
 import click
 
-from pipeline.cli_common import build_config, common_options, emit, handle_errors, setup_logging
+from pipeline.cli_common import (
+    build_config,
+    common_options,
+    emit,
+    handle_errors,
+    release_on_sigterm,
+    setup_logging,
+)
 from storage.errors import IntegrityError
 from storage.fsio import parse_storage_options
 from storage.reader import CacheReader
@@ -64,6 +71,7 @@ def precompute(**options) -> None:
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     log_json = bool(options.get("log_json"))
     cfg = build_config(PrecomputeConfig, options.get("config"), options, ("data", "out"))
+    release_on_sigterm()
     result = run(cfg)
     m = result["manifest"]
     if result["status"] == "hit" and m is not None:  # None: not rank 0

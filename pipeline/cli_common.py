@@ -7,7 +7,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 import click
@@ -61,6 +63,21 @@ def common_options(fn):
     return fn
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so that `finally` blocks run (the store lock is released)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def release_on_sigterm() -> None:
+    """Schedulers stop jobs with SIGTERM (Slurm preemption, `kill`, Kubernetes): by default Python
+    dies at once and leaves its lock for `stale_after` seconds; this unwinds like Ctrl-C."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def handle_errors(fn):
     """One clear line and a documented exit code instead of a traceback wall."""
 
@@ -71,9 +88,10 @@ def handle_errors(fn):
         except KdcacheError as exc:
             click.echo(f"kdcache: error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("kdcache: interrupted; rerun the same command to resume", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            click.echo(f"kdcache: {what}; rerun the same command to resume", err=True)
+            sys.exit(143 if isinstance(exc, Terminated) else 130)
         except (click.ClickException, click.exceptions.Exit, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence

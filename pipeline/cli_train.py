@@ -63,7 +63,7 @@ def _kv(help_text: str):
 @handle_errors
 def train(**options) -> None:
     """Stage two: train a student from a cache (soft labels + features), or from labels alone."""
-    from stages.train import TrainConfig, Trainer, run
+    from stages.train import TrainConfig, Trainer, _on_main, run
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     log_json = bool(options.get("log_json"))
@@ -77,7 +77,10 @@ def train(**options) -> None:
     else:
         configs = _student_configs(TrainConfig, file_opts, students, options, only)
     for cfg in configs:
-        Trainer(cfg)  # validates options and the cache before anything trains
+        # Options, cache, data and student of every student, before the first one trains.
+        trainer = Trainer(cfg)
+        if len(configs) > 1 and _on_main(trainer.dist, trainer.finished) is None:
+            trainer.check()
     if len(configs) > 1 and parallel > 1:
         _run_parallel([c.name for c in configs], argv, parallel)
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -53,10 +54,17 @@ def init_distributed(device_type: str = "cpu") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" and dist.is_nccl_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if backend == "nccl":
+            # Collectives on objects use the current device: without this every rank is cuda:0.
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        # A resumed run can leave one rank with most of the missing shards while the others
+        # wait at the barrier: the default 10-30 min timeout would fail such a rerun every time.
+        timeout = float(os.environ.get("KDCACHE_DIST_TIMEOUT", 6 * 3600))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def shutdown_distributed() -> None:
@@ -100,7 +108,15 @@ def autocast(device: torch.device, precision: str):
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Pinned memory and non-blocking copies only pay off (and only are safe) on CUDA.
+    # Pinned memory and non-blocking copies only pay off (and only are safe) on CUDA; a batch the
+    # DataLoader already pinned, or a tensor already on the GPU, is not pinned again.
     if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
+        if t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
     return t.to(device)
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """Dtype for metric sums: float64 for exact counts, float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64

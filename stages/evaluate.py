@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from pipeline.data import get_batch, load_dataset
 from pipeline.models import load_model, logits_of
-from pipeline.runtime import autocast, resolve_device, to_device
+from pipeline.runtime import autocast, resolve_device, sum_dtype, to_device
 from stages.metrics import batch_sums, summarise, sums_size, teacher_top1
 from storage.errors import UsageError
 from storage.fsio import open_location
@@ -27,7 +27,7 @@ log = logging.getLogger("kdcache.evaluate")
 
 
 def reduce_sums(sums: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """Sum a metric vector over ranks (gloo and nccl both take float64)."""
+    """Sum a metric vector over ranks (gloo and nccl both take float64; MPS sums are float32)."""
     if enabled:
         dist.all_reduce(sums)
     return sums
@@ -37,7 +37,7 @@ def reduce_sums(sums: torch.Tensor, enabled: bool) -> torch.Tensor:
 def eval_sums(model, batches, device: torch.device, precision: str = "fp32") -> torch.Tensor:
     """Summed metric vector of `model` over (inputs, labels) batches; leaves the model in eval."""
     model.eval()
-    total = torch.zeros(sums_size(), dtype=torch.float64, device=device)
+    total = torch.zeros(sums_size(), dtype=sum_dtype(device), device=device)
     for x, y in batches:
         with autocast(device, precision):
             z = logits_of(model(to_device(x, device)))

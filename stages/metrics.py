@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.runtime import sum_dtype
+
 BINS = 15
 CSV_FIELDS = (
     "epoch",
@@ -45,24 +47,21 @@ def bin_index(confidence: torch.Tensor, bins: int = BINS) -> torch.Tensor:
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> torch.Tensor:
     """The additive metric vector of one batch (rows with label < 0 are ignored)."""
     keep = labels >= 0
-    logits, labels = logits[keep].double(), labels[keep].long()
-    out = torch.zeros(sums_size(bins), dtype=torch.float64, device=logits.device)
+    dt = sum_dtype(logits.device)
+    logits, labels = logits[keep].to(dt), labels[keep].long()
+    out = torch.zeros(sums_size(bins), dtype=dt, device=logits.device)
     if not len(labels):
         return out
     probs = logits.softmax(-1)
     confidence, pred = probs.max(-1)
-    correct = (pred == labels).double()
+    correct = (pred == labels).to(dt)
     b = bin_index(confidence, bins)
     out[0] = len(labels)
     out[1] = correct.sum()
     out[2] = F.cross_entropy(logits, labels, reduction="sum")
-    out[3 : 3 + bins] = torch.bincount(b, minlength=bins).double()
-    out[3 + bins : 3 + 2 * bins] = torch.zeros(
-        bins, dtype=torch.float64, device=logits.device
-    ).index_add(0, b, confidence)
-    out[3 + 2 * bins :] = torch.zeros(bins, dtype=torch.float64, device=logits.device).index_add(
-        0, b, correct
-    )
+    out[3 : 3 + bins] = torch.bincount(b, minlength=bins).to(dt)
+    out[3 + bins : 3 + 2 * bins] = torch.zeros_like(out[:bins]).index_add(0, b, confidence)
+    out[3 + 2 * bins :] = torch.zeros_like(out[:bins]).index_add(0, b, correct)
     return out
 
 

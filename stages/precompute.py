@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -78,7 +79,7 @@ class PrecomputeConfig:
             raise UsageError("--task regression stores raw outputs: use --codec dense")
         if self.task == "regression":
             self.temperature = 1.0  # raw outputs are stored; there is nothing to temper
-        if not self.temperature > 0:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise UsageError(f"--temperature {self.temperature} must be > 0 (soft labels use z/T)")
         if self.codec == "topk" and self.top_k < 1:
             raise UsageError(f"--top-k {self.top_k} must be >= 1")
@@ -335,6 +336,7 @@ def run(cfg: PrecomputeConfig) -> dict:
         if not dist.is_main:
             return {"status": "done", "manifest": None, "seconds": time.perf_counter() - started}
         wall = time.perf_counter() - started
+        lock.check()  # taken over as stale while we worked: the new owner publishes, not us
         manifest = _publish(store, {"teacher_seconds": teacher_seconds, "wall_seconds": wall})
         return {"status": "done", "manifest": manifest, "seconds": wall, "resumed": len(committed)}
     finally:

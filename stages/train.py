@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline.data import load_dataset
 from pipeline.models import load_model, logits_of
-from pipeline.runtime import autocast, init_distributed, resolve_device, to_device
+from pipeline.runtime import autocast, init_distributed, resolve_device, sum_dtype, to_device
 from stages import losses
 from stages.evaluate import AgreementSet, dataset_batches, eval_sums, has_labels, reduce_sums
 from stages.hooks import POOLS, FeatureTap
@@ -42,13 +42,15 @@ from storage.errors import KdcacheError, UsageError
 from storage.fsio import open_location
 from storage.manifest import diff
 from storage.reader import CacheReader
-from storage.stream import CacheStream, LabelStream
+from storage.stream import CacheStream, LabelStream, check_data
 
 log = logging.getLogger("kdcache.train")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 KEEP_CHECKPOINTS = 2
 TOPK = ("topk_indices", "topk_logits", "logsumexp")
 # Execution settings: they change speed or logging, not what a finished run computed.
+# num_workers is here although each worker streams its own slice of the epoch (so the count
+# shapes the row order): resuming with another count still sees every row once per epoch.
 EXECUTION = {
     "quiet",
     "device",
@@ -98,7 +100,7 @@ class TrainConfig:
         """Checks that need neither the cache nor the student (those follow in `_setup`)."""
         if not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"--alpha {self.alpha} must be in [0, 1] (weight of the soft loss)")
-        if self.temperature is not None and not self.temperature > 0:
+        if self.temperature is not None and not (0 < self.temperature < math.inf):
             raise UsageError(f"--temperature {self.temperature} must be > 0")
         if self.beta < 0:
             raise UsageError(f"--beta {self.beta} must be >= 0 (weight of the feature loss)")
@@ -207,15 +209,36 @@ class Trainer:
             )
         return summary
 
+    def check(self) -> tuple[nn.Module, FeatureTap | None, int | None]:
+        """Every check `setup` makes (data, eval labels, student, its width and feature layer),
+        so that a list of students fails on a bad one before the first of them trains."""
+        cfg, r = self.cfg, self.reader
+        self.data = load_dataset(cfg.data, cfg.data_args)
+        self.eval_data = load_dataset(cfg.eval_data, cfg.eval_data_args) if cfg.eval_data else None
+        if self.eval_data is not None and self.task == "classification":
+            has_labels(self.eval_data)
+        if r and not cfg.ignore_fingerprint:  # (CacheStream warns about an ignored mismatch)
+            check_data(r, self.data)
+        torch.manual_seed(cfg.seed)
+        student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
+        tap = None
+        if cfg.beta > 0:
+            tap = FeatureTap(student, cfg.student_features, cfg.pool, "--student-features")
+            tap.__enter__()
+        width, sdim = _probe(student, self.data, tap, torch.device("cpu"))
+        if r and width != r.num_classes:
+            raise UsageError(
+                f"--student {cfg.student} outputs {width} values per sample but the cache has "
+                f"{r.num_classes} classes: pass --student-arg num_classes={r.num_classes} or so"
+            )
+        return student, tap, sdim
+
     def setup(self) -> None:
         cfg, r = self.cfg, self.reader
         if cfg.threads:
             # Small models on a busy CPU can run several times faster on one thread.
             torch.set_num_threads(cfg.threads)
-        self.data = load_dataset(cfg.data, cfg.data_args)
-        self.eval_data = load_dataset(cfg.eval_data, cfg.eval_data_args) if cfg.eval_data else None
-        if self.eval_data is not None and self.task == "classification":
-            has_labels(self.eval_data)
+        student, tap, sdim = self.check()
         rank, world = self.dist.rank, self.dist.world_size
         common = dict(seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
         if r:
@@ -225,22 +248,10 @@ class Trainer:
             )
         else:
             self.stream = LabelStream(self.data, cfg.batch_size, **common)
-        torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
         self.student = student.to(self.device)
         self.num_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        tap = None
-        if cfg.beta > 0:
-            tap = FeatureTap(student, cfg.student_features, cfg.pool, "--student-features")
-            tap.__enter__()
-        width, sdim = _probe(student, self.data, tap, self.device)
-        if r and width != r.num_classes:
-            raise UsageError(
-                f"--student {cfg.student} outputs {width} values per sample but the cache has "
-                f"{r.num_classes} classes: pass --student-arg num_classes={r.num_classes} or so"
-            )
         projector: nn.Module = nn.Identity()
         if tap is not None and sdim != r.features_info["dim"]:
             projector = nn.Linear(sdim, r.features_info["dim"])
@@ -296,7 +307,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         names = ("loss", "hard_loss", "soft_loss", "feature_loss")
-        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(names) + 1, dtype=sum_dtype(self.device), device=self.device)
         self.model.train()
         done = 0
         join = contextlib.nullcontext()
@@ -324,7 +335,7 @@ class Trainer:
                 done += 1
                 n = len(batch["sample_id"])
                 sums += torch.stack(
-                    [terms[k].detach().double() * n for k in names] + [sums.new_tensor(n)]
+                    [terms[k].detach().to(sums.dtype) * n for k in names] + [sums.new_tensor(n)]
                 )
                 if len(history) < 64:
                     history.append({k: float(terms[k].detach()) for k in names})

@@ -80,6 +80,28 @@ class Location:
         else:
             self.fs.pipe_file(target, data)
 
+    def create_bytes(self, data: bytes, *parts: str) -> None:
+        """Like `write_bytes`, but FileExistsError when `parts` exists: an exclusive create.
+
+        Locally a hard link of a finished temporary file (atomic, and refused when the target
+        exists); elsewhere fsspec's create mode, a conditional PUT (If-None-Match) on s3fs.
+        """
+        target = self.path(*parts)
+        if not self.is_local:
+            self.fs.pipe_file(target, data, mode="create")  # s3fs maps a 412 to FileExistsError
+            return
+        parent = target.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, target)
+        finally:
+            os.remove(tmp)
+
     def remove(self, *parts: str, recursive: bool = False) -> None:
         target = self.path(*parts)
         if self.fs.exists(target):

@@ -3,8 +3,13 @@
 The lock is `URL/_lock.json` holding owner host, pid, a random token and a heartbeat time. A lock
 is stale, and may be taken over, when its owner is on this host and its pid is gone, or when its
 heartbeat is older than `stale_after` seconds (default 600; the owner refreshes it at least every
-60 s while it works). Object stores have no exclusive create, so taking a lock is
-write-then-read-back: the last writer wins and the loser sees a foreign token and backs off.
+60 s while it works).
+
+Taking a free lock is an exclusive create (a hard link locally, a conditional PUT with
+If-None-Match on S3), so of two runs starting at once exactly one wins. Taking over a stale lock
+deletes it first and then creates; every take is read back, and a run that does not find its own
+token backs off. The heartbeat and the final publish re-read the lock: a run whose lock was taken
+over as stale stops before it writes the manifest.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class StoreLock:
         except (json.JSONDecodeError, FileNotFoundError):
             return None  # a torn or vanished lock file protects nothing
 
+    def _torn(self) -> bool:
+        return self._current() is None and self.loc.exists(LOCK_FILE)
+
     def is_stale(self, doc: dict) -> bool:
         if doc.get("host") == socket.gethostname() and not _pid_alive(int(doc.get("pid", -1))):
             return True
@@ -75,17 +83,33 @@ class StoreLock:
                 f"{self.loc.path(LOCK_FILE)} if you are sure it is dead "
                 f"(it goes stale by itself after {self.stale_after:.0f}s)"
             )
-        self.loc.write_bytes(dumps(self._doc()), LOCK_FILE)
-        mine = self._current()
-        if mine is None or mine.get("token") != self.token:
-            raise LockedError(f"{self.loc.url}: another run took the lock at the same moment")
+        if held is not None and held.get("token") != self.token or self._torn():
+            self.loc.remove(LOCK_FILE)  # stale or unreadable: take it over
+        try:
+            self.loc.create_bytes(dumps(self._doc()), LOCK_FILE)
+        except FileExistsError:
+            raise LockedError(
+                f"{self.loc.url}: another run took the lock at the same moment; retry later"
+            ) from None
+        self.check()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="kdcache-lock")
         self._thread.start()
+
+    def check(self) -> None:
+        """LockedError unless the lock file still holds this run's token."""
+        mine = self._current()
+        if mine is None or mine.get("token") != self.token:
+            owner = "nobody" if mine is None else f"pid {mine.get('pid')} on {mine.get('host')}"
+            raise LockedError(
+                f"{self.loc.url}: this run lost its lock (now held by {owner}); rerun the same "
+                "command once the other run is done"
+            )
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             # A missed heartbeat only risks the lock looking stale later; never kill the run.
             with contextlib.suppress(Exception):
+                self.check()
                 self.loc.write_bytes(dumps(self._doc()), LOCK_FILE)
 
     def release(self) -> None:

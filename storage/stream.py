@@ -240,7 +240,7 @@ class CacheStream(_Stream):
         if not self.shuffle:
             return list(range(n))
         epoch = self.epoch if epoch is None else epoch
-        return np.random.default_rng(self.seed + epoch).permutation(n).tolist()
+        return np.random.default_rng([self.seed, epoch]).permutation(n).tolist()
 
     def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
         """(shard, first, stop) row ranges, in epoch order, that cover global rows [lo, hi)."""

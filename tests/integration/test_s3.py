@@ -237,3 +237,19 @@ def test_stream_workers_fork_after_the_parent_opened_s3(s3_url, cli):
     feats = np.concatenate([b["features"].numpy() for b in batches])
     assert sorted(ids) == list(range(64))
     np.testing.assert_array_equal(feats, want[ids])
+
+
+def test_lock_is_an_exclusive_create_on_s3(s3_url, s3fs_fresh):
+    # S3 has no rename, but a conditional PUT (If-None-Match: *) gives the lock its one winner.
+    from storage.errors import LockedError
+    from storage.fsio import open_location
+    from storage.lock import StoreLock
+
+    loc = open_location(s3_url)
+    with StoreLock(loc) as first:
+        with pytest.raises(FileExistsError):
+            loc.create_bytes(b"{}", "_lock.json")
+        with pytest.raises(LockedError, match="locked by pid"):
+            StoreLock(open_location(s3_url)).acquire()
+        first.check()
+    assert not s3fs_fresh.exists(s3_url.removeprefix("s3://") + "/_lock.json")

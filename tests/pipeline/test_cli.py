@@ -357,6 +357,30 @@ def test_resume_after_kill_9_is_byte_identical(tmp_path, cli):
     assert not (out / "_lock.json").exists()
 
 
+def test_sigterm_releases_the_lock_and_the_rerun_resumes(tmp_path, cli):
+    """Schedulers stop jobs with SIGTERM: the run unwinds, frees its lock (a requeued job need
+    not wait for it to go stale), keeps its committed shards and exits 143."""
+    out = tmp_path / "store"
+    args = cli_args(out, "--teacher-arg", "sleep=0.15", n=96)
+    proc = subprocess.Popen(
+        kdcache_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 90
+    while not list((out / "_commits").glob("*.json")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "no commits appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM); rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert not (out / "_lock.json").exists() and not (out / "manifest.json").exists()
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    assert CacheReader(str(out)).verify() == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
 def test_read_only_folder_is_refused(tmp_path, cli):
     locked = tmp_path / "ro"

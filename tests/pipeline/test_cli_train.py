@@ -144,6 +144,16 @@ def test_several_students_from_one_toml(tmp_path, cli, cache):
     assert t2["out"] == str(tmp_path / "out" / "t2")
 
 
+def test_a_bad_later_student_fails_before_the_first_trains(tmp_path, cli, cache):
+    toml = tmp_path / "students.toml"
+    bad = '[[students]]\nname = "wide"\nstudent_args = {num_classes = 7}\n'
+    toml.write_text(STUDENTS.format(n=N, cache=cache) + bad)
+    res = cli("train", "--config", toml, "--out", tmp_path / "out", "--quiet")
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, "outputs 7 values", "num_classes=")
+    assert not (tmp_path / "out" / "t2").exists()  # nothing trained, nothing written
+
+
 def test_parallel_students_in_subprocesses(tmp_path, cache):
     toml = tmp_path / "students.toml"
     toml.write_text(STUDENTS.format(n=N, cache=cache))

@@ -110,3 +110,34 @@ def test_heartbeat_is_refreshed(loc, monkeypatch):
         while read_lock(loc)["heartbeat"] == first and time.time() < deadline:
             time.sleep(0.02)
         assert read_lock(loc)["heartbeat"] > first
+
+
+def test_free_lock_is_an_exclusive_create(loc):
+    # Two runs that both saw no lock: the second create must fail, not overwrite the first.
+    loc.create_bytes(b"first", LOCK_FILE)
+    with pytest.raises(FileExistsError):
+        loc.create_bytes(b"second", LOCK_FILE)
+    assert loc.read_bytes(LOCK_FILE) == b"first"
+
+
+def test_racing_acquire_backs_off_with_locked_error(loc, monkeypatch):
+    lock = StoreLock(loc)
+    # The other run creates its lock between our look and our create.
+    real_create = loc.create_bytes
+
+    def create_after_thief(data, *parts):
+        write_lock(loc, token="thief", pid=os.getpid())
+        real_create(data, *parts)
+
+    monkeypatch.setattr(loc, "create_bytes", create_after_thief)
+    with pytest.raises(LockedError, match="at the same moment"):
+        lock.acquire()
+    assert read_lock(loc)["token"] == "thief"
+
+
+def test_check_fails_once_the_lock_is_taken_over(loc):
+    with StoreLock(loc) as lock:
+        lock.check()
+        write_lock(loc, token="thief", pid=os.getpid())
+        with pytest.raises(LockedError, match="lost its lock"):
+            lock.check()
