@@ -1,6 +1,7 @@
 """The `kdcache` command: precompute, inspect, verify (stage one) and train, evaluate (stage two).
 
-Exit codes: 0 done or cache hit, 1 failure, 2 bad usage, 75 store locked by another run.
+Exit codes: 0 done or cache hit, 1 failure, 2 bad usage, 75 store locked by another run,
+130 / 143 stopped by SIGINT / SIGTERM (rerun to resume).
 """
 
 from __future__ import annotations
