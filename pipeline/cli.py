@@ -51,6 +51,11 @@ def main() -> None:
     "--pool", type=click.Choice(["avg", "token-mean", "cls", "flatten"]), help="Feature pooling."
 )
 @click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), help="Feature dtype.")
+@click.option(
+    "--feature-compression",
+    type=click.Choice(["none", "zstd"]),
+    help="Zarr codec for features (default none: ~2x faster reads, ~12% larger).",
+)
 @click.option("--batch-size", type=int, help="Teacher batch size (default 256).")
 @click.option("--shard-rows", type=int, help="Rows per shard (default 65536).")
 @click.option("--num-workers", type=int, help="DataLoader workers (default 0).")

@@ -113,6 +113,7 @@ class StoreWriter:
                 shape=(self.header["num_rows"], f["dim"]),
                 chunks=(self.header["shard_rows"], f["chunk_cols"]),
                 dtype=f["dtype"],
+                compressors="auto" if f.get("compression") == "zstd" else None,
                 fill_value=0,
                 # A chunk of zeros must still be a file, or its hash could not be checked.
                 config={"write_empty_chunks": True},

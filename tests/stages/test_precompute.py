@@ -94,6 +94,20 @@ def test_features_are_the_pooled_teacher_activations(tmp_path, mode):
     np.testing.assert_array_equal(r.read_features(10, 20), got[10:20])
 
 
+def test_feature_compression_is_a_zarr_codec_with_the_same_values(tmp_path):
+    import zarr
+
+    toy_precompute(tmp_path / "raw", features="body")
+    toy_precompute(tmp_path / "zstd", features="body", feature_compression="zstd")
+    raw, packed = (zarr.open_array(str(tmp_path / n / "features.zarr")) for n in ("raw", "zstd"))
+    assert raw.compressors == () and type(packed.compressors[0]).__name__ == "ZstdCodec"
+    np.testing.assert_array_equal(raw[:], packed[:])
+    fingerprints = {CacheReader(str(tmp_path / n)).fingerprint for n in ("raw", "zstd")}
+    assert len(fingerprints) == 2  # other bytes, another cache
+    with pytest.raises(UsageError, match="--feature-compression 'lz4'"):
+        toy_precompute(tmp_path / "bad", features="body", feature_compression="lz4")
+
+
 def test_float16_features(tmp_path):
     toy_precompute(tmp_path / "s", features="body.proj")
     _, _, x = teacher_outputs(N)
