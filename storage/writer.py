@@ -221,7 +221,7 @@ class ShardWriter:
         files = {key: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
         keys = []
         if store.features:
-            feats = np.concatenate(self._features).astype(store.features["dtype"])
+            feats = np.concatenate(self._features).astype(store.features["dtype"], copy=False)
             store.array[self.first_row : self.first_row + rows] = feats
             keys += feature_chunk_keys(
                 self.index, store.features["dim"], store.features["chunk_cols"]
