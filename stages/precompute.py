@@ -222,17 +222,24 @@ class _WriterThread(threading.Thread):
             raise self.error
 
     def abort(self) -> None:
-        """The main thread failed: leave the open shard uncommitted and end the thread."""
+        """The main thread failed: commit the shards already queued whole, leave the open one
+        uncommitted, and end the thread."""
         self.stop.set()
         self.join(timeout=60)
 
     def _get(self):
-        while not self.stop.is_set():
+        # After an abort, what was queued before it still counts: a shard whose last batch and
+        # commit signal are queued gets committed (less to redo); the open one never is.
+        while True:
+            if self.stop.is_set():
+                try:
+                    return self.q.get_nowait()
+                except queue.Empty:
+                    raise _Aborted from None
             try:
                 return self.q.get(timeout=0.2)
             except queue.Empty:
                 continue
-        raise _Aborted
 
     def run(self) -> None:
         # Protocol: a shard index, its batches, None (commit); a None in place of an index stops.

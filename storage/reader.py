@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterator
 
@@ -42,6 +43,7 @@ class CacheReader:
         self.fingerprint: str = m["fingerprint"]
         self.data_fingerprint: str = m["data"]["fingerprint"]
         self._array = None
+        self._raw: bool | None = None
 
     def __len__(self) -> int:
         return self.num_rows
@@ -78,7 +80,47 @@ class CacheReader:
     def read_features(self, start: int, stop: int) -> np.ndarray:
         if not self.has_features:
             raise FormatError(f"{self.url} stores no features (precompute ran without --features)")
+        rows = int(self.manifest["shard_rows"])
+        shard = start // rows
+        if stop > start and (stop - 1) // rows == shard and self._raw_layout():
+            return self._read_rows(shard, start - shard * rows, stop - shard * rows)
         return self.features[start:stop]
+
+    def _raw_layout(self) -> bool:
+        """True for the default feature layout: one uncompressed chunk per shard, all columns.
+
+        Rows are then contiguous little-endian values in the chunk file `c/I/0` (Zarr v3's
+        `bytes` codec, C order), read with one ranged read into the result instead of through
+        zarr's codec pipeline, which costs about twice the time of the read itself.
+        """
+        if self._raw is None:
+            f = self.features_info
+            meta = json.loads(self.loc.read_bytes(FEATURES, "zarr.json"))
+            self._raw = (
+                meta.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
+                and meta["chunk_grid"]["configuration"]["chunk_shape"]
+                == [self.manifest["shard_rows"], f["dim"]]
+                and meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator")
+                == "/"
+                and meta["data_type"] == f["dtype"]
+                and not meta.get("storage_transformers")
+            )
+        return self._raw
+
+    def _read_rows(self, shard: int, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of one shard's raw feature chunk."""
+        f = self.features_info
+        out = np.empty((b - a, f["dim"]), dtype=np.dtype(f["dtype"]).newbyteorder("<"))
+        view = memoryview(out).cast("B")
+        key = self.loc.path(FEATURES, "c", str(self.shards[shard]["index"]), "0")
+        with self.loc.fs.open(key, "rb") as fh:
+            fh.seek(a * f["dim"] * out.itemsize)
+            got = 0
+            while got < len(view) and (n := fh.readinto(view[got:])):
+                got += n
+        if got != len(view):
+            raise IntegrityError(f"{key}: feature chunk is short ({got} of {len(view)} bytes read)")
+        return out.astype(out.dtype.newbyteorder("="), copy=False)
 
     def shard_features(self, index: int) -> np.ndarray:
         s = self.shards[index]

@@ -85,6 +85,27 @@ def test_reader_api(store):
     assert r.shard_table(2).schema.equals(r.schema())
 
 
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_read_features_equals_zarr_for_every_range(tmp_path, compression, memory_url):
+    # 50 rows in shards of 16: the last shard is short, its chunk padded to 16 rows by zarr.
+    for url in (str(tmp_path / "s"), memory_url):
+        toy_precompute(url, features="body", feature_compression=compression)
+        r = CacheReader(url)
+        assert r._raw_layout() == (compression == "none")  # the direct read is taken, or not
+        want = r.features[:]
+        for start, stop in [(0, 16), (3, 9), (16, 32), (48, 50), (32, 50), (10, 40), (7, 7)]:
+            got = r.read_features(start, stop)
+            assert got.dtype == want.dtype and got.flags.writeable
+            np.testing.assert_array_equal(got, want[start:stop])
+
+
+def test_short_raw_feature_chunk_is_an_integrity_error(copy):
+    chunk = copy / "features.zarr" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(IntegrityError, match="c/1/0: feature chunk is short"):
+        CacheReader(str(copy)).shard_features(1)
+
+
 def test_read_features_without_features_is_refused(tmp_path):
     toy_precompute(tmp_path / "s", data_args={"n": 10})
     with pytest.raises(FormatError, match="stores no features"):
