@@ -25,7 +25,7 @@ TARGETS = [
     "students",
     "report",
     "test",
-    "test-all",
+    "test-quick",
     "lint",
     "bench",
     "cron",
