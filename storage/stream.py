@@ -265,7 +265,11 @@ class CacheStream(_Stream):
         return cols
 
     def _to_torch(self, cols: dict) -> dict[str, torch.Tensor]:
-        batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cols.items()}
+        # Unshuffled batches can be views of Arrow's read-only buffers: torch needs its own copy.
+        batch = {
+            k: torch.from_numpy(np.ascontiguousarray(v) if v.flags.writeable else v.copy())
+            for k, v in cols.items()
+        }
         if self.data is not None:
             batch["input"], _ = get_batch(self.data, cols["sample_id"])
         return batch

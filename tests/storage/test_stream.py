@@ -93,6 +93,15 @@ def test_same_seed_same_order_other_epoch_or_seed_differs(store):
     np.testing.assert_array_equal(np.concatenate([b["sample_id"] for b in s]), np.arange(N))
 
 
+def test_unshuffled_batches_are_writable_tensors_not_arrow_views(store):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a read-only numpy array
+        for b in CacheStream(store, batch_size=8, shuffle=False, buffer_size=0):
+            b["topk_logits"].mul_(2)  # in place: must not touch the reader's Arrow buffers
+
+
 def test_batches_join_inputs_and_carry_stored_columns(store):
     reader = CacheReader(store)
     stored = [reader.read_shard(i) for i in range(len(reader.shards))]
