@@ -1,12 +1,12 @@
 """Streaming a store into torch: a seeded, exactly-once, bounded-memory IterableDataset.
 
-Each epoch the shards are put in a seeded order (``seed + epoch``) and their rows, concatenated in
+Each epoch the shards are put in a seeded order (``(seed, epoch)``) and their rows, concatenated in
 that order, are cut into contiguous spans, one per (rank, DataLoader worker) slot, whose lengths
 differ by at most one row. A slot reads only the shards its span overlaps, whole (one Parquet GET
 and one Zarr slice each), in a prefetch thread that stays ``prefetch`` shards ahead so object-store
 latency hides behind training. Rows then pass through a shuffle buffer that is mixed with numpy
-permutations per incoming shard, never per sample; memory is the buffer plus the prefetched
-shards, whatever the size of the store. Inputs are joined from ``data`` by ``sample_id`` one batch
+permutations per incoming shard, never per sample, in two reused pools; memory is the buffer plus
+the prefetched shards, whatever the size of the store. Inputs are joined from ``data`` by ``sample_id`` one batch
 at a time with the vectorised ``pipeline.data.get_batch``.
 
 Batches hold at most ``batch_size`` rows. Every slot cuts its span into the same number of
@@ -109,31 +109,68 @@ def _concat(a: dict | None, b: dict) -> dict:
 def shuffle_buffer(pieces, sizes: list[int], buffer_size: int, rng, shuffle: bool):
     """Batches of the given sizes (dicts of numpy columns) from pieces, through a bounded buffer.
 
-    Every incoming piece is concatenated to the buffer and, when a batch is due, the whole lot is
-    permuted at once; batches are cut from the front until about `buffer_size` rows remain to
-    mix with the next piece. The sizes must add up to the rows the pieces hold.
+    Shuffled: every incoming piece is appended to the buffer and, when a batch is due, the whole
+    lot is permuted at once; batches are cut from the front until about `buffer_size` rows
+    remain to mix with the next piece. The buffer and its permuted copy are two pools allocated
+    once and reused, and each batch is copied out of them: a fresh buffer-sized array per piece
+    cost more in page faults than all the copies. Unshuffled: rows in order. The sizes must add
+    up to the rows the pieces hold.
     """
+    if not shuffle:
+        yield from _in_order(pieces, sizes)
+        return
+    pool = mixed = None
+    m = i = 0
+    for piece in pieces:
+        p = len(piece["sample_id"])
+        if pool is None or m + p > len(pool["sample_id"]):
+            rows = max(m + p, buffer_size + max(sizes, default=0) + p)
+            pool, mixed = _grow(pool, m, piece, rows), _grow(None, 0, piece, rows)
+        for k, v in piece.items():
+            pool[k][m : m + p] = v
+        m += p
+        if i == len(sizes) or m < buffer_size + sizes[i]:
+            continue
+        _permute(pool, mixed, m, rng)
+        a = 0
+        while i < len(sizes) and m - a - sizes[i] >= buffer_size:
+            yield {k: v[a : a + sizes[i]].copy() for k, v in mixed.items()}
+            a, i = a + sizes[i], i + 1
+        for k, v in mixed.items():
+            pool[k][: m - a] = v[a:m]
+        m -= a
+    if not m:
+        return
+    _permute(pool, mixed, m, rng)
+    a = 0
+    for size in sizes[i:]:
+        yield {k: v[a : a + size].copy() for k, v in mixed.items()}
+        a += size
+
+
+def _grow(pool: dict | None, m: int, like: dict, rows: int) -> dict:
+    new = {k: np.empty((rows, *v.shape[1:]), dtype=v.dtype) for k, v in like.items()}
+    for k, v in (pool or {}).items():
+        new[k][:m] = v[:m]
+    return new
+
+
+def _permute(pool: dict, out: dict, m: int, rng) -> None:
+    perm = rng.permutation(m)
+    for k, v in pool.items():
+        # mode="clip": with the default "raise" numpy buffers `out`, a hidden allocation.
+        np.take(v[:m], perm, axis=0, out=out[k][:m], mode="clip")
+
+
+def _in_order(pieces, sizes: list[int]):
     buf, i = None, 0
     for piece in pieces:
         buf = _concat(buf, piece)
-        n = len(buf["sample_id"])
-        if i == len(sizes) or n < buffer_size + sizes[i]:
-            continue
-        if shuffle:
-            buf = _take(buf, rng.permutation(n))
-        a = 0
-        while i < len(sizes) and n - a - sizes[i] >= buffer_size:
+        a, n = 0, len(buf["sample_id"])
+        while i < len(sizes) and n - a >= sizes[i]:
             yield _take(buf, slice(a, a + sizes[i]))
             a, i = a + sizes[i], i + 1
         buf = _take(buf, slice(a, n))
-    if buf is None or not len(buf["sample_id"]):
-        return
-    if shuffle:
-        buf = _take(buf, rng.permutation(len(buf["sample_id"])))
-    a = 0
-    for size in sizes[i:]:
-        yield _take(buf, slice(a, a + size))
-        a += size
 
 
 class _Stream(torch.utils.data.IterableDataset):
