@@ -51,13 +51,28 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir).expanduser()
 
 
-def _generation_args(seed: int, num_samples: int, train_split: float) -> dict:
-    from mnist1d.data import get_dataset_args
+# MNIST-1D's standard generation settings (`mnist1d.data.get_dataset_args()`, without the URL of
+# its download path, which we never take), written out so that finding a cached split needs no
+# import of `mnist1d`: it pulls in scipy and matplotlib, 2.5 s that a cache hit should not pay.
+# tests/pipeline/test_examples.py checks that they still equal the package's defaults.
+STANDARD_ARGS = {
+    "num_samples": 5000,
+    "train_split": 0.8,
+    "template_len": 12,
+    "padding": [36, 60],
+    "scale_coeff": 0.4,
+    "max_translation": 48,
+    "corr_noise_scale": 0.25,
+    "iid_noise_scale": 0.02,
+    "shear_scale": 0.75,
+    "shuffle_seq": False,
+    "final_seq_length": 40,
+    "seed": 42,
+}
 
-    args = get_dataset_args(as_dict=True)
-    # The URL only matters for the download path, which we never take; keeping it out of the
-    # key means a package update that moves the file does not invalidate local caches.
-    args.pop("url", None)
+
+def _generation_args(seed: int, num_samples: int, train_split: float) -> dict:
+    args = json.loads(json.dumps(STANDARD_ARGS))  # a deep copy
     args.update(seed=int(seed), num_samples=int(num_samples), train_split=float(train_split))
     return args
 

@@ -226,3 +226,13 @@ def test_documented_accuracies(splits):
     assert _fit(TeacherCNN(), splits["train"], splits["test"], 30, 3e-3) >= 0.94
     torch.manual_seed(0)
     assert 0.55 <= _fit(StudentMLP(), splits["train"], splits["test"], 100, 1e-2) <= 0.72
+
+
+def test_standard_args_are_the_packages_defaults():
+    from mnist1d.data import get_dataset_args
+
+    from pipeline.examples.mnist1d import STANDARD_ARGS
+
+    defaults = get_dataset_args(as_dict=True)
+    defaults.pop("url", None)
+    assert defaults == STANDARD_ARGS
