@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import Report, environment, interleaved, median, parse_args, ratio
+from bench.common import Report, interleaved, median, parse_args, ratio
 from pipeline.examples.mnist1d import MNIST1D
 from pipeline.examples.models import TeacherCNN
 from stages.precompute import PrecomputeConfig
@@ -136,11 +136,7 @@ def main(argv: list[str] | None = None) -> Report:
         "CPU-s ratio: process CPU seconds (all threads) of precompute over the bare loop, best of "
         "each; the extra work precompute does, little disturbed by other load on the machine"
     )
-    report.note(f"environment: {environment()}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    report.emit(args.json)
-    return report
+    return report.finish(args, work)
 
 
 if __name__ == "__main__":

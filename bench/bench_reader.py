@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import Report, environment, interleaved, median, parse_args, ratio
+from bench.common import Report, interleaved, median, parse_args, ratio
 from storage.fsio import open_location
 from storage.manifest import FORMAT
 from storage.reader import CacheReader
@@ -257,11 +257,7 @@ def main(argv: list[str] | None = None) -> Report:
         "ratios compare each reader's fastest epoch (the machine may be shared; medians shown); "
         "samples per CPU-s counts every thread of the process (prefetch, zarr, arrow)"
     )
-    report.note(f"environment: {environment()}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    report.emit(args.json)
-    return report
+    return report.finish(args, work)
 
 
 if __name__ == "__main__":

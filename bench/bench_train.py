@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import Report, environment, median, parse_args, ratio
+from bench.common import Report, median, parse_args, ratio
 from pipeline.examples.mnist1d import TRAIN_SEED, TRANSFER_SEED, default_cache_dir, load_or_generate
 from pipeline.examples.models import StudentMLP, TeacherCNN
 from stages import losses
@@ -242,11 +242,7 @@ def main(argv: list[str] | None = None) -> Report:
         f"cache made once by precompute in {pre_seconds:.1f} s (TeacherCNN, random weights, "
         "top-k 8 + 128-d features), not counted in the epochs"
     )
-    report.note(f"environment: {environment()}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    report.emit(args.json)
-    return report
+    return report.finish(args, work)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -140,6 +141,14 @@ class Report:
             "targets": self.targets,
             "notes": self.notes,
         }
+
+    def finish(self, args, work: Path) -> Report:
+        """The environment note, `work` deleted unless the caller chose it, then `emit`."""
+        self.note(f"environment: {environment()}")
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        self.emit(args.json)
+        return self
 
     def emit(self, json_path: str | None) -> None:
         if (warning := busy_note()) is not None:
