@@ -68,15 +68,8 @@ class Location:
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Publish `data` under `parts` so that readers see all of it or nothing."""
         target = self.path(*parts)
-        parent = target.rsplit("/", 1)[0]
         if self.is_local:
-            self.fs.makedirs(parent, exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            os.replace(self._durable_temporary(data, target), target)
         else:
             self.fs.pipe_file(target, data)
 
@@ -90,17 +83,21 @@ class Location:
         if not self.is_local:
             self.fs.pipe_file(target, data, mode="create")  # s3fs maps a 412 to FileExistsError
             return
-        parent = target.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
+        tmp = self._durable_temporary(data, target)
+        try:
+            os.link(tmp, target)
+        finally:
+            os.remove(tmp)
+
+    def _durable_temporary(self, data: bytes, target: str) -> str:
+        """`data` fsynced into a unique sibling of `target` (local folders only); its path."""
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(tmp, target)
-        finally:
-            os.remove(tmp)
+        return tmp
 
     def remove(self, *parts: str, recursive: bool = False) -> None:
         target = self.path(*parts)
