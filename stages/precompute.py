@@ -83,7 +83,9 @@ class PrecomputeConfig:
         if self.task == "regression":
             self.temperature = 1.0  # raw outputs are stored; there is nothing to temper
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise UsageError(f"--temperature {self.temperature} must be > 0 (soft labels use z/T)")
+            raise UsageError(
+                f"--temperature {self.temperature} must be > 0 and finite (soft labels use z/T)"
+            )
         if self.codec == "topk" and self.top_k < 1:
             raise UsageError(f"--top-k {self.top_k} must be >= 1")
         if self.feature_compression not in ("none", "zstd"):

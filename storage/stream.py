@@ -6,8 +6,8 @@ differ by at most one row. A slot reads only the shards its span overlaps, whole
 and one Zarr slice each), in a prefetch thread that stays ``prefetch`` shards ahead so object-store
 latency hides behind training. Rows then pass through a shuffle buffer that is mixed with numpy
 permutations per incoming shard, never per sample, in two reused pools; memory is the buffer plus
-the prefetched shards, whatever the size of the store. Inputs are joined from ``data`` by ``sample_id`` one batch
-at a time with the vectorised ``pipeline.data.get_batch``.
+the prefetched shards, whatever the size of the store. Inputs are joined from ``data`` by
+``sample_id`` one batch at a time with the vectorised ``pipeline.data.get_batch``.
 
 Batches hold at most ``batch_size`` rows. Every slot cuts its span into the same number of
 batches (that of the largest slot) of near-equal size, so all ranks take the same number of steps

@@ -195,6 +195,7 @@ def test_regression_refuses_topk(tmp_path):
 BAD = [
     ({"temperature": 0.0}, "--temperature 0.0"),
     ({"temperature": -1.0}, "--temperature -1.0"),
+    ({"temperature": float("inf")}, "--temperature inf must be > 0 and finite"),
     ({"top_k": 0}, "--top-k 0"),
     ({"top_k": 11}, "--top-k 11 exceeds the teacher's 10 classes"),
     ({"pool": "max"}, "--pool 'max'"),
