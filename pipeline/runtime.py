@@ -41,13 +41,6 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def all_gather(self, obj) -> list:
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
 
 def init_distributed(device_type: str = "cpu") -> Dist:
     """Join the process group torchrun describes in the environment; a no-op when run alone."""

@@ -13,7 +13,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -423,7 +423,3 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
         raise
     writer.raise_if_failed()
     return busy
-
-
-def config_dict(cfg: PrecomputeConfig) -> dict:
-    return asdict(cfg)
