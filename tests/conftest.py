@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -99,6 +100,17 @@ def cli():
 
 def kdcache_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "from pipeline.cli import main; main()", *map(str, args)]
+
+
+def wait_for(done, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    """Poll `done()` until it holds, failing if `proc` ends first or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while not done():
+        if proc.poll() is not None:
+            err = proc.communicate()[1] if proc.stderr else b""
+            pytest.fail(f"the process ended before {what}: {(err or b'').decode()[-3000:]}")
+        assert time.time() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.01)
 
 
 @pytest.fixture

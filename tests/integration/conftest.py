@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import DATA, REPO, TEACHER
 
 BUCKET = "kdcache-test"
 AWS_ENV = {
@@ -134,3 +134,12 @@ def torchrun(nproc: int, *args: str) -> list[str]:
         kdcache,
         *map(str, args),
     ]
+
+
+def toy_train_args(cache, out, n: int, *extra: str) -> list[str]:
+    """`kdcache train` of the toy student (the toy teacher's class, another seed) on n rows."""
+    return [
+        "train", "--cache", str(cache), "--student", TEACHER, "--student-arg", "seed=5",
+        "--data", DATA, "--data-arg", f"n={n}", "--eval-data", DATA, "--eval-data-arg", f"n={n}",
+        "--device", "cpu", "--out", str(out), *extra,
+    ]  # fmt: skip

@@ -15,8 +15,8 @@ import torch
 
 from storage.errors import FormatError
 from storage.reader import CacheReader
-from tests.conftest import DATA, REPO, TEACHER, cli_args, kdcache_cmd, teacher_outputs
-from tests.integration.conftest import s3_objects, subprocess_env
+from tests.conftest import DATA, REPO, TEACHER, cli_args, kdcache_cmd, teacher_outputs, wait_for
+from tests.integration.conftest import s3_objects, subprocess_env, toy_train_args
 from tests.toy_models import FORBID_ENV, ToyNet
 
 pytestmark = pytest.mark.s3
@@ -77,11 +77,7 @@ def test_resume_after_kill_9_is_byte_identical(s3_url, cli, s3fs_fresh, tmp_path
     proc = subprocess.Popen(
         kdcache_cmd(*args), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL
     )
-    deadline = time.time() + 90
-    while committed() < 2:
-        assert proc.poll() is None, "precompute ended before it could be killed"
-        assert time.time() < deadline, "no commits appeared"
-        time.sleep(0.02)
+    wait_for(lambda: committed() >= 2, proc, 90, "two commits")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
@@ -167,40 +163,10 @@ def test_short_training_from_an_s3_cache_into_s3(s3_url, cli, s3fs_fresh, worker
     With DataLoader workers, each forked worker must open its own S3 client."""
     cache, out = s3_url + "/cache", s3_url + "/student"
     assert cli(*cli_args(cache, "--features", "body", n=64)).exit_code == 0
-    train = [
-        "train",
-        "--cache",
-        cache,
-        "--student",
-        TEACHER,
-        "--student-arg",
-        "seed=5",
-        "--data",
-        DATA,
-        "--data-arg",
-        "n=64",
-        "--eval-data",
-        DATA,
-        "--eval-data-arg",
-        "n=64",
-        "--beta",
-        "1",
-        "--student-features",
-        "body",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--prefetch",
-        "1",
-        "--num-workers",
-        str(workers),
-        "--device",
-        "cpu",
-        "--quiet",
-        "--out",
-        out,
-    ]
+    train = toy_train_args(
+        cache, out, 64, "--beta", "1", "--student-features", "body", "--epochs", "1",
+        "--batch-size", "16", "--prefetch", "1", "--num-workers", str(workers), "--quiet",
+    )  # fmt: skip
     res = cli(*train, "--log-json")
     assert res.exit_code == 0, res.stderr
     [report] = [json.loads(line) for line in res.stdout.splitlines()]

@@ -11,13 +11,26 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from storage.reader import CacheReader
-from tests.conftest import DATA, REPO, TEACHER, files_under, kdcache_cmd, toy_precompute
-from tests.integration.conftest import run_proc, s3_objects, subprocess_env, torchrun
+from tests.conftest import (
+    DATA,
+    REPO,
+    TEACHER,
+    files_under,
+    kdcache_cmd,
+    toy_precompute,
+    wait_for,
+)
+from tests.integration.conftest import (
+    run_proc,
+    s3_objects,
+    subprocess_env,
+    torchrun,
+    toy_train_args,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -196,30 +209,7 @@ def test_two_ranks_into_s3_match_a_local_single_process_run(s3_url, s3fs_fresh, 
 
 
 def train_args(cache, out, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--cache",
-        str(cache),
-        "--student",
-        TEACHER,
-        "--student-arg",
-        "seed=5",
-        "--data",
-        DATA,
-        "--data-arg",
-        f"n={N}",
-        "--eval-data",
-        DATA,
-        "--eval-data-arg",
-        f"n={N}",
-        "--batch-size",
-        "10",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return toy_train_args(cache, out, N, "--batch-size", "10", *extra)
 
 
 def test_ddp_training_writes_on_rank_0_only_and_resumes_after_sigterm(tmp_path):
@@ -234,11 +224,7 @@ def test_ddp_training_writes_on_rank_0_only_and_resumes_after_sigterm(tmp_path):
     proc = subprocess.Popen(
         torchrun(2, *args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.time() + 120
-    while not (out / "checkpoint-1.pt").exists():
-        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
+    wait_for((out / "checkpoint-1.pt").exists, proc, 120, "checkpoint-1.pt")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err.decode()[-3000:]
@@ -341,11 +327,7 @@ def test_ddp_student_on_mnist1d_matches_one_process_and_resumes_exactly(tmp_path
 
     args = torchrun(2, *mnist_train_args(cache, resumed, "--batch-size", "64"))
     proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (resumed / "checkpoint-5.pt").exists():
-        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
+    wait_for((resumed / "checkpoint-5.pt").exists, proc, 300, "checkpoint-5.pt")
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and not (resumed / "summary.json").exists()

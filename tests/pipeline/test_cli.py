@@ -20,6 +20,7 @@ from tests.conftest import (
     cli_args,
     files_under,
     kdcache_cmd,
+    wait_for,
 )
 from tests.toy_models import FORBID_ENV
 
@@ -324,11 +325,7 @@ def test_resume_after_kill_9_is_byte_identical(tmp_path, cli):
     proc = subprocess.Popen(
         kdcache_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.time() + 90
-    while len(list((out / "_commits").glob("*.json"))) < 2:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "no commits appeared"
-        time.sleep(0.01)
+    wait_for(lambda: len(list((out / "_commits").glob("*.json"))) >= 2, proc, 90, "two commits")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
@@ -365,11 +362,7 @@ def test_sigterm_releases_the_lock_and_the_rerun_resumes(tmp_path, cli):
     proc = subprocess.Popen(
         kdcache_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.time() + 90
-    while not list((out / "_commits").glob("*.json")):
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "no commits appeared"
-        time.sleep(0.01)
+    wait_for(lambda: list((out / "_commits").glob("*.json")), proc, 90, "a commit")
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=60)[1].decode()
     assert proc.returncode == 143, stderr
