@@ -42,8 +42,8 @@ BENCH_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdcache-setup
 TEACHER_DIR := $(RUNS)/teacher
-MNIST1D := pipeline.examples.mnist1d:MNIST1D
-DATA_PY := from pipeline.examples.mnist1d import MNIST1D; [print(MNIST1D(split=s)) for s in ("train+transfer", "test")]
+MNIST1D := kdcache.pipeline.examples.mnist1d:MNIST1D
+DATA_PY := from kdcache.pipeline.examples.mnist1d import MNIST1D; [print(MNIST1D(split=s)) for s in ("train+transfer", "test")]
 # Job commands see the data cache dir (MNIST-1D is generated once into it) and the thread count.
 KDCACHE := KDCACHE_DATA_DIR=$(DATA_DIR) $(if $(THREADS),OMP_NUM_THREADS=$(THREADS)) $(VENV)/bin/kdcache
 
@@ -84,7 +84,7 @@ $(TEACHER_DIR)/model.pt: | $(STAMP)
 	$(KDCACHE) train --config $(TEACHER_CONFIG) --out $(TEACHER_DIR) --device $(DEVICE) $(TRAIN_ARGS)
 
 precompute: teacher ## Stage one: the teacher once over train+transfer into CACHE (a rerun is a cache hit)
-	$(KDCACHE) precompute --teacher pipeline.examples.models:TeacherCNN \
+	$(KDCACHE) precompute --teacher kdcache.pipeline.examples.models:TeacherCNN \
 		--checkpoint $(TEACHER_DIR)/model.pt --data $(MNIST1D) --data-arg split=train+transfer \
 		--out $(CACHE) --codec topk --top-k $(TOPK) --temperature $(TEMPERATURE) \
 		--features features --shard-rows 4096 --device $(DEVICE) $(PRECOMPUTE_ARGS)

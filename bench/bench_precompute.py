@@ -1,4 +1,4 @@
-"""Stage one overhead: `stages.precompute.run` wall time over a bare `teacher(x)` loop.
+"""Stage one overhead: `kdcache.stages.precompute.run` wall time over a bare `teacher(x)` loop.
 
 Both run in this process with the same torch thread count over the same batches of the MNIST-1D
 transfer split: the bare loop fetches each batch with the data set's vectorised `get_batch` and
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from bench.common import Report, interleaved, median, parse_args, ratio
-from pipeline.examples.mnist1d import MNIST1D
-from pipeline.examples.models import TeacherCNN
-from stages.precompute import PrecomputeConfig
-from stages.precompute import run as precompute
+from kdcache.pipeline.examples.mnist1d import MNIST1D
+from kdcache.pipeline.examples.models import TeacherCNN
+from kdcache.stages.precompute import PrecomputeConfig
+from kdcache.stages.precompute import run as precompute
 
-TEACHER = "pipeline.examples.models:TeacherCNN"
-DATA = "pipeline.examples.mnist1d:MNIST1D"
+TEACHER = "kdcache.pipeline.examples.models:TeacherCNN"
+DATA = "kdcache.pipeline.examples.mnist1d:MNIST1D"
 BATCH, SHARD_ROWS = 256, 65536
 # rows, then (teacher channels, torch threads or None for torch's default) per configuration.
 SIZES = {

@@ -2,9 +2,9 @@
 
 Payload per row: top-k soft labels (k=8 float16 logits, int32 indices, float32 logsumexp), the
 int64 sample id and label, and 256-d float16 features; the store is written with
-`storage.writer.StoreWriter` from synthetic numpy (its bytes, not its values, are what is timed).
+`kdcache.storage.writer.StoreWriter` from synthetic numpy (its bytes, not its values, are what is timed).
 
-- ours: `storage.stream.CacheStream` (seeded shard order + shuffle buffer, prefetch thread) through
+- ours: `kdcache.storage.stream.CacheStream` (seeded shard order + shuffle buffer, prefetch thread) through
   `DataLoader(stream, batch_size=None, num_workers=0)`; every batch a dict of torch tensors.
 - memmap: one `.npy` per field opened with `np.load(mmap_mode="r")`, batches copied out
   (`np.array(mm[a:b])`) contiguously, shard by shard in the same seeded shard order as ours but
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from bench.common import Report, interleaved, median, parse_args, ratio
-from storage.fsio import open_location
-from storage.manifest import FORMAT
-from storage.reader import CacheReader
-from storage.stream import CacheStream
-from storage.writer import StoreWriter
+from kdcache.storage.fsio import open_location
+from kdcache.storage.manifest import FORMAT
+from kdcache.storage.reader import CacheReader
+from kdcache.storage.stream import CacheStream
+from kdcache.storage.writer import StoreWriter
 
 SIZES = {"full": (200_000, 65536), "quick": (20_000, 8192), "tiny": (3_000, 1024)}
 BATCH, K, CLASSES, DIM, SEED = 256, 8, 100, 256, 0

@@ -3,7 +3,7 @@
 The same synthetic store (top-k k=8 soft labels + 256-d float16 features, written with the
 stage-one writer, see `bench.bench_reader`) is written twice: to a local folder and to
 `s3://kdcache-bench/store` on a moto S3 server this script starts on 127.0.0.1 (`moto[server]`,
-a separate process). `storage.stream.CacheStream` then reads one epoch of each through
+a separate process). `kdcache.storage.stream.CacheStream` then reads one epoch of each through
 `DataLoader(batch_size=None, num_workers=0)`, interleaved, for every prefetch depth, in two
 settings:
 
@@ -42,7 +42,7 @@ from torch import nn  # noqa: E402
 
 from bench.bench_reader import BATCH, CLASSES, DIM, synthetic_columns, write_store  # noqa: E402
 from bench.common import Report, environment, interleaved, median, parse_args, ratio  # noqa: E402
-from storage.stream import CacheStream  # noqa: E402
+from kdcache.storage.stream import CacheStream  # noqa: E402
 
 SIZES = {"full": (100_000, 16384), "quick": (20_000, 4096), "tiny": (3_000, 1024)}
 BUCKET = "kdcache-bench"

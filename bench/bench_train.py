@@ -6,9 +6,9 @@ kept on every row (`LabeledMNIST1D` below), so the hard-label run steps over exa
 as the cached one and the comparison is per equal epoch; the cached run's loss also has its hard
 term on every row.
 
-- cache: `stages.train.run` with `--cache` (top-k k=8 soft labels, alpha 0.9, beta 0); also shown,
+- cache: `kdcache.stages.train.run` with `--cache` (top-k k=8 soft labels, alpha 0.9, beta 0); also shown,
   not targeted, with beta 0.5 on the stored teacher features through a learned projector.
-- hard labels: `stages.train.run` without `--cache` (cross-entropy only).
+- hard labels: `kdcache.stages.train.run` without `--cache` (cross-entropy only).
 - teacher online: the loop written out below with a `TeacherCNN` forward (no_grad) every step and
   the same loss as the cached run, top-k k=8 of the live logits through `losses.soft_loss_topk`.
 
@@ -31,18 +31,23 @@ import numpy as np
 import torch
 
 from bench.common import Report, median, parse_args, ratio
-from pipeline.examples.mnist1d import TRAIN_SEED, TRANSFER_SEED, default_cache_dir, load_or_generate
-from pipeline.examples.models import StudentMLP, TeacherCNN
-from stages import losses
-from stages.precompute import PrecomputeConfig
-from stages.precompute import run as precompute
-from stages.train import TrainConfig, schedule
-from stages.train import run as train
-from storage.stream import CacheStream, LabelStream
+from kdcache.pipeline.examples.mnist1d import (
+    TRAIN_SEED,
+    TRANSFER_SEED,
+    default_cache_dir,
+    load_or_generate,
+)
+from kdcache.pipeline.examples.models import StudentMLP, TeacherCNN
+from kdcache.stages import losses
+from kdcache.stages.precompute import PrecomputeConfig
+from kdcache.stages.precompute import run as precompute
+from kdcache.stages.train import TrainConfig, schedule
+from kdcache.stages.train import run as train
+from kdcache.storage.stream import CacheStream, LabelStream
 
 DATA = "bench.bench_train:LabeledMNIST1D"
-STUDENT = "pipeline.examples.models:StudentMLP"
-TEACHER = "pipeline.examples.models:TeacherCNN"
+STUDENT = "kdcache.pipeline.examples.models:StudentMLP"
+TEACHER = "kdcache.pipeline.examples.models:TeacherCNN"
 # (transfer rows, epochs per run, repetitions) per mode.
 SIZES = {"full": (30000, 5, 2), "quick": (4000, 2, 1), "tiny": (600, 1, 1)}
 BATCH, LR, WD, WARMUP, ALPHA, T, K = 256, 1e-3, 0.01, 0.05, 0.9, 4.0, 8

@@ -11,7 +11,7 @@ import logging
 
 import click
 
-from pipeline.cli_common import (
+from kdcache.pipeline.cli_common import (
     build_config,
     common_options,
     emit,
@@ -19,9 +19,9 @@ from pipeline.cli_common import (
     release_on_sigterm,
     setup_logging,
 )
-from storage.errors import IntegrityError
-from storage.fsio import parse_storage_options
-from storage.reader import CacheReader
+from kdcache.storage.errors import IntegrityError
+from kdcache.storage.fsio import parse_storage_options
+from kdcache.storage.reader import CacheReader
 
 log = logging.getLogger("kdcache")
 
@@ -72,7 +72,7 @@ def main() -> None:
 @handle_errors
 def precompute(**options) -> None:
     """Stage one: run the teacher once and write soft labels (+ features) to a store."""
-    from stages.precompute import PrecomputeConfig, run
+    from kdcache.stages.precompute import PrecomputeConfig, run
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     log_json = bool(options.get("log_json"))
@@ -176,11 +176,11 @@ def verify(url: str, storage_option: tuple[str, ...], quiet: bool) -> None:
         )
 
 
-from pipeline.cli_train import evaluate, train  # noqa: E402
+from kdcache.pipeline.cli_train import evaluate, train  # noqa: E402
 
 main.add_command(train)
 main.add_command(evaluate)
 
-from pipeline.cli_report import report  # noqa: E402
+from kdcache.pipeline.cli_report import report  # noqa: E402
 
 main.add_command(report)

@@ -14,9 +14,9 @@ import time
 
 import click
 
-from pipeline.specs import load_config, merge_options, parse_kv
-from storage.errors import KdcacheError, UsageError
-from storage.fsio import parse_storage_options
+from kdcache.pipeline.specs import load_config, merge_options, parse_kv
+from kdcache.storage.errors import KdcacheError, UsageError
+from kdcache.storage.fsio import parse_storage_options
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli_common import common_options, emit, handle_errors, setup_logging
+from kdcache.pipeline.cli_common import common_options, emit, handle_errors, setup_logging
 
 
 @click.command()
@@ -20,8 +20,8 @@ from pipeline.cli_common import common_options, emit, handle_errors, setup_loggi
 @handle_errors
 def report(**options) -> None:
     """Write report.md, report.json and accuracy plots for a finished job."""
-    from stages.report import ReportConfig, run
-    from stages.report_text import headline, table
+    from kdcache.stages.report import ReportConfig, run
+    from kdcache.stages.report_text import headline, table
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     cfg = ReportConfig(

@@ -15,10 +15,16 @@ import time
 
 import click
 
-from pipeline.cli_common import build_config, common_options, emit, handle_errors, setup_logging
-from pipeline.runtime import shutdown_distributed
-from pipeline.specs import load_config, normalise_keys
-from storage.errors import KdcacheError, UsageError
+from kdcache.pipeline.cli_common import (
+    build_config,
+    common_options,
+    emit,
+    handle_errors,
+    setup_logging,
+)
+from kdcache.pipeline.runtime import shutdown_distributed
+from kdcache.pipeline.specs import load_config, normalise_keys
+from kdcache.storage.errors import KdcacheError, UsageError
 
 REQUIRED = ("student", "data", "out")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -63,7 +69,7 @@ def _kv(help_text: str):
 @handle_errors
 def train(**options) -> None:
     """Stage two: train a student from a cache (soft labels + features), or from labels alone."""
-    from stages.train import TrainConfig, Trainer, _on_main, run
+    from kdcache.stages.train import TrainConfig, Trainer, _on_main, run
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     log_json = bool(options.get("log_json"))
@@ -138,7 +144,7 @@ def _run_parallel(names: list[str], argv: list[str], n: int) -> None:
     """Each student in its own `kdcache train --only NAME` process, at most n at once."""
     threads = max(1, (os.cpu_count() or 1) // n)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    base = [sys.executable, "-c", "from pipeline.cli import main; main()", "train", *argv]
+    base = [sys.executable, "-c", "from kdcache.pipeline.cli import main; main()", "train", *argv]
     pending, running, failed = list(names), {}, []
     while pending or running:
         while pending and len(running) < n:
@@ -192,7 +198,7 @@ def _report(log_json: bool, cfg, result: dict) -> None:
 @handle_errors
 def evaluate(as_json: bool, **options) -> None:
     """Accuracy, ECE (and teacher agreement with --cache) of a trained student."""
-    from stages.evaluate import EvaluateConfig, run
+    from kdcache.stages.evaluate import EvaluateConfig, run
 
     setup_logging(True, False)
     cfg = build_config(EvaluateConfig, None, options, ("checkpoint", "data"))

@@ -7,8 +7,8 @@ import hashlib
 import numpy as np
 import torch
 
-from pipeline.specs import build
-from storage.errors import UsageError
+from kdcache.pipeline.specs import build
+from kdcache.storage.errors import UsageError
 
 FINGERPRINT_SAMPLES = 64
 

@@ -9,9 +9,9 @@ import zipfile
 import fsspec
 import torch
 
-from pipeline.fingerprint import params_hash
-from pipeline.specs import build
-from storage.errors import UsageError
+from kdcache.pipeline.fingerprint import params_hash
+from kdcache.pipeline.specs import build
+from kdcache.storage.errors import UsageError
 
 
 def _read_checkpoint(url: str, storage_options: dict | None) -> bytes:

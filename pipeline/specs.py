@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from storage.errors import UsageError
+from kdcache.storage.errors import UsageError
 
 
 def resolve(spec: str, what: str = "spec") -> Any:
@@ -19,7 +19,7 @@ def resolve(spec: str, what: str = "spec") -> Any:
     if not sep or not module_name or not attr:
         raise UsageError(
             f"{what} {spec!r} is not of the form package.module:attr, "
-            "e.g. pipeline.examples.models:TeacherCNN"
+            "e.g. kdcache.pipeline.examples.models:TeacherCNN"
         )
     # Like `python -m`, let a spec name code in the current folder without a PYTHONPATH.
     if os.getcwd() not in sys.path and "" not in sys.path:

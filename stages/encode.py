@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from storage.errors import UsageError
+from kdcache.storage.errors import UsageError
 
 
 def check_logits(z: torch.Tensor, ids: np.ndarray, batch: int, task: str) -> torch.Tensor:

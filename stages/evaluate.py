@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.data import get_batch, load_dataset
-from pipeline.models import load_model, logits_of
-from pipeline.runtime import autocast, resolve_device, sum_dtype, to_device
-from stages.metrics import batch_sums, summarise, sums_size, teacher_top1
-from storage.errors import UsageError
-from storage.fsio import open_location
-from storage.reader import CacheReader
-from storage.stream import check_data, span
+from kdcache.pipeline.data import get_batch, load_dataset
+from kdcache.pipeline.models import load_model, logits_of
+from kdcache.pipeline.runtime import autocast, resolve_device, sum_dtype, to_device
+from kdcache.stages.metrics import batch_sums, summarise, sums_size, teacher_top1
+from kdcache.storage.errors import UsageError
+from kdcache.storage.fsio import open_location
+from kdcache.storage.reader import CacheReader
+from kdcache.storage.stream import check_data, span
 
 log = logging.getLogger("kdcache.evaluate")
 

@@ -6,7 +6,7 @@ import difflib
 
 import torch
 
-from storage.errors import UsageError
+from kdcache.storage.errors import UsageError
 
 POOLS = ("avg", "token-mean", "cls", "flatten")
 

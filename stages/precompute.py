@@ -19,23 +19,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.data import BatchView, data_fingerprint, load_dataset
-from pipeline.fingerprint import store_fingerprint
-from pipeline.models import load_model, logits_of
-from pipeline.runtime import (
+from kdcache.pipeline.data import BatchView, data_fingerprint, load_dataset
+from kdcache.pipeline.fingerprint import store_fingerprint
+from kdcache.pipeline.models import load_model, logits_of
+from kdcache.pipeline.runtime import (
     autocast,
     init_distributed,
     resolve_device,
     shutdown_distributed,
     to_device,
 )
-from stages.encode import add_stats, check_labels, check_logits, encode_batch, summarise
-from stages.hooks import POOLS, FeatureTap
-from storage.errors import FormatError, KdcacheError, UsageError
-from storage.fsio import open_location
-from storage.lock import StoreLock
-from storage.manifest import FORMAT, kdcache_version, load_manifest
-from storage.writer import StoreWriter, existing_state, wipe
+from kdcache.stages.encode import add_stats, check_labels, check_logits, encode_batch, summarise
+from kdcache.stages.hooks import POOLS, FeatureTap
+from kdcache.storage.errors import FormatError, KdcacheError, UsageError
+from kdcache.storage.fsio import open_location
+from kdcache.storage.lock import StoreLock
+from kdcache.storage.manifest import FORMAT, kdcache_version, load_manifest
+from kdcache.storage.writer import StoreWriter, existing_state, wipe
 
 log = logging.getLogger("kdcache.precompute")
 CHUNK_BYTES = 64 << 20

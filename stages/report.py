@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import load_dataset
-from pipeline.models import logits_of
-from stages.evaluate import dataset_batches, load_student
-from stages.metrics import parse_csv
-from storage.errors import UsageError
-from storage.reader import CacheReader
+from kdcache.pipeline.data import load_dataset
+from kdcache.pipeline.models import logits_of
+from kdcache.stages.evaluate import dataset_batches, load_student
+from kdcache.stages.metrics import parse_csv
+from kdcache.storage.errors import UsageError
+from kdcache.storage.reader import CacheReader
 
 log = logging.getLogger("kdcache.report")
 PLOTS = ("accuracy_curves.png", "accuracy_bars.png")
@@ -251,7 +251,7 @@ def _write(path: Path, data: bytes) -> None:
 
 def run(cfg: ReportConfig) -> dict:
     """Collect the report and write report.md, report.json and (with plots) the PNGs."""
-    from stages.report_text import markdown
+    from kdcache.stages.report_text import markdown
 
     report = collect(cfg)
     out = Path(cfg.out)
@@ -259,7 +259,7 @@ def run(cfg: ReportConfig) -> dict:
     written = []
     if cfg.plots:
         try:
-            from stages.report_plots import plot_bars, plot_curves
+            from kdcache.stages.report_plots import plot_bars, plot_curves
         except ImportError as exc:
             log.warning("no plots: %s (pip install 'kdcache[report]' for matplotlib)", exc)
         else:

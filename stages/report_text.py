@@ -1,4 +1,4 @@
-"""report.md (and the table `kdcache report` prints) from the dict `stages.report.collect` builds."""
+"""report.md (and the table `kdcache report` prints) from the dict `kdcache.stages.report.collect` builds."""
 
 from __future__ import annotations
 

@@ -31,18 +31,30 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data import load_dataset
-from pipeline.models import load_model, logits_of
-from pipeline.runtime import autocast, init_distributed, resolve_device, sum_dtype, to_device
-from stages import losses
-from stages.evaluate import AgreementSet, dataset_batches, eval_sums, has_labels, reduce_sums
-from stages.hooks import POOLS, FeatureTap
-from stages.metrics import csv_text, epoch_line, run_totals, summarise
-from storage.errors import KdcacheError, UsageError
-from storage.fsio import open_location
-from storage.manifest import diff
-from storage.reader import CacheReader
-from storage.stream import CacheStream, LabelStream, check_data
+from kdcache.pipeline.data import load_dataset
+from kdcache.pipeline.models import load_model, logits_of
+from kdcache.pipeline.runtime import (
+    autocast,
+    init_distributed,
+    resolve_device,
+    sum_dtype,
+    to_device,
+)
+from kdcache.stages import losses
+from kdcache.stages.evaluate import (
+    AgreementSet,
+    dataset_batches,
+    eval_sums,
+    has_labels,
+    reduce_sums,
+)
+from kdcache.stages.hooks import POOLS, FeatureTap
+from kdcache.stages.metrics import csv_text, epoch_line, run_totals, summarise
+from kdcache.storage.errors import KdcacheError, UsageError
+from kdcache.storage.fsio import open_location
+from kdcache.storage.manifest import diff
+from kdcache.storage.reader import CacheReader
+from kdcache.storage.stream import CacheStream, LabelStream, check_data
 
 log = logging.getLogger("kdcache.train")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
@@ -162,7 +174,7 @@ def _settings_diff(old: dict, new: dict) -> list[str]:
 
 def _probe(student, data, tap, device) -> tuple[int, int | None]:
     """(output width, pooled feature width) from a two-row forward, in eval mode (BN untouched)."""
-    from pipeline.data import get_batch
+    from kdcache.pipeline.data import get_batch
 
     x, _ = get_batch(data, np.arange(min(2, len(data))))
     student.eval()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from storage.errors import UsageError
+from kdcache.storage.errors import UsageError
 
 _CHUNK = 8 << 20
 

@@ -22,9 +22,9 @@ import threading
 import time
 import uuid
 
-from storage.errors import LockedError
-from storage.fsio import Location
-from storage.manifest import LOCK_FILE, dumps
+from kdcache.storage.errors import LockedError
+from kdcache.storage.fsio import Location
+from kdcache.storage.manifest import LOCK_FILE, dumps
 
 HEARTBEAT_SECONDS = 60.0
 

@@ -11,8 +11,8 @@ import json
 from datetime import UTC, datetime
 from importlib import metadata
 
-from storage.errors import FormatError
-from storage.fsio import Location
+from kdcache.storage.errors import FormatError
+from kdcache.storage.fsio import Location
 
 FORMAT = "kdcache/1"
 MANIFEST = "manifest.json"

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from storage.errors import FormatError, IntegrityError
-from storage.fsio import Location, open_location
-from storage.manifest import FEATURES, load_manifest, parquet_key
-from storage.shards import decode_table, soft_label_schema
+from kdcache.storage.errors import FormatError, IntegrityError
+from kdcache.storage.fsio import Location, open_location
+from kdcache.storage.manifest import FEATURES, load_manifest, parquet_key
+from kdcache.storage.shards import decode_table, soft_label_schema
 
 
 class CacheReader:

@@ -7,7 +7,7 @@ and one Zarr slice each), in a prefetch thread that stays ``prefetch`` shards ah
 latency hides behind training. Rows then pass through a shuffle buffer that is mixed with numpy
 permutations per incoming shard, never per sample, in two reused pools; memory is the buffer plus
 the prefetched shards, whatever the size of the store. Inputs are joined from ``data`` by
-``sample_id`` one batch at a time with the vectorised ``pipeline.data.get_batch``.
+``sample_id`` one batch at a time with the vectorised ``kdcache.pipeline.data.get_batch``.
 
 Batches hold at most ``batch_size`` rows. Every slot cuts its span into the same number of
 batches (that of the largest slot) of near-equal size, so all ranks take the same number of steps
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.data import data_fingerprint, get_batch
-from storage.errors import UsageError
-from storage.reader import CacheReader
-from storage.shards import decode_table
+from kdcache.pipeline.data import data_fingerprint, get_batch
+from kdcache.storage.errors import UsageError
+from kdcache.storage.reader import CacheReader
+from kdcache.storage.shards import decode_table
 
 log = logging.getLogger("kdcache.stream")
 _END = object()

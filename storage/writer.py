@@ -13,9 +13,9 @@ import hashlib
 import numpy as np
 import zarr
 
-from storage.errors import UsageError
-from storage.fsio import Location
-from storage.manifest import (
+from kdcache.storage.errors import UsageError
+from kdcache.storage.fsio import Location
+from kdcache.storage.manifest import (
     COMMITS,
     FEATURES,
     LOCK_FILE,
@@ -30,7 +30,7 @@ from storage.manifest import (
     read_json,
     shard_name,
 )
-from storage.shards import encode_table, table_to_parquet_bytes
+from kdcache.storage.shards import encode_table, table_to_parquet_bytes
 
 
 def feature_chunk_keys(index: int, dim: int, chunk_cols: int) -> list[str]:

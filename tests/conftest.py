@@ -24,7 +24,7 @@ DATA = "tests.toy_models:ToyData"
 
 def toy_config(out, **overrides):
     """A small, fast PrecomputeConfig over ToyNet/ToyData; any field can be overridden."""
-    from stages.precompute import PrecomputeConfig
+    from kdcache.stages.precompute import PrecomputeConfig
 
     fields = dict(
         teacher=TEACHER,
@@ -41,7 +41,7 @@ def toy_config(out, **overrides):
 
 
 def toy_precompute(out, **overrides) -> dict:
-    from stages.precompute import run
+    from kdcache.stages.precompute import run
 
     return run(toy_config(out, **overrides))
 
@@ -90,7 +90,7 @@ def memory_url():
 @pytest.fixture
 def cli():
     """Invoke `kdcache ...` in-process; returns click's Result (stdout, stderr, exit_code)."""
-    from pipeline.cli import main
+    from kdcache.pipeline.cli import main
 
     def invoke(*args: str, env: dict | None = None):
         return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
@@ -99,7 +99,7 @@ def cli():
 
 
 def kdcache_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from pipeline.cli import main; main()", *map(str, args)]
+    return [sys.executable, "-c", "from kdcache.pipeline.cli import main; main()", *map(str, args)]
 
 
 def wait_for(done, proc: subprocess.Popen, timeout: float, what: str) -> None:

@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 
-from stages.train import TrainConfig
+from kdcache.stages.train import TrainConfig
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
@@ -65,7 +65,7 @@ def test_run_chains_the_stages_in_order(venv, tmp_path):
     steps = [
         "mnist1d import MNIST1D",
         "kdcache train --config configs/teacher.toml",
-        "kdcache precompute --teacher pipeline.examples.models:TeacherCNN",
+        "kdcache precompute --teacher kdcache.pipeline.examples.models:TeacherCNN",
         "kdcache train --config configs/students.toml",
         f"kdcache report --runs {tmp_path}/r --out {tmp_path}/r/report.md",
     ]
@@ -127,7 +127,7 @@ def _config(doc: dict, **extra) -> TrainConfig:
 
 def test_job_configs_hold_a_baseline_and_distilled_students():
     teacher = tomllib.loads((REPO / "configs" / "teacher.toml").read_text())
-    assert _config(teacher).student == "pipeline.examples.models:TeacherCNN"
+    assert _config(teacher).student == "kdcache.pipeline.examples.models:TeacherCNN"
     doc = tomllib.loads((REPO / "configs" / "students.toml").read_text())
     shared = {k: v for k, v in doc.items() if k != "students"}
     students = [_config({**shared, **s}, cache="c") for s in doc["students"]]

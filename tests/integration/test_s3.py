@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from storage.errors import FormatError
-from storage.reader import CacheReader
+from kdcache.storage.errors import FormatError
+from kdcache.storage.reader import CacheReader
 from tests.conftest import DATA, REPO, TEACHER, cli_args, kdcache_cmd, teacher_outputs, wait_for
 from tests.integration.conftest import s3_objects, subprocess_env, toy_train_args
 from tests.toy_models import FORBID_ENV, ToyNet
@@ -190,7 +190,7 @@ def test_short_training_from_an_s3_cache_into_s3(s3_url, cli, s3fs_fresh, worker
 def test_stream_workers_fork_after_the_parent_opened_s3(s3_url, cli):
     """DataLoader workers forked from a process whose reader already talks to S3 (Parquet and
     Zarr clients included) read every row once, with the features the parent reads."""
-    from storage.stream import CacheStream
+    from kdcache.storage.stream import CacheStream
 
     assert cli(*cli_args(s3_url, "--features", "body", n=64)).exit_code == 0
     reader = CacheReader(s3_url)
@@ -207,9 +207,9 @@ def test_stream_workers_fork_after_the_parent_opened_s3(s3_url, cli):
 
 def test_lock_is_an_exclusive_create_on_s3(s3_url, s3fs_fresh):
     # S3 has no rename, but a conditional PUT (If-None-Match: *) gives the lock its one winner.
-    from storage.errors import LockedError
-    from storage.fsio import open_location
-    from storage.lock import StoreLock
+    from kdcache.storage.errors import LockedError
+    from kdcache.storage.fsio import open_location
+    from kdcache.storage.lock import StoreLock
 
     loc = open_location(s3_url)
     with StoreLock(loc) as first:

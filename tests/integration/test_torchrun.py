@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from storage.reader import CacheReader
+from kdcache.storage.reader import CacheReader
 from tests.conftest import (
     DATA,
     REPO,
@@ -248,8 +248,8 @@ def test_ddp_training_writes_on_rank_0_only_and_resumes_after_sigterm(tmp_path):
     assert any("summary.json" in w for w in writes["0"])
 
 
-MNIST = "pipeline.examples.mnist1d:MNIST1D"
-STUDENT = "pipeline.examples.models:StudentCNN"
+MNIST = "kdcache.pipeline.examples.mnist1d:MNIST1D"
+STUDENT = "kdcache.pipeline.examples.models:StudentCNN"
 # 2 ranks x 64 rows per step = the 128 rows of the single process: same global batch, same steps.
 BAND = 0.04
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from storage.errors import FormatError
-from storage.reader import CacheReader
+from kdcache.storage.errors import FormatError
+from kdcache.storage.reader import CacheReader
 from tests.conftest import (
     REPO,
     assert_one_line_error,

@@ -157,7 +157,7 @@ def test_a_bad_later_student_fails_before_the_first_trains(tmp_path, cli, cache)
 def test_parallel_students_in_subprocesses(tmp_path, cache):
     toml = tmp_path / "students.toml"
     toml.write_text(STUDENTS.format(n=N, cache=cache))
-    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "train"]
+    cmd = [sys.executable, "-c", "from kdcache.pipeline.cli import main; main()", "train"]
     cmd += ["--config", str(toml), "--out", str(tmp_path / "out"), "--parallel", "2", "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -186,7 +186,7 @@ def test_bad_students_toml(tmp_path, cli, cache, tables, needle):
 
 PROBE = """
 import json, sys
-from pipeline.cli import main
+from kdcache.pipeline.cli import main
 try:
     main(sys.argv[1:], standalone_mode=False)
     code = 0
@@ -206,5 +206,5 @@ def test_student_process_never_imports_the_teacher(tmp_path, cache):
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert doc["code"] == 0, proc.stderr
     assert (tmp_path / "s" / "summary.json").exists()
-    assert "stages.train" in doc["modules"] and "tests.toy_models" in doc["modules"]
+    assert "kdcache.stages.train" in doc["modules"] and "tests.toy_models" in doc["modules"]
     assert TEACHER_MODULE not in doc["modules"]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.examples.mnist1d import MNIST1D
-from pipeline.examples.models import StudentCNN, StudentMLP, TeacherCNN, num_parameters
+from kdcache.pipeline.examples.mnist1d import MNIST1D
+from kdcache.pipeline.examples.models import StudentCNN, StudentMLP, TeacherCNN, num_parameters
 
 N_TRANSFER = 500
 
@@ -231,7 +231,7 @@ def test_documented_accuracies(splits):
 def test_standard_args_are_the_packages_defaults():
     from mnist1d.data import get_dataset_args
 
-    from pipeline.examples.mnist1d import STANDARD_ARGS
+    from kdcache.pipeline.examples.mnist1d import STANDARD_ARGS
 
     defaults = get_dataset_args(as_dict=True)
     defaults.pop("url", None)

@@ -1,4 +1,4 @@
-"""Metrics against direct computations, and `stages.evaluate.run` on a trained toy student."""
+"""Metrics against direct computations, and `kdcache.stages.evaluate.run` on a trained toy student."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.evaluate import EvaluateConfig, run
-from stages.metrics import (
+from kdcache.stages.evaluate import EvaluateConfig, run
+from kdcache.stages.metrics import (
     agreement,
     batch_sums,
     csv_text,
@@ -17,10 +17,10 @@ from stages.metrics import (
     summarise,
     teacher_top1,
 )
-from stages.train import TrainConfig
-from stages.train import run as train
-from storage.errors import UsageError
-from storage.reader import CacheReader
+from kdcache.stages.train import TrainConfig
+from kdcache.stages.train import run as train
+from kdcache.storage.errors import UsageError
+from kdcache.storage.reader import CacheReader
 from tests.conftest import toy_precompute
 from tests.toy_models import ToyData, ToyNet
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.losses import (
+from kdcache.stages.losses import (
     feature_loss,
     hard_loss,
     regression_loss,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.hooks import pool
-from storage.errors import KdcacheError, UsageError
-from storage.reader import CacheReader
+from kdcache.stages.hooks import pool
+from kdcache.storage.errors import KdcacheError, UsageError
+from kdcache.storage.reader import CacheReader
 from tests.conftest import files_under, labels_of, teacher_outputs, toy_precompute
 
 N = 50

@@ -11,12 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from stages.precompute import PrecomputeConfig
-from stages.precompute import run as precompute
-from stages.report import ReportConfig, collect
-from stages.train import TrainConfig
-from stages.train import run as train
+from kdcache.pipeline.cli import main
+from kdcache.stages.precompute import PrecomputeConfig
+from kdcache.stages.precompute import run as precompute
+from kdcache.stages.report import ReportConfig, collect
+from kdcache.stages.train import TrainConfig
+from kdcache.stages.train import run as train
 from tests.toy_models import ToyBatchData, ToyNet
 
 DATA = "tests.toy_models:ToyBatchData"

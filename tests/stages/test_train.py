@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import load_model
-from stages.hooks import pool
-from stages.metrics import CSV_FIELDS, parse_csv
-from stages.train import TrainConfig, Trainer, run
-from storage.errors import UsageError
-from storage.reader import CacheReader
+from kdcache.pipeline.models import load_model
+from kdcache.stages.hooks import pool
+from kdcache.stages.metrics import CSV_FIELDS, parse_csv
+from kdcache.stages.train import TrainConfig, Trainer, run
+from kdcache.storage.errors import UsageError
+from kdcache.storage.reader import CacheReader
 from tests.conftest import toy_precompute
 from tests.toy_models import ToyNet
 

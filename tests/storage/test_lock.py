@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-import storage.lock as lock_mod
-from storage.errors import LockedError
-from storage.fsio import open_location
-from storage.lock import StoreLock
-from storage.manifest import LOCK_FILE, dumps
+import kdcache.storage.lock as lock_mod
+from kdcache.storage.errors import LockedError
+from kdcache.storage.fsio import open_location
+from kdcache.storage.lock import StoreLock
+from kdcache.storage.manifest import LOCK_FILE, dumps
 
 
 @pytest.fixture(params=["local", "memory"])

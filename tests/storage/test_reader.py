@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.errors import FormatError, IntegrityError
-from storage.reader import CacheReader
+from kdcache.storage.errors import FormatError, IntegrityError
+from kdcache.storage.reader import CacheReader
 from tests.conftest import REPO, toy_precompute
 
 

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from storage.errors import FormatError, UsageError
-from storage.fsio import open_location
-from storage.manifest import FORMAT, dumps
-from storage.reader import CacheReader
-from storage.shards import decode_table, encode_table, table_to_parquet_bytes
-from storage.writer import StoreWriter, existing_state, wipe
+from kdcache.storage.errors import FormatError, UsageError
+from kdcache.storage.fsio import open_location
+from kdcache.storage.manifest import FORMAT, dumps
+from kdcache.storage.reader import CacheReader
+from kdcache.storage.shards import decode_table, encode_table, table_to_parquet_bytes
+from kdcache.storage.writer import StoreWriter, existing_state, wipe
 from tests.conftest import teacher_outputs, toy_precompute
 
 

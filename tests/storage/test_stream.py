@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from storage.errors import UsageError
-from storage.reader import CacheReader
-from storage.stream import (
+from kdcache.storage.errors import UsageError
+from kdcache.storage.reader import CacheReader
+from kdcache.storage.stream import (
     CacheStream,
     LabelStream,
     _Prefetcher,
@@ -135,7 +135,7 @@ def test_other_data_is_refused_with_both_fingerprints(store, caplog):
         CacheStream(store, ToyData(N, seed=1))
     msg = str(err.value)
     assert reader.data_fingerprint in msg and "--ignore-fingerprint" in msg and "\n" not in msg
-    from pipeline.data import data_fingerprint
+    from kdcache.pipeline.data import data_fingerprint
 
     assert data_fingerprint(ToyData(N, seed=1)) in msg
     with caplog.at_level(logging.WARNING, logger="kdcache"):
