@@ -43,6 +43,7 @@ from kdcache.stages.precompute import PrecomputeConfig
 from kdcache.stages.precompute import run as precompute
 from kdcache.stages.train import TrainConfig, schedule
 from kdcache.stages.train import run as train
+from kdcache.storage.codecs.topk import soft_loss_topk
 from kdcache.storage.stream import CacheStream, LabelStream
 
 DATA = "bench.bench_train:LabeledMNIST1D"
@@ -107,7 +108,7 @@ def online_epochs(data_args: dict, epochs: int, seed: int = 0) -> list[float]:
                 vals, idx = torch.topk(s, K, dim=1)
                 lse = torch.logsumexp(s, dim=1)
             z = student(x)
-            soft = losses.soft_loss_topk(z, idx, vals, lse, T, T)
+            soft = soft_loss_topk(z, idx, vals, lse, T, T)
             loss = ALPHA * soft + (1 - ALPHA) * losses.hard_loss(z, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -143,7 +144,7 @@ def step_costs(steps: int, seed: int = 0) -> dict[str, float]:
         z = student(x)
         loss = losses.hard_loss(z, y)
         if kd:
-            soft = losses.soft_loss_topk(z, idx, vals, lse, T, T)
+            soft = soft_loss_topk(z, idx, vals, lse, T, T)
             loss = ALPHA * soft + (1 - ALPHA) * loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

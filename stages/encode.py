@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -38,55 +36,31 @@ def check_labels(labels: np.ndarray, ids: np.ndarray, num_classes: int) -> None:
         )
 
 
-def topk_kl_cost(s: torch.Tensor, idx: torch.Tensor, lse: torch.Tensor) -> tuple:
-    """Per-sample KL(teacher || top-k + residual bucket spread evenly) and residual mass.
+def encode_batch(
+    z: torch.Tensor,
+    labels: np.ndarray,
+    ids: np.ndarray,
+    codec,
+    temperature: float,
+    views: np.ndarray | None = None,
+) -> tuple:
+    """(columns for the shard, stats to add up) from raw teacher outputs z of shape (B, C).
 
-    The reconstruction keeps the k exact probabilities and shares the residual mass r equally over
-    the other C-k classes; the KL is what that loses: sum_rest p log p - r log(r / (C-k)).
+    The codec stores ``s = z / T`` its own way; the keys, the label and the teacher's accuracy on
+    the labeled rows are the same for every codec.
     """
-    c, k = s.shape[1], idx.shape[1]
-    logp = s - lse[:, None]
-    p = logp.exp()
-    in_topk = torch.zeros_like(p, dtype=torch.bool).scatter_(1, idx, True)
-    rest = torch.where(in_topk, torch.zeros_like(p), p)
-    r = rest.sum(1)
-    if k >= c:
-        return torch.zeros_like(r), torch.zeros_like(r)
-    ent = torch.where(in_topk, torch.zeros_like(p), p * logp).sum(1)
-    safe = r.clamp_min(1e-30)
-    kl = (ent - r * (safe.log() - math.log(c - k))).clamp_min(0)
-    return kl, r
-
-
-def encode_batch(z: torch.Tensor, labels: np.ndarray, ids: np.ndarray, settings: dict) -> tuple:
-    """(columns for the shard, stats to add up) from raw teacher outputs z of shape (B, C)."""
     z = z.float()
     stats = {"rows": len(ids)}
-    columns = {"sample_id": ids, "label": labels}
-    if settings["task"] == "regression":
-        columns["logits"] = z.cpu().numpy()
-        return columns, stats
-    s = z / settings["temperature"]
     labeled = labels >= 0
     if labeled.any():
         pred = z.argmax(1).cpu().numpy()
         stats["labeled"] = int(labeled.sum())
         stats["teacher_correct"] = int((pred[labeled] == labels[labeled]).sum())
-    if settings["codec"] == "dense":
-        columns["logits"] = s.cpu().numpy()
-        return columns, stats
-    k = settings["top_k"]
-    vals, idx = torch.topk(s, k, dim=1)
-    lse = torch.logsumexp(s, dim=1)
-    kl, r = topk_kl_cost(s, idx, lse)
-    stats["kl_sum"] = float(kl.double().sum())
-    stats["residual_sum"] = float(r.double().sum())
-    columns.update(
-        topk_indices=idx.int().cpu().numpy(),
-        topk_logits=vals.cpu().numpy(),
-        logsumexp=lse.cpu().numpy(),
-    )
-    return columns, stats
+    columns, codec_stats = codec.encode(z / temperature)
+    columns.update(sample_id=ids, label=labels)
+    if views is not None:
+        columns["view"] = views
+    return columns, stats | codec_stats
 
 
 def add_stats(total: dict, part: dict) -> dict:
@@ -95,14 +69,11 @@ def add_stats(total: dict, part: dict) -> dict:
     return total
 
 
-def summarise(totals: dict) -> dict:
+def summarise(totals: dict, codec) -> dict:
     """Means over the whole store from summed counters."""
     rows = totals.get("rows", 0)
     out = {"rows": rows}
     if totals.get("labeled"):
         out["teacher_accuracy"] = totals["teacher_correct"] / totals["labeled"]
         out["labeled_rows"] = totals["labeled"]
-    if "kl_sum" in totals and rows:
-        out["mean_topk_kl"] = totals["kl_sum"] / rows
-        out["mean_residual_mass"] = totals["residual_sum"] / rows
-    return out
+    return out | codec.summarise(totals)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from kdcache.pipeline.data import get_batch, load_dataset
 from kdcache.pipeline.models import load_model, logits_of
 from kdcache.pipeline.runtime import autocast, resolve_device, sum_dtype, to_device
-from kdcache.stages.metrics import batch_sums, summarise, sums_size, teacher_top1
+from kdcache.stages.metrics import batch_sums, summarise, sums_size
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
@@ -69,7 +69,7 @@ class AgreementSet:
                 break
             cols = reader.read_shard(i, features=False)
             ids.append(cols["sample_id"])
-            top.append(teacher_top1(cols))
+            top.append(reader.codec.teacher_top1(cols))
         self.ids = np.concatenate(ids)[:rows]
         self.top1 = np.concatenate(top)[:rows]
         self.data = data

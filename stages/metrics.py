@@ -97,13 +97,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits[keep].argmax(-1) == labels[keep]).double().mean())
 
 
-def teacher_top1(cols: dict) -> np.ndarray:
-    """The teacher's predicted class for cached rows: argmax of dense logits or the first top-k."""
-    if "topk_indices" in cols:
-        return np.asarray(cols["topk_indices"][:, 0], dtype=np.int64)
-    return np.asarray(cols["logits"], dtype=np.float32).argmax(1).astype(np.int64)
-
-
 def agreement(student_logits: torch.Tensor, teacher_pred: torch.Tensor) -> float:
     """Fraction of rows where the student's top-1 equals the teacher's."""
     return float((student_logits.argmax(-1) == teacher_pred).double().mean())

@@ -31,10 +31,11 @@ from kdcache.pipeline.runtime import (
 )
 from kdcache.stages.encode import add_stats, check_labels, check_logits, encode_batch, summarise
 from kdcache.stages.hooks import POOLS, FeatureTap
+from kdcache.storage import codecs
 from kdcache.storage.errors import FormatError, KdcacheError, UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.lock import StoreLock
-from kdcache.storage.manifest import FORMAT, kdcache_version, load_manifest
+from kdcache.storage.manifest import FORMAT, balanced_shard_rows, kdcache_version, load_manifest
 from kdcache.storage.writer import StoreWriter, existing_state, wipe
 
 log = logging.getLogger("kdcache.precompute")
@@ -76,18 +77,22 @@ class PrecomputeConfig:
             raise UsageError(f"--task {self.task!r}: use classification or regression")
         if self.codec is None:
             self.codec = "dense" if self.task == "regression" else "topk"
-        if self.codec not in ("topk", "dense"):
-            raise UsageError(f"--codec {self.codec!r}: use topk or dense")
-        if self.task == "regression" and self.codec != "dense":
-            raise UsageError("--task regression stores raw outputs: use --codec dense")
+        if self.codec not in codecs.names():
+            raise UsageError(f"--codec {self.codec!r}: use one of {', '.join(codecs.names())}")
+        kind = codecs.codec_class(self.codec)
+        if self.task not in kind.tasks:
+            usable = [n for n in codecs.names() if self.task in codecs.codec_class(n).tasks]
+            raise UsageError(
+                f"--codec {self.codec} cannot store a {self.task} teacher: use --codec "
+                + " or ".join(usable)
+            )
         if self.task == "regression":
             self.temperature = 1.0  # raw outputs are stored; there is nothing to temper
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise UsageError(
                 f"--temperature {self.temperature} must be > 0 and finite (soft labels use z/T)"
             )
-        if self.codec == "topk" and self.top_k < 1:
-            raise UsageError(f"--top-k {self.top_k} must be >= 1")
+        kind.configure(codec_values(self), self.task)
         if self.feature_compression not in ("none", "zstd"):
             raise UsageError(
                 f"--feature-compression {self.feature_compression!r}: use none or zstd"
@@ -106,10 +111,14 @@ class PrecomputeConfig:
             raise UsageError("--teacher SPEC (and/or --checkpoint FILE) is required")
 
 
+def codec_values(cfg: PrecomputeConfig) -> dict:
+    """The chosen codec's option values from the config."""
+    return {o.name: getattr(cfg, o.name) for o in codecs.codec_class(cfg.codec).options}
+
+
 def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict:
-    soft = {"codec": cfg.codec, "dtype": cfg.dtype}
-    if cfg.codec == "topk":
-        soft["top_k"] = cfg.top_k
+    kind = codecs.codec_class(cfg.codec)
+    soft = {"codec": cfg.codec, "dtype": cfg.dtype, **kind.configure(codec_values(cfg), cfg.task)}
     header = {
         "format": FORMAT,
         "teacher": teacher_id,
@@ -131,7 +140,7 @@ def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict
             if cfg.features
             else None
         ),
-        "shard_rows": cfg.shard_rows,
+        "shard_rows": balanced_shard_rows(len(ds), cfg.shard_rows),
         "num_rows": len(ds),
         "task": cfg.task,
         "precision": cfg.precision,
@@ -164,14 +173,13 @@ def _complete_header(header, model, ds, device, cfg) -> dict:
         z, feats = _forward(model, x, device, cfg, tap)
     z = check_logits(z, ids.numpy(), len(ids), cfg.task)
     c = int(z.shape[1])
-    if cfg.codec == "topk" and cfg.top_k > c:
-        raise UsageError(f"--top-k {cfg.top_k} exceeds the teacher's {c} classes; use <= {c}")
     header["soft_labels"]["num_classes"] = c
+    codecs.open_codec(header["soft_labels"], cfg.task).check_classes(c)
     header["teacher"]["num_classes"] = c
     if feats is not None:
         dim = int(feats.shape[1]) if feats.dim() == 2 else int(np.prod(feats.shape[1:]))
         itemsize = np.dtype(cfg.feature_dtype).itemsize
-        cols = max(1, min(dim, CHUNK_BYTES // (cfg.shard_rows * itemsize)))
+        cols = max(1, min(dim, CHUNK_BYTES // (header["shard_rows"] * itemsize)))
         header["features"].update(dim=dim, chunk_cols=cols, path="features.zarr")
     return header
 
@@ -203,12 +211,7 @@ class _WriterThread(threading.Thread):
         h = store.header
         if h["features"]:
             self.feature_dtype = getattr(torch, h["features"]["dtype"])
-        self.settings = {
-            "task": h["task"],
-            "temperature": h["temperature"],
-            "codec": h["soft_labels"]["codec"],
-            "top_k": h["soft_labels"].get("top_k"),
-        }
+        self.temperature = h["temperature"]
 
     def put(self, item) -> None:
         while True:
@@ -256,7 +259,9 @@ class _WriterThread(threading.Thread):
                             # most of a shard's commit time (no SIMD), a serial tail at the end.
                             feats = feats.reshape(len(ids), -1).to(self.feature_dtype)
                             feats = feats.cpu().numpy()
-                        columns, stats = encode_batch(z, labels, ids, self.settings)
+                        columns, stats = encode_batch(
+                            z, labels, ids, self.store.codec, self.temperature
+                        )
                         add_stats(shard.stats, stats)
                         shard.add(columns, feats)
                 add_stats(self.totals, shard.stats)
@@ -301,11 +306,15 @@ def _publish(store: StoreWriter, seconds: dict) -> dict:
     entries = store.committed()
     for entry in entries.values():
         add_stats(totals, entry["stats"])
-    stats = summarise(totals)
+    stats = summarise(totals, store.codec)
     size = sum(f["bytes"] for e in entries.values() for f in e["files"].values())
+    rows = max(1, store.header["num_rows"])
     stats.update(
         total_bytes=size,
-        bytes_per_sample=size / max(1, store.header["num_rows"]),
+        # The values themselves per row (keys, label, soft labels, features); disk_ adds Parquet's
+        # and Zarr's per-file overhead, which dominates only in tiny stores.
+        bytes_per_sample=totals.get("payload_bytes", 0) / rows,
+        disk_bytes_per_sample=size / rows,
         **seconds,
     )
     return store.publish(stats, extra={"kdcache_version": kdcache_version()})
@@ -353,7 +362,7 @@ def run(cfg: PrecomputeConfig) -> dict:
             }
         _, header, committed = decision
         store = StoreWriter(loc, header)
-        num_shards = -(-header["num_rows"] // cfg.shard_rows)
+        num_shards = -(-header["num_rows"] // header["shard_rows"])
         mine = [
             i for i in range(num_shards) if i % dist.world_size == dist.rank and i not in committed
         ]
@@ -375,7 +384,7 @@ def run(cfg: PrecomputeConfig) -> dict:
 def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
     """Teacher forward over this rank's shards, handing batches to the writer thread."""
     n = store.header["num_rows"]
-    plan = _plan(n, cfg.shard_rows, cfg.batch_size, shards)
+    plan = _plan(n, store.header["shard_rows"], cfg.batch_size, shards)
     if not plan:
         return 0.0
     loader = torch.utils.data.DataLoader(

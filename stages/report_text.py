@@ -89,11 +89,7 @@ def _cache(c: dict) -> list[str]:
     lines = [f"### `{c['url']}`", ""]
     if "error" in c:
         return lines + [f"Could not open it: {c['error']}", ""]
-    soft = (
-        f"top-{c['top_k']} of {c['num_classes']} classes"
-        if c["codec"] == "topk"
-        else f"all {c['num_classes']} logits"
-    )
+    soft = c["soft_labels"]
     f = c.get("features")
     feats = (
         f" + {f['dim']}-d features of `{f['layer']}` ({f['pool']} pool, {f['dtype']})" if f else ""
@@ -102,8 +98,8 @@ def _cache(c: dict) -> list[str]:
         f"- {c['rows']:,} rows in {c['shards']} shards: {soft} at T = {c['temperature']:g} "
         f"({c['logit_dtype']}){feats}",
         f"- size {_bytes(c['total_bytes'])}, {_num(c['bytes_per_sample'], '{:.0f}')} bytes/sample",
-        f"- teacher accuracy on the cache's labeled rows {_pct(c['teacher_accuracy'])}; mean "
-        f"KL(teacher || top-k + residual) {_num(c['mean_topk_kl'], '{:.2g}')} nats",
+        f"- teacher accuracy on the cache's labeled rows {_pct(c['teacher_accuracy'])}"
+        + (f"; {c['codec_error']}" if c.get("codec_error") else ""),
         f"- teacher forward t = {_seconds(c['teacher_seconds'])} (precompute wall "
         f"{_seconds(c['precompute_wall_seconds'])}), paid once",
     ]

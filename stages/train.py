@@ -59,7 +59,6 @@ from kdcache.storage.stream import CacheStream, LabelStream, check_data
 log = logging.getLogger("kdcache.train")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 KEEP_CHECKPOINTS = 2
-TOPK = ("topk_indices", "topk_logits", "logsumexp")
 # Execution settings: they change speed or logging, not what a finished run computed.
 # num_workers is here although each worker streams its own slice of the epoch (so the count
 # shapes the row order): resuming with another count still sees every row once per epoch.
@@ -289,17 +288,11 @@ class Trainer:
         cfg, r, dev = self.cfg, self.reader, self.device
         zero = z.new_zeros((), dtype=torch.float32)
         hard = soft = feat = zero
-        if self.task == "regression":
-            soft = losses.regression_loss(z.reshape(len(z), -1), to_device(batch["logits"], dev))
-        else:
+        if self.task != "regression":
             hard = losses.hard_loss(z, to_device(batch["label"], dev))
-            if r and r.codec == "dense":
-                soft = losses.soft_loss_dense(
-                    z, to_device(batch["logits"], dev), r.temperature, cfg.temperature
-                )
-            elif r:
-                idx, vals, lse = (to_device(batch[k], dev) for k in TOPK)
-                soft = losses.soft_loss_topk(z, idx, vals, lse, r.temperature, cfg.temperature)
+        if r:
+            stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
+            soft = r.codec.soft_loss(z, stored, r.temperature, cfg.temperature)
         if proj is not None:
             feat = losses.feature_loss(proj, to_device(batch["features"], dev))
         if not r:

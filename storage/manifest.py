@@ -14,7 +14,9 @@ from importlib import metadata
 from kdcache.storage.errors import FormatError
 from kdcache.storage.fsio import Location
 
-FORMAT = "kdcache/1"
+FORMAT = "kdcache/2"
+# Every version this reader understands (docs/FORMAT.md lists what changed between them).
+READABLE = ("kdcache/1", "kdcache/2")
 MANIFEST = "manifest.json"
 RUN_FILE = "_run.json"
 COMMITS = "_commits"
@@ -32,6 +34,14 @@ def kdcache_version() -> str:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def balanced_shard_rows(num_rows: int, requested: int) -> int:
+    """Rows per shard: as many shards as `requested` rows each would need, made equal in size,
+    so the last shard (and its feature chunk, which Zarr stores at full chunk shape) is never
+    mostly padding."""
+    shards = max(1, -(-num_rows // requested))
+    return max(1, -(-num_rows // shards))
 
 
 def shard_name(index: int) -> str:
@@ -73,9 +83,10 @@ def load_manifest(loc: Location) -> dict:
 
 def check_format(doc: dict, url: str) -> None:
     fmt = doc.get("format")
-    if fmt != FORMAT:
+    if fmt not in READABLE:
         raise FormatError(
-            f"{url}: unknown store format {fmt!r}; this kdcache {kdcache_version()} reads {FORMAT!r}. "
+            f"{url}: unknown store format {fmt!r}; this kdcache {kdcache_version()} reads "
+            f"{' and '.join(map(repr, READABLE))}. "
             "Upgrade kdcache or recompute the store with --force"
         )
     for key in ("fingerprint", "shards", "num_rows", "soft_labels", "temperature", "teacher"):

@@ -12,18 +12,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import FormatError, IntegrityError
 from kdcache.storage.fsio import Location, open_location
 from kdcache.storage.manifest import FEATURES, load_manifest, parquet_key
-from kdcache.storage.shards import decode_table, soft_label_schema
+from kdcache.storage.shards import decode_table, shard_schema
 
 
 class CacheReader:
     """A complete store, opened read-only.
 
     `read_shard(i)` is the hot path stage two builds on: one Parquet read and one Zarr slice, turned
-    into numpy columns (`sample_id`, `label` with -1 for missing, `logits` or `topk_indices` /
-    `topk_logits` / `logsumexp`, and `features` when stored) with no per-row Python.
+    into numpy columns (`sample_id`, `view`, `label` with -1 for missing, the codec's columns, and
+    `features` when stored) with no per-row Python. `codec` decodes, scores and describes the
+    soft labels; `keys()` is the row -> (sample_id, view) index built from the stored keys.
     """
 
     def __init__(self, url: str | Location, storage_options: dict | None = None):
@@ -31,12 +33,12 @@ class CacheReader:
         self.url = self.loc.url
         self.manifest = load_manifest(self.loc)
         m = self.manifest
+        self.format: str = m["format"]
         self.soft = m["soft_labels"]
-        self.codec: str = self.soft["codec"]
-        self.top_k: int | None = self.soft.get("top_k")
+        self.task: str = m.get("task", "classification")
+        self.codec = open_codec(self.soft, self.task)
         self.num_classes: int = self.soft["num_classes"]
         self.temperature: float = float(m["temperature"])
-        self.task: str = m.get("task", "classification")
         self.features_info: dict | None = m.get("features")
         self.shards: list[dict] = m["shards"]
         self.num_rows: int = int(m["num_rows"])
@@ -44,6 +46,8 @@ class CacheReader:
         self.data_fingerprint: str = m["data"]["fingerprint"]
         self._array = None
         self._raw: bool | None = None
+        self._keys: tuple[np.ndarray, np.ndarray] | None = None
+        self._index: tuple | None = None
 
     def __len__(self) -> int:
         return self.num_rows
@@ -66,8 +70,50 @@ class CacheReader:
         return self._array
 
     def schema(self) -> pa.Schema:
-        width = self.top_k if self.codec == "topk" else self.num_classes
-        return soft_label_schema(self.codec, width, self.soft["dtype"])
+        return shard_schema(self.codec, self.format)
+
+    def keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sample_id, view) of every store row, in store order (shard by shard).
+
+        Rows need not be in sample order and a sample may own several rows (views), so this is
+        read from the stored key columns (a column projection, not the soft labels), once.
+        """
+        if self._keys is None:
+            ids, views = [], []
+            for i in range(len(self.shards)):
+                data = self.loc.read_bytes(parquet_key(self.shards[i]["index"]))
+                cols = ["sample_id", "view"] if self.format != "kdcache/1" else ["sample_id"]
+                t = pq.read_table(io.BytesIO(data), columns=cols)
+                ids.append(t.column("sample_id").to_numpy())
+                views.append(
+                    t.column("view").to_numpy()
+                    if "view" in cols
+                    else np.zeros(t.num_rows, np.int32)
+                )
+            self._keys = (np.concatenate(ids), np.concatenate(views))
+        return self._keys
+
+    def rows_of(self, sample_ids: np.ndarray, view: int | np.ndarray = 0) -> np.ndarray:
+        """Store rows holding (sample_id, view) for each given sample; KeyError if one is absent."""
+        ids, views = self.keys()
+        if self._index is None:
+            # One int64 key per row, sample-major, so one sort and one searchsorted serve all.
+            width = int(views.max(initial=0)) + 1
+            key = ids * width + views
+            order = np.argsort(key, kind="stable")
+            self._index = (width, key[order], order)
+        width, sorted_keys, order = self._index
+        want_ids = np.asarray(sample_ids, np.int64)
+        want_views = np.broadcast_to(np.asarray(view, np.int64), want_ids.shape)
+        want = want_ids * width + want_views
+        pos = np.searchsorted(sorted_keys, want).clip(0, max(0, len(order) - 1))
+        ok = (want_views < width) & (sorted_keys[pos] == want) if len(order) else want < 0
+        if not ok.all():
+            j = int(np.argmin(ok))
+            raise KeyError(
+                f"{self.url} has no row for sample_id {want_ids[j]} view {want_views[j]}"
+            )
+        return order[pos]
 
     def shard_table(self, index: int) -> pa.Table:
         data = self.loc.read_bytes(parquet_key(self.shards[index]["index"]))
@@ -127,7 +173,7 @@ class CacheReader:
         return self.read_features(s["first_row"], s["first_row"] + s["rows"])
 
     def read_shard(self, index: int, features: bool = True) -> dict[str, np.ndarray]:
-        out = decode_table(self.shard_table(index))
+        out = decode_table(self.shard_table(index), self.codec)
         if features and self.has_features:
             out["features"] = self.shard_features(index)
         return out

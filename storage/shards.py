@@ -1,4 +1,9 @@
-"""Arrow/Parquet encoding of soft-label shards, and decoding them back to numpy without row loops."""
+"""Arrow/Parquet encoding of soft-label shards, and decoding them back to numpy without row loops.
+
+A shard's table is the row keys (``sample_id``, ``view``), the data set's ``label``, then the
+codec's own columns (`kdcache.storage.codecs`). `kdcache/1` shards have no ``view`` column: every
+row is view 0 of the sample it names.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +13,42 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+from kdcache.storage.manifest import FORMAT
+
+KEYS_V1 = [pa.field("sample_id", pa.int64(), nullable=False), pa.field("label", pa.int64())]
+KEYS = [
+    pa.field("sample_id", pa.int64(), nullable=False),
+    pa.field("view", pa.int32(), nullable=False),
+    pa.field("label", pa.int64()),
+]
 
 
-def _fixed_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=arrow_type)
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+def shard_schema(codec, version: str = FORMAT) -> pa.Schema:
+    """The Parquet schema a shard of this codec must have in this format version."""
+    return pa.schema((KEYS_V1 if version == "kdcache/1" else KEYS) + codec.fields())
 
 
-def soft_label_schema(codec: str, width: int, dtype: str) -> pa.Schema:
-    """The Parquet schema a shard must have; `width` is C for dense and k for top-k."""
-    value = DTYPES[dtype]
-    fields = [pa.field("sample_id", pa.int64(), nullable=False), pa.field("label", pa.int64())]
-    if codec == "dense":
-        fields.append(pa.field("logits", pa.list_(value, width), nullable=False))
-    else:
-        fields += [
-            pa.field("topk_indices", pa.list_(pa.int32(), width), nullable=False),
-            pa.field("topk_logits", pa.list_(value, width), nullable=False),
-            pa.field("logsumexp", pa.float32(), nullable=False),
-        ]
-    return pa.schema(fields)
-
-
-def encode_table(columns: dict[str, np.ndarray], codec: str, width: int, dtype: str) -> pa.Table:
-    """Columns as numpy (labels use -1 for missing) -> an Arrow table of the shard schema."""
-    schema = soft_label_schema(codec, width, dtype)
+def encode_table(columns: dict[str, np.ndarray], codec) -> pa.Table:
+    """Numpy columns (labels use -1 for missing; ``view`` defaults to 0) -> a shard table."""
+    ids = columns["sample_id"].astype(np.int64)
     labels = columns["label"].astype(np.int64)
-    arrays = [
-        pa.array(columns["sample_id"].astype(np.int64)),
-        pa.array(labels, mask=labels < 0),
-    ]
-    if codec == "dense":
-        arrays.append(_fixed_list(columns["logits"].astype(dtype), DTYPES[dtype]))
-    else:
-        arrays += [
-            _fixed_list(columns["topk_indices"].astype(np.int32), pa.int32()),
-            _fixed_list(columns["topk_logits"].astype(dtype), DTYPES[dtype]),
-            pa.array(columns["logsumexp"].astype(np.float32)),
-        ]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    view = columns.get("view")
+    view = np.zeros(len(ids), np.int32) if view is None else view.astype(np.int32)
+    arrays = [pa.array(ids), pa.array(view), pa.array(labels, mask=labels < 0)]
+    return pa.Table.from_arrays(arrays + codec.arrays(columns), schema=shard_schema(codec))
+
+
+def row_bytes(codec) -> int:
+    """Bytes of the values one row stores (keys, label, codec columns at their stored widths),
+    before container overhead or compression: what the manifest's `bytes_per_sample` counts."""
+    total = 0
+    for f in shard_schema(codec):
+        t = f.type
+        if pa.types.is_fixed_size_list(t):
+            total += t.value_type.bit_width // 8 * t.list_size
+        else:
+            total += t.bit_width // 8
+    return total
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
@@ -57,21 +58,14 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _list_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = arr.type.list_size
-    values = arr.flatten() if arr.offset else arr.values
-    return values.to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
+def decode_table(table: pa.Table, codec) -> dict[str, np.ndarray]:
     """A shard table -> numpy columns; missing labels become -1, float16 stays float16."""
-    out = {"sample_id": table.column("sample_id").to_numpy()}
-    label = table.column("label")
-    out["label"] = label.fill_null(-1).to_numpy().astype(np.int64, copy=False)
-    for name in ("logits", "topk_indices", "topk_logits"):
-        if name in table.column_names:
-            out[name] = _list_to_numpy(table.column(name))
-    if "logsumexp" in table.column_names:
-        out["logsumexp"] = table.column("logsumexp").to_numpy()
+    ids = table.column("sample_id").to_numpy()
+    out = {"sample_id": ids}
+    if "view" in table.column_names:
+        out["view"] = table.column("view").to_numpy()
+    else:
+        out["view"] = np.zeros(len(ids), np.int32)
+    out["label"] = table.column("label").fill_null(-1).to_numpy().astype(np.int64, copy=False)
+    out.update(codec.decode(table))
     return out

@@ -295,7 +295,7 @@ class CacheStream(_Stream):
         table = self.reader.shard_table(i)
         if (a, b) != (0, table.num_rows):
             table = table.slice(a, b - a)
-        cols = decode_table(table)
+        cols = decode_table(table, self.reader.codec)
         if self.features:
             first = self.reader.shards[i]["first_row"]
             cols["features"] = self.reader.read_features(first + a, first + b)

@@ -13,6 +13,7 @@ import hashlib
 import numpy as np
 import zarr
 
+from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import Location
 from kdcache.storage.manifest import (
@@ -30,7 +31,7 @@ from kdcache.storage.manifest import (
     read_json,
     shard_name,
 )
-from kdcache.storage.shards import encode_table, table_to_parquet_bytes
+from kdcache.storage.shards import encode_table, row_bytes, table_to_parquet_bytes
 
 
 def feature_chunk_keys(index: int, dim: int, chunk_cols: int) -> list[str]:
@@ -99,6 +100,7 @@ class StoreWriter:
         self.loc = loc
         self.header = header
         self.features = header.get("features")
+        self.codec = open_codec(header["soft_labels"], header.get("task", "classification"))
         self._array = None
 
     def prepare(self) -> None:
@@ -212,17 +214,16 @@ class ShardWriter:
         expected = min(header["shard_rows"], header["num_rows"] - self.first_row)
         if rows != expected:
             raise RuntimeError(f"shard {self.index} got {rows} rows, expected {expected}")
-        soft = header["soft_labels"]
-        width = soft["top_k"] if soft["codec"] == "topk" else soft["num_classes"]
         key = parquet_key(self.index)
-        table = encode_table(columns, soft["codec"], width, soft["dtype"])
-        data = table_to_parquet_bytes(table)
+        data = table_to_parquet_bytes(encode_table(columns, store.codec))
         loc.write_bytes(data, key)
         files = {key: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
         keys = []
+        payload = rows * row_bytes(store.codec)
         if store.features:
             feats = np.concatenate(self._features).astype(store.features["dtype"], copy=False)
             store.array[self.first_row : self.first_row + rows] = feats
+            payload += feats.nbytes
             keys += feature_chunk_keys(
                 self.index, store.features["dim"], store.features["chunk_cols"]
             )
@@ -234,7 +235,7 @@ class ShardWriter:
             "first_row": self.first_row,
             "rows": rows,
             "files": files,
-            "stats": self.stats,
+            "stats": {**self.stats, "payload_bytes": payload},
         }
         marker = {"fingerprint": header["fingerprint"], "entry": entry}
         loc.write_bytes(dumps(marker), f"{COMMITS}/{shard_name(self.index)}.json")

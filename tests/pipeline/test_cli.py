@@ -43,7 +43,10 @@ def test_precompute_inspect_verify(tmp_path, cli):
     m = CacheReader(str(out)).manifest
     assert summary["rows"] == 50 and summary["shards"] == 4 and summary["codec"] == "topk"
     assert summary["temperature"] == 2.0 and summary["top_k"] == 3 and summary["feature_dim"] == 16
-    assert summary["bytes_per_sample"] == pytest.approx(m["stats"]["total_bytes"] / 50)
+    assert summary["disk_bytes_per_sample"] == pytest.approx(m["stats"]["total_bytes"] / 50)
+    # the payload: ids (8) + view (4) + label (8) + 3 x (int32 + float16) + lse (4) + 16 x float16
+    assert summary["bytes_per_sample"] == 8 + 4 + 8 + 3 * 6 + 4 + 16 * 2
+    assert summary["soft_labels"] == "top-3 of 10 classes"
     assert summary["teacher_accuracy"] == m["stats"]["teacher_accuracy"]
     assert 0 < summary["mean_topk_kl"] == m["stats"]["mean_topk_kl"]
 
@@ -68,7 +71,7 @@ def test_config_file(tmp_path, cli):
     res = cli("precompute", "--config", cfg, "--out", tmp_path / "s", "--temperature", "3")
     assert res.exit_code == 0, res.stderr
     r = CacheReader(str(tmp_path / "s"))
-    assert (r.num_rows, r.top_k, r.temperature, len(r.shards)) == (20, 2, 3.0, 3)
+    assert (r.num_rows, r.codec.k, r.temperature, len(r.shards)) == (20, 2, 3.0, 3)
     cfg.write_text('teacher = "tests.toy_models:ToyNet"\nbogus = 1\n')
     res = cli("precompute", "--config", cfg, "--data", "x:y", "--out", tmp_path / "t")
     assert res.exit_code == 2
@@ -102,7 +105,7 @@ def test_changed_settings_are_refused_naming_the_field_and_force_replaces(tmp_pa
     res = cli(*cli_args(out, "--temperature", "2", "--top-k", "5", "--force"))
     assert res.exit_code == 0 and "wrote 50 rows" in res.stdout
     r = CacheReader(str(out))
-    assert (r.temperature, r.top_k) == (2.0, 5) and r.verify() == []
+    assert (r.temperature, r.codec.k) == (2.0, 5) and r.verify() == []
     assert "cache hit" in cli(*cli_args(out, "--temperature", "2", "--top-k", "5")).stdout
 
 
@@ -134,7 +137,7 @@ def test_force_replaces_an_unknown_format_version(tmp_path, cli):
     assert res.exit_code == 1
     assert_one_line_error(res.stderr, str(out), "'kdcache/9'", "--force")
     assert cli(*cli_args(out, "--force")).exit_code == 0
-    assert CacheReader(str(out)).manifest["format"] == "kdcache/1"
+    assert CacheReader(str(out)).manifest["format"] == "kdcache/2"
 
 
 def _flip(path) -> None:

@@ -15,10 +15,10 @@ from kdcache.stages.metrics import (
     expected_calibration_error,
     parse_csv,
     summarise,
-    teacher_top1,
 )
 from kdcache.stages.train import TrainConfig
 from kdcache.stages.train import run as train
+from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from tests.conftest import toy_precompute
@@ -55,8 +55,11 @@ def test_ece_by_hand():
 def test_teacher_top1_and_agreement():
     dense = {"logits": np.array([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]], np.float16)}
     topk = {"topk_indices": np.array([[1, 0], [0, 2]], np.int32)}
-    np.testing.assert_array_equal(teacher_top1(dense), [1, 0])
-    np.testing.assert_array_equal(teacher_top1(topk), [1, 0])
+    settings = {"dtype": "float16", "num_classes": 3, "top_k": 2}
+    dense_codec = open_codec({"codec": "dense", **settings})
+    topk_codec = open_codec({"codec": "topk", **settings})
+    np.testing.assert_array_equal(dense_codec.teacher_top1(dense), [1, 0])
+    np.testing.assert_array_equal(topk_codec.teacher_top1(topk), [1, 0])
     assert agreement(torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([1, 0])) == 0.5
 
 
@@ -95,7 +98,7 @@ def test_evaluate_a_trained_student(tmp_path):
     reader = CacheReader(str(cache))
     rows = [reader.read_shard(i) for i in (0, 1)]  # 50 rows span the first two shards
     ids = np.concatenate([r["sample_id"] for r in rows])[:50]
-    top1 = np.concatenate([teacher_top1(r) for r in rows])[:50]
+    top1 = np.concatenate([reader.codec.teacher_top1(r) for r in rows])[:50]
     with torch.no_grad():
         zs = student(torch.from_numpy(ToyData(96).x[ids]))
     assert got["agreement"] == pytest.approx(agreement(zs, torch.from_numpy(top1)))

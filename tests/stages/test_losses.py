@@ -10,14 +10,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcache.stages.losses import (
-    feature_loss,
-    hard_loss,
-    regression_loss,
-    retemper,
-    soft_loss_dense,
-    soft_loss_topk,
-)
+from kdcache.stages.losses import feature_loss, hard_loss
+from kdcache.storage.codecs.dense import soft_loss_dense
+from kdcache.storage.codecs.losses import regression_loss, retemper
+from kdcache.storage.codecs.topk import soft_loss_topk
 
 B, C = 6, 10
 TEMPS = [(1.0, 1.0), (2.0, 2.0), (2.0, 1.0), (1.0, 4.0), (3.0, 0.5)]  # (stored_T, T)

@@ -36,10 +36,10 @@ def _edit_manifest(root: Path, **changes) -> None:
 
 
 def test_unknown_format_version_is_refused_with_url(copy):
-    _edit_manifest(copy, format="kdcache/2")
+    _edit_manifest(copy, format="kdcache/9")
     with pytest.raises(FormatError) as info:
         CacheReader(str(copy))
-    assert str(copy) in str(info.value) and "'kdcache/2'" in str(info.value)
+    assert str(copy) in str(info.value) and "'kdcache/9'" in str(info.value)
 
 
 def test_manifest_without_required_field_is_refused(copy):
@@ -66,7 +66,7 @@ def test_missing_store_and_damaged_manifest(tmp_path, copy):
 
 def test_reader_api(store):
     r = CacheReader(str(store))
-    assert (len(r), r.num_rows, len(r.shards), r.codec, r.top_k, r.num_classes) == (
+    assert (len(r), r.num_rows, len(r.shards), r.codec.name, r.codec.k, r.num_classes) == (
         50,
         50,
         4,
@@ -74,13 +74,16 @@ def test_reader_api(store):
         8,
         10,
     )
+    # --shard-rows 16 over 50 rows: 4 shards, made equal (13 rows; the last 11).
+    assert [s["rows"] for s in r.shards] == [13, 13, 13, 11]
     assert r.has_features and r.features_info["dim"] == 16
     shard = r.read_shard(1)
-    np.testing.assert_array_equal(shard["sample_id"], np.arange(16, 32))
+    np.testing.assert_array_equal(shard["sample_id"], np.arange(13, 26))
+    np.testing.assert_array_equal(shard["view"], np.zeros(13, np.int32))
     np.testing.assert_array_equal(
-        shard["label"], np.where(np.arange(16, 32) % 4 == 0, -1, np.arange(16, 32) % 10)
+        shard["label"], np.where(np.arange(13, 26) % 4 == 0, -1, np.arange(13, 26) % 10)
     )
-    assert shard["features"].shape == (16, 16) and shard["features"].dtype == np.float16
+    assert shard["features"].shape == (13, 16) and shard["features"].dtype == np.float16
     assert "features" not in r.read_shard(1, features=False)
     assert r.shard_table(2).schema.equals(r.schema())
 
@@ -142,10 +145,10 @@ def test_verify_names_missing_and_resized_files(copy):
 
 def test_verify_checks_row_counts(copy):
     doc = json.loads((copy / "manifest.json").read_text())
-    doc["shards"][3]["rows"] = 3
+    doc["shards"][3]["rows"] = 12
     (copy / "manifest.json").write_text(json.dumps(doc))
     problems = CacheReader(str(copy)).verify()
-    assert any("part-00003.parquet: 2 rows, manifest says 3" in p for p in problems)
+    assert any("part-00003.parquet: 11 rows, manifest says 12" in p for p in problems)
     assert any("shards hold 51 rows, manifest says 50" in p for p in problems)
 
 
@@ -155,22 +158,27 @@ def _format_snippet() -> str:
     return re.search(r"```python\n(.*?)```", block, re.S).group(1)
 
 
-@pytest.mark.parametrize("kind", ["topk-local", "dense-memory"])
+@pytest.mark.parametrize("kind", ["topk-local", "dense-memory", "kdcache1-topk", "kdcache1-dense"])
 def test_format_md_snippet_reads_a_store(tmp_path, memory_url, kind):
-    """The ~15 lines in docs/FORMAT.md, run as written, give what CacheReader gives."""
+    """The ~15 lines in docs/FORMAT.md, run as written, give what CacheReader gives, for a store
+    of today's format and for the committed kdcache/1 stores."""
     if kind == "topk-local":
         url = str(tmp_path / "s")
         toy_precompute(url, features="body", data_args={"n": 40, "every_missing": 3})
-    else:
+    elif kind == "dense-memory":
         url = memory_url
         toy_precompute(url, codec="dense", data_args={"n": 40})
+    else:
+        url = str(REPO / "tests" / "fixtures" / kind)
     ns = {"URL": url}
     exec(compile(_format_snippet(), "FORMAT.md", "exec"), ns)
     r = CacheReader(url)
+    assert r.format == ("kdcache/1" if kind.startswith("kdcache1") else "kdcache/2")
     last = r.read_shard(len(r.shards) - 1)
     np.testing.assert_array_equal(ns["ids"], last["sample_id"])
+    np.testing.assert_array_equal(ns["views"], last["view"])
     np.testing.assert_array_equal(ns["labels"], last["label"])
-    if kind == "topk-local":
+    if "topk" in kind:
         np.testing.assert_array_equal(ns["idx"], last["topk_indices"])
         np.testing.assert_array_equal(ns["s"], last["topk_logits"])
         p = np.exp(last["topk_logits"].astype(np.float32) - last["logsumexp"][:, None])

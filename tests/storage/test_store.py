@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import FormatError, UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.manifest import FORMAT, dumps
@@ -37,11 +38,12 @@ def shard_columns(draw):
         cols["topk_indices"] = draw(hnp.arrays(np.int32, (n, width), elements=st.integers(0, 999)))
         cols["topk_logits"] = draw(floats)
         cols["logsumexp"] = draw(hnp.arrays(np.float32, n, elements=st.floats(-50, 50, width=32)))
-    return cols, codec, width, dtype
+    soft = {"codec": codec, "dtype": dtype, "num_classes": width, "top_k": width}
+    return cols, open_codec(soft), dtype
 
 
 def _expected(cols: dict, dtype: str) -> dict:
-    out = dict(cols)
+    out = dict(cols, view=np.zeros(len(cols["sample_id"]), np.int32))
     for name in ("logits", "topk_logits"):
         if name in out:
             out[name] = out[name].astype(dtype)
@@ -51,10 +53,10 @@ def _expected(cols: dict, dtype: str) -> dict:
 @settings(max_examples=60, deadline=None)
 @given(shard_columns(), st.data())
 def test_encode_decode_round_trip_through_parquet(case, data):
-    cols, codec, width, dtype = case
-    table = encode_table(cols, codec, width, dtype)
+    cols, codec, dtype = case
+    table = encode_table(cols, codec)
     assert table.column("label").null_count == int((cols["label"] < 0).sum())
-    back = decode_table(pq.read_table(io.BytesIO(table_to_parquet_bytes(table))))
+    back = decode_table(pq.read_table(io.BytesIO(table_to_parquet_bytes(table))), codec)
     want = _expected(cols, dtype)
     assert set(back) == set(want)
     for name, value in want.items():
@@ -64,7 +66,7 @@ def test_encode_decode_round_trip_through_parquet(case, data):
     n = len(cols["sample_id"])
     a = data.draw(st.integers(0, n))
     b = data.draw(st.integers(a, n))
-    part = decode_table(table.slice(a, b - a))
+    part = decode_table(table.slice(a, b - a), codec)
     for name, value in want.items():
         np.testing.assert_array_equal(part[name], value[a:b], err_msg=name)
 
@@ -75,10 +77,9 @@ def test_parquet_bytes_are_deterministic():
         "label": np.array([0, -1, 2, 3, -1]),
         "logits": np.linspace(-1, 1, 15, dtype=np.float32).reshape(5, 3),
     }
-    one = table_to_parquet_bytes(encode_table(cols, "dense", 3, "float16"))
-    two = table_to_parquet_bytes(
-        encode_table({k: v.copy() for k, v in cols.items()}, "dense", 3, "float16")
-    )
+    codec = open_codec({"codec": "dense", "dtype": "float16", "num_classes": 3})
+    one = table_to_parquet_bytes(encode_table(cols, codec))
+    two = table_to_parquet_bytes(encode_table({k: v.copy() for k, v in cols.items()}, codec))
     assert one == two
 
 
@@ -217,8 +218,8 @@ def test_precompute_on_each_url_kind(url):
     assert r.verify() == []
     z, _, _ = teacher_outputs(50)
     assert r.num_rows == 50 and len(r.shards) == 4
-    np.testing.assert_array_equal(r.read_shard(3)["sample_id"], np.arange(48, 50))
-    lse = torch.logsumexp(z[:16] / 4.0, 1).numpy()
+    np.testing.assert_array_equal(r.read_shard(3)["sample_id"], np.arange(39, 50))
+    lse = torch.logsumexp(z[:13] / 4.0, 1).numpy()
     np.testing.assert_allclose(r.read_shard(0)["logsumexp"], lse, rtol=1e-5)
     assert toy_precompute(url, features="body", dtype="float32")["status"] == "hit"
 

@@ -126,7 +126,10 @@ def test_features_off_and_dense_columns(store, tmp_path):
     assert "features" not in next(iter(CacheStream(store, features=False)))
     toy_precompute(tmp_path / "dense", codec="dense", data_args={"n": 20})
     batch = next(iter(CacheStream(str(tmp_path / "dense"), batch_size=32)))
-    assert set(batch) == {"sample_id", "label", "logits"} and batch["logits"].shape == (20, 10)
+    assert set(batch) == {"sample_id", "view", "label", "logits"} and batch["logits"].shape == (
+        20,
+        10,
+    )
 
 
 def test_other_data_is_refused_with_both_fingerprints(store, caplog):

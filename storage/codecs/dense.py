@@ -1,0 +1,73 @@
+"""The `dense` codec: every class's tempered logit (small C, and the regression teacher's outputs).
+
+Column ``logits``: ``fixed_size_list<VALUE>[C]`` holding ``s = z / T`` (regression: the raw outputs,
+T = 1). Soft loss: ``T^2 * KL(p || q)`` over all C classes, or MSE to the stored outputs for
+regression.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from kdcache.storage.codecs import register
+from kdcache.storage.codecs.base import DTYPES, Codec, fixed_list
+from kdcache.storage.codecs.losses import (
+    Temperature,
+    check_same_shape,
+    check_temperature,
+    kl_rows,
+    regression_loss,
+    retemper,
+    upcast,
+)
+
+
+def soft_loss_dense(
+    student_logits: torch.Tensor,
+    stored_logits: torch.Tensor,
+    stored_T: Temperature,
+    T: Temperature,
+) -> torch.Tensor:
+    """``T^2 * mean_b KL(p_b || q_b)`` over all ``C`` classes.
+
+    ``p = softmax(s * stored_T / T)`` (the teacher at ``T``), ``q = softmax(z_s / T)`` and
+    ``KL(p || q) = sum_i p_i (log p_i - log q_i)``, with both log-probabilities from
+    ``log_softmax``.
+    """
+    check_same_shape(student_logits, stored_logits, "soft_loss_dense")
+    check_temperature("T", T)
+    log_q = F.log_softmax(upcast(student_logits) / T, dim=-1)
+    log_p = F.log_softmax(retemper(stored_logits, stored_T, T).to(log_q.dtype), dim=-1)
+    return kl_rows(log_p, log_q).mean() * T**2
+
+
+@register
+class Dense(Codec):
+    name = "dense"
+    tasks = ("classification", "regression")
+
+    def fields(self) -> list[pa.Field]:
+        value = DTYPES[self.dtype]
+        return [pa.field("logits", pa.list_(value, self.num_classes), nullable=False)]
+
+    def encode(self, s: torch.Tensor) -> tuple[dict[str, np.ndarray], dict]:
+        return {"logits": s.cpu().numpy()}, {}
+
+    def arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
+        return [fixed_list(columns["logits"].astype(self.dtype), DTYPES[self.dtype])]
+
+    def label(self) -> str:
+        if self.task == "regression":
+            return f"{self.num_classes} raw outputs"
+        return f"all {self.num_classes} logits"
+
+    def soft_loss(self, student_logits, batch, stored_T, T):
+        if self.task == "regression":
+            return regression_loss(student_logits.reshape(len(student_logits), -1), batch["logits"])
+        return soft_loss_dense(student_logits, batch["logits"], stored_T, T)
+
+    def teacher_top1(self, columns: dict) -> np.ndarray:
+        return np.asarray(columns["logits"], dtype=np.float32).argmax(1).astype(np.int64)
