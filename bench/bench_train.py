@@ -38,8 +38,8 @@ from kdcache.pipeline.examples.mnist1d import (
     load_or_generate,
 )
 from kdcache.pipeline.examples.models import StudentMLP, TeacherCNN
-from kdcache.stages import losses
 from kdcache.pipeline.jobs import precompute, train
+from kdcache.stages import losses
 from kdcache.stages.loader import JoinedStream, LabelStream
 from kdcache.stages.precompute import PrecomputeConfig
 from kdcache.stages.train import TrainConfig, schedule
