@@ -27,9 +27,7 @@ def test_train_evaluate_and_report_on_a_memory_run_folder(memory_url, tmp_path):
     assert folder.summary() == done["summary"] and len(folder.rows()) == 2
     assert folder.checkpoint_epochs() == [1, 2] and folder.loc.exists("model.pt")
 
-    got = evaluate(
-        EvaluateConfig(checkpoint=folder.url, data=DATA, data_args={"n": 32, "seed": 1})
-    )
+    got = evaluate(EvaluateConfig(checkpoint=folder.url, data=DATA, data_args={"n": 32, "seed": 1}))
     final = done["summary"]["final"]
     assert got["n"] == 32 and got["name"] == "s"
     assert got["accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-9)
