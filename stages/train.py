@@ -409,9 +409,8 @@ class Trainer:
                 f"({'; '.join(changes)}): use another --out, or delete it to start over"
             )
         checkpoint.restore(state, self._parts())
-        epoch = state["epoch"]
-        log.info("resuming %s from checkpoint-%d.pt (epoch %d/%d)", self.cfg.out, epoch, epoch,
-                 self.cfg.epochs)  # fmt: skip
+        epoch, total = state["epoch"], self.cfg.epochs
+        log.info("resuming %s from checkpoint-%d.pt (epoch %d/%d)", self.cfg.out, epoch, epoch, total)
         return epoch, list(state["rows"]), state.get("extra", {})
 
     def summary(self, rows: list, wall: float) -> dict:
