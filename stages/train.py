@@ -410,7 +410,9 @@ class Trainer:
             )
         checkpoint.restore(state, self._parts())
         epoch, total = state["epoch"], self.cfg.epochs
-        log.info("resuming %s from checkpoint-%d.pt (epoch %d/%d)", self.cfg.out, epoch, epoch, total)
+        log.info(
+            "resuming %s from checkpoint-%d.pt (epoch %d/%d)", self.cfg.out, epoch, epoch, total
+        )
         return epoch, list(state["rows"]), state.get("extra", {})
 
     def summary(self, rows: list, wall: float) -> dict:
