@@ -88,10 +88,10 @@ def train(**options) -> None:
         # Options, cache, data and student of every student, before the first one trains; each
         # trainer is built once (a finished run gives its summary instead).
         datasets: dict = {}
-        trainers = [trainer(cfg, dist, datasets) for cfg in configs]
-        for t in trainers:
-            if not isinstance(t, dict):
-                cleanup.enter_context(t)
+        trainers = []
+        for cfg in configs:
+            t = trainer(cfg, dist, datasets)
+            trainers.append(t if isinstance(t, dict) else cleanup.enter_context(t))
         if len(configs) > 1 and parallel > 1:
             cleanup.close()  # the children build their own
             _run_parallel([c.name for c in configs], argv, parallel)
