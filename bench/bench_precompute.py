@@ -1,4 +1,4 @@
-"""Stage one overhead: `kdcache.stages.precompute.run` wall time over a bare `teacher(x)` loop.
+"""Stage one overhead: `kdcache.pipeline.jobs.precompute` wall time over a bare `teacher(x)` loop.
 
 Both run in this process with the same torch thread count over the same batches of the MNIST-1D
 transfer split: the bare loop fetches each batch with the data set's vectorised `get_batch` and
@@ -30,8 +30,8 @@ import torch
 from bench.common import Report, interleaved, median, parse_args, ratio
 from kdcache.pipeline.examples.mnist1d import MNIST1D
 from kdcache.pipeline.examples.models import TeacherCNN
+from kdcache.pipeline.jobs import precompute
 from kdcache.stages.precompute import PrecomputeConfig
-from kdcache.stages.precompute import run as precompute
 
 TEACHER = "kdcache.pipeline.examples.models:TeacherCNN"
 DATA = "kdcache.pipeline.examples.mnist1d:MNIST1D"

@@ -6,11 +6,11 @@ kept on every row (`LabeledMNIST1D` below), so the hard-label run steps over exa
 as the cached one and the comparison is per equal epoch; the cached run's loss also has its hard
 term on every row.
 
-- cache: `kdcache.stages.train.run` with `--cache` (top-k k=8 soft labels, alpha 0.9, beta 0); also shown,
+- cache: `kdcache.pipeline.jobs.train` with `--cache` (top-k k=8 soft labels, alpha 0.9, beta 0); also shown,
   not targeted, with beta 0.5 on the stored teacher features through a learned projector.
-- hard labels: `kdcache.stages.train.run` without `--cache` (cross-entropy only).
+- hard labels: `kdcache.pipeline.jobs.train` without `--cache` (cross-entropy only).
 - teacher online: the loop written out below with a `TeacherCNN` forward (no_grad) every step and
-  the same loss as the cached run, top-k k=8 of the live logits through `losses.soft_loss_topk`.
+  the same loss as the cached run, top-k k=8 of the live logits through `soft_loss_topk`.
 
 The teacher has random weights (timing does not depend on what it learnt). Epoch times are the
 trainer's own `epoch_seconds` (the loop only; evaluation and checkpoints are outside); the first
@@ -38,13 +38,12 @@ from kdcache.pipeline.examples.mnist1d import (
     load_or_generate,
 )
 from kdcache.pipeline.examples.models import StudentMLP, TeacherCNN
+from kdcache.pipeline.jobs import precompute, train
 from kdcache.stages import losses
+from kdcache.stages.loader import JoinedStream, LabelStream
 from kdcache.stages.precompute import PrecomputeConfig
-from kdcache.stages.precompute import run as precompute
 from kdcache.stages.train import TrainConfig, schedule
-from kdcache.stages.train import run as train
 from kdcache.storage.codecs.topk import soft_loss_topk
-from kdcache.storage.stream import CacheStream, LabelStream
 
 DATA = "bench.bench_train:LabeledMNIST1D"
 STUDENT = "kdcache.pipeline.examples.models:StudentMLP"
@@ -205,10 +204,10 @@ def main(argv: list[str] | None = None) -> Report:
     loaders = {
         "LabelStream (hard-label run's loader)": iterated(lambda: LabelStream(data, BATCH)),
         "CacheStream + input join (cached run's loader)": iterated(
-            lambda: CacheStream(str(cache), data, BATCH, features=False)
+            lambda: JoinedStream(str(cache), data, BATCH, features=False)
         ),
         "CacheStream + input join + features": iterated(
-            lambda: CacheStream(str(cache), data, BATCH, features=True)
+            lambda: JoinedStream(str(cache), data, BATCH, features=True)
         ),
     }
     per_epoch: dict[str, list[float]] = {}

@@ -72,7 +72,8 @@ def main() -> None:
 @handle_errors
 def precompute(**options) -> None:
     """Stage one: run the teacher once and write soft labels (+ features) to a store."""
-    from kdcache.stages.precompute import PrecomputeConfig, run
+    from kdcache.pipeline.jobs import precompute as run
+    from kdcache.stages.precompute import PrecomputeConfig
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     log_json = bool(options.get("log_json"))

@@ -20,7 +20,8 @@ from kdcache.pipeline.cli_common import common_options, emit, handle_errors, set
 @handle_errors
 def report(**options) -> None:
     """Write report.md, report.json and accuracy plots for a finished job."""
-    from kdcache.stages.report import ReportConfig, run
+    from kdcache.pipeline.jobs import report as run
+    from kdcache.stages.report import ReportConfig
     from kdcache.stages.report_text import headline, table
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))

@@ -6,6 +6,7 @@ table overrides the file's shared top-level options and trains into OUT/<name>.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from kdcache.pipeline.cli_common import (
     handle_errors,
     setup_logging,
 )
-from kdcache.pipeline.runtime import shutdown_distributed
+from kdcache.pipeline.runtime import process_group
 from kdcache.pipeline.specs import load_config, normalise_keys
 from kdcache.storage.errors import KdcacheError, UsageError
 
@@ -69,7 +70,8 @@ def _kv(help_text: str):
 @handle_errors
 def train(**options) -> None:
     """Stage two: train a student from a cache (soft labels + features), or from labels alone."""
-    from kdcache.stages.train import TrainConfig, Trainer, _on_main, run
+    from kdcache.pipeline.jobs import done_before, trainer
+    from kdcache.stages.train import TrainConfig
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     log_json = bool(options.get("log_json"))
@@ -82,19 +84,21 @@ def train(**options) -> None:
         configs = [build_config(TrainConfig, None, options, REQUIRED, file_opts=file_opts)]
     else:
         configs = _student_configs(TrainConfig, file_opts, students, options, only)
-    for cfg in configs:
-        # Options, cache, data and student of every student, before the first one trains.
-        trainer = Trainer(cfg)
-        if len(configs) > 1 and _on_main(trainer.dist, trainer.finished) is None:
-            trainer.check()
-    if len(configs) > 1 and parallel > 1:
-        _run_parallel([c.name for c in configs], argv, parallel)
-        return
-    try:
+    with process_group(configs[0].device) as dist, contextlib.ExitStack() as cleanup:
+        # Options, cache, data and student of every student, before the first one trains; each
+        # trainer is built once (a finished run gives its summary instead).
+        datasets: dict = {}
+        trainers = []
         for cfg in configs:
-            _report(log_json, cfg, run(cfg))
-    finally:
-        shutdown_distributed()
+            t = trainer(cfg, dist, datasets)
+            trainers.append(t if isinstance(t, dict) else cleanup.enter_context(t))
+        if len(configs) > 1 and parallel > 1:
+            cleanup.close()  # the children build their own
+            _run_parallel([c.name for c in configs], argv, parallel)
+            return
+        for cfg, t in zip(configs, trainers, strict=True):
+            result = done_before(t) if isinstance(t, dict) else t.run()
+            _report(log_json, cfg, result)
 
 
 def _student_configs(cls, shared: dict, students, options: dict, only: str | None) -> list:
@@ -198,7 +202,8 @@ def _report(log_json: bool, cfg, result: dict) -> None:
 @handle_errors
 def evaluate(as_json: bool, **options) -> None:
     """Accuracy, ECE (and teacher agreement with --cache) of a trained student."""
-    from kdcache.stages.evaluate import EvaluateConfig, run
+    from kdcache.pipeline.jobs import evaluate as run
+    from kdcache.stages.evaluate import EvaluateConfig
 
     setup_logging(True, False)
     cfg = build_config(EvaluateConfig, None, options, ("checkpoint", "data"))

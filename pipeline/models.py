@@ -87,19 +87,3 @@ def load_model(
         # No file to hash: the weights themselves (e.g. a seeded factory) are the identity.
         identity["params_sha256"] = params_hash(model)
     return model.eval(), identity
-
-
-def logits_of(output) -> torch.Tensor:
-    """The logits in a forward's output: a tensor, `out["logits"]`, `out.logits`, or `out[0]`."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
-        return output.logits
-    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise UsageError(
-        f"the model returned {type(output).__name__}; it must return logits (B, C), a dict with "
-        "'logits', an object with .logits, or a tuple whose first item is the logits"
-    )

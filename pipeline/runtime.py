@@ -1,4 +1,7 @@
-"""Devices, precision and torch.distributed: the execution environment of one process."""
+"""The execution environment of one process: its device and its place in torch.distributed.
+
+Stages receive a `Dist` and a `torch.device`; only the pipeline makes or ends a process group.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kdcache.storage.errors import UsageError
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from kdcache.storage.errors import KdcacheError, UsageError
 
 
 @dataclass
@@ -41,6 +42,25 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def decide(self, fn):
+        """`fn()` on rank 0 and its result on every rank; when it fails, every rank fails.
+
+        The other ranks wait on the broadcast whatever went wrong, so rank 0 always sends: its
+        result, or its error (a KdcacheError as is, anything else wrapped) which they raise.
+        """
+        result: tuple = ("ok", None)
+        if self.is_main:
+            try:
+                result = ("ok", fn())
+            except Exception as exc:
+                shared = exc if isinstance(exc, KdcacheError) else KdcacheError(f"rank 0: {exc}")
+                self.broadcast(("error", shared))
+                raise
+        kind, value = self.broadcast(result)
+        if kind == "error":
+            raise value
+        return value
+
 
 def init_distributed(device_type: str = "cpu") -> Dist:
     """Join the process group torchrun describes in the environment; a no-op when run alone."""
@@ -58,6 +78,20 @@ def init_distributed(device_type: str = "cpu") -> Dist:
         timeout = float(os.environ.get("KDCACHE_DIST_TIMEOUT", 6 * 3600))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+@contextlib.contextmanager
+def process_group(device: str):
+    """The Dist of this process for a job on `device`; a group made here is destroyed here
+    (gloo aborts the process at exit otherwise), one made by a caller is left to it."""
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    owns = not (dist.is_available() and dist.is_initialized())
+    d = init_distributed("cuda" if wants_cuda else "cpu")
+    try:
+        yield d
+    finally:
+        if owns and d.enabled:
+            shutdown_distributed()
 
 
 def shutdown_distributed() -> None:
@@ -86,30 +120,3 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: MPS is not available here; use --device cpu")
     return device
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast where the device supports it; fp32 runs as is."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    if device.type == "cpu" and dtype is torch.float16:
-        raise UsageError("--precision fp16 needs a GPU; on CPU use --precision bf16 or fp32")
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Pinned memory and non-blocking copies only pay off (and only are safe) on CUDA; a batch the
-    # DataLoader already pinned, or a tensor already on the GPU, is not pinned again.
-    if device.type == "cuda":
-        if t.device.type == "cpu" and not t.is_pinned():
-            t = t.pin_memory()
-        return t.to(device, non_blocking=True)
-    return t.to(device)
-
-
-def sum_dtype(device: torch.device) -> torch.dtype:
-    """Dtype for metric sums: float64 for exact counts, float32 on MPS, which has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64

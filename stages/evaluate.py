@@ -1,12 +1,12 @@
 """Evaluating a student: accuracy, ECE and agreement with the teacher's top-1 on the cache.
 
 The trainer calls `eval_sums` every epoch on each rank's share and all-reduces the sums;
-`kdcache evaluate` (`run`) does the same for any finished training folder.
+`kdcache evaluate` (`run`, given the built student and data sets) does the same for any finished
+training folder.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kdcache.pipeline.data import get_batch, load_dataset
-from kdcache.pipeline.models import load_model, logits_of
-from kdcache.pipeline.runtime import autocast, resolve_device, sum_dtype, to_device
+from kdcache.stages.data import get_batch
+from kdcache.stages.device import autocast, sum_dtype, to_device
+from kdcache.stages.hooks import logits_of
+from kdcache.stages.loader import check_data
 from kdcache.stages.metrics import batch_sums, summarise, sums_size
 from kdcache.storage.errors import UsageError
-from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
-from kdcache.storage.stream import check_data, span
+from kdcache.storage.stream import span
 
 log = logging.getLogger("kdcache.evaluate")
 
@@ -102,37 +102,13 @@ class EvaluateConfig:
             raise UsageError(f"agree_rows {self.agree_rows} must be >= 1")
 
 
-def load_student(folder: str, storage_options: dict | None = None):
-    """(student in eval mode, its summary.json) from a finished `kdcache train --out` folder."""
-    loc = open_location(folder, storage_options)
-    if not loc.exists("summary.json"):
-        raise UsageError(
-            f"--checkpoint {folder!r} has no summary.json: point it at a finished "
-            "`kdcache train --out` folder (rerun that command to finish training)"
-        )
-    summary = json.loads(loc.read_bytes("summary.json"))
-    url = folder.rstrip("/") + "/model.pt"
-    model, _ = load_model(
-        summary["student"], summary.get("student_args") or {}, url, storage_options, "--student"
-    )
-    return model, summary
-
-
-def run(cfg: EvaluateConfig) -> dict:
-    """Accuracy, ECE and loss on `cfg.data`; agreement with the cache's teacher when given."""
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    model, summary = load_student(cfg.checkpoint, cfg.storage_options)
-    model = model.to(device)
-    ds = load_dataset(cfg.data, cfg.data_args)
+def run(cfg: EvaluateConfig, model, summary: dict, ds, device, reader=None, cache_data=None):
+    """Accuracy, ECE and loss of `model` (on `device`) on `ds`; agreement with the teacher of
+    the cache `reader` when given, on `cache_data` (the data set its manifest names)."""
     has_labels(ds, "--data")
     result = summarise(eval_sums(model, dataset_batches(ds, cfg.batch_size), device, cfg.precision))
     result["agreement"] = None
-    if cfg.cache:
-        reader = CacheReader(cfg.cache, cfg.storage_options)
-        # Agreement needs the inputs of the cached rows: the data set named in the manifest.
-        source = reader.manifest["data"]
-        cache_data = load_dataset(source["spec"], source.get("kwargs") or {})
+    if reader is not None:
         check_data(reader, cache_data, cfg.ignore_fingerprint)
         agree = AgreementSet(reader, cache_data, cfg.agree_rows)
         sums = eval_sums(model, agree.batches(cfg.batch_size), device, cfg.precision)

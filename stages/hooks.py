@@ -1,4 +1,5 @@
-"""Capture a named submodule's output during forward and pool it to one vector per sample."""
+"""What a forward gives: its logits (`logits_of`), and a named submodule's output pooled to one
+vector per sample (`FeatureTap`)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,19 @@ class FeatureTap:
     def __exit__(self, *exc) -> None:
         if self._handle is not None:
             self._handle.remove()
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits in a forward's output: a tensor, `out["logits"]`, `out.logits`, or `out[0]`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise UsageError(
+        f"the model returned {type(output).__name__}; it must return logits (B, C), a dict with "
+        "'logits', an object with .logits, or a tuple whose first item is the logits"
+    )

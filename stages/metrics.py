@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache.pipeline.runtime import sum_dtype
+from kdcache.stages.device import sum_dtype
 
 BINS = 15
 CSV_FIELDS = (

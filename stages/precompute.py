@@ -19,23 +19,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdcache.pipeline.data import BatchView, data_fingerprint, load_dataset
-from kdcache.pipeline.fingerprint import store_fingerprint
-from kdcache.pipeline.models import load_model, logits_of
-from kdcache.pipeline.runtime import (
-    autocast,
-    init_distributed,
-    resolve_device,
-    shutdown_distributed,
-    to_device,
-)
+from kdcache.stages.data import BatchView, data_fingerprint
+from kdcache.stages.device import autocast, to_device
 from kdcache.stages.encode import add_stats, check_labels, check_logits, encode_batch, summarise
-from kdcache.stages.hooks import POOLS, FeatureTap
+from kdcache.stages.hooks import POOLS, FeatureTap, logits_of
 from kdcache.storage import codecs
-from kdcache.storage.errors import FormatError, KdcacheError, UsageError
+from kdcache.storage.errors import FormatError, UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.lock import StoreLock
-from kdcache.storage.manifest import FORMAT, balanced_shard_rows, kdcache_version, load_manifest
+from kdcache.storage.manifest import (
+    FORMAT,
+    balanced_shard_rows,
+    kdcache_version,
+    load_manifest,
+    store_fingerprint,
+)
 from kdcache.storage.writer import StoreWriter, existing_state, wipe
 
 log = logging.getLogger("kdcache.precompute")
@@ -320,40 +318,21 @@ def _publish(store: StoreWriter, seconds: dict) -> dict:
     return store.publish(stats, extra={"kdcache_version": kdcache_version()})
 
 
-def run(cfg: PrecomputeConfig) -> dict:
-    """Run stage one; returns {"status": "hit" | "done", "manifest": ..., ...}."""
-    cfg.validate()
-    started = time.perf_counter()
-    wants_cuda = cfg.device.startswith("cuda") or (
-        cfg.device == "auto" and torch.cuda.is_available()
-    )
-    # A process group made here is destroyed here: gloo aborts the process at exit otherwise.
-    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    dist = init_distributed("cuda" if wants_cuda else "cpu")
-    owns_group = owns_group and dist.enabled
-    device = resolve_device(cfg.device, dist.local_rank)
+def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, started=None) -> dict:
+    """Stage one with a built teacher (on `device`) and data set; returns {"status": "hit" |
+    "done", "manifest": ..., ...}. `dist` is this process's place among the ranks (rank,
+    world_size, is_main, barrier, decide); `started` is when the job began (perf_counter)."""
+    started = time.perf_counter() if started is None else started
     loc = open_location(cfg.out, cfg.storage_options)
-    ds = load_dataset(cfg.data, cfg.data_args)
-    model, teacher_id = load_model(
-        cfg.teacher, cfg.teacher_args, cfg.checkpoint, cfg.storage_options
-    )
-    model = model.to(device)
     header = _identity(cfg, teacher_id, ds, data_fingerprint(ds))
     lock = StoreLock(loc) if dist.is_main else None
+
+    def prepare() -> tuple:
+        _acquire(lock)
+        return _prepare_store(loc, header, cfg, model, ds, device)
+
     try:
-        decision: tuple = ("error", None)
-        if dist.is_main:
-            try:
-                _acquire(lock)
-                decision = _prepare_store(loc, header, cfg, model, ds, device)
-            except Exception as exc:
-                # The other ranks wait on this broadcast whatever failed; tell them, then fail.
-                shared = exc if isinstance(exc, KdcacheError) else KdcacheError(f"rank 0: {exc}")
-                dist.broadcast(("error", shared))
-                raise
-        decision = dist.broadcast(decision)
-        if decision[0] == "error":
-            raise decision[1]
+        decision = dist.decide(prepare)
         if decision[0] == "hit":
             return {
                 "status": "hit",
@@ -377,8 +356,6 @@ def run(cfg: PrecomputeConfig) -> dict:
     finally:
         if lock is not None and lock._thread is not None:
             lock.release()
-        if owns_group:
-            shutdown_distributed()
 
 
 def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:

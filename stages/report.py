@@ -1,8 +1,9 @@
 """The job report: the teacher and every student side by side, the cache, and what it saved.
 
 `run` reads finished `kdcache train` folders (RUNS/teacher and RUNS/students/*: summary.json and
-metrics.csv) plus the store the students trained from, and writes report.md, report.json and two
-PNGs beside `out`. Accuracy is each run's *final* epoch on its --eval-data, not its best epoch:
+metrics.csv, on any fsspec URL) plus the store the students trained from, and writes report.md,
+report.json and two PNGs beside `out`. The models and data sets it needs for agreement come from
+`build`, which the pipeline supplies: `build.student(folder_url)` and `build.dataset(spec, args)`. Accuracy is each run's *final* epoch on its --eval-data, not its best epoch:
 picking the best epoch on the test set would flatter every model. Teacher agreement is recomputed
 here on that same eval data (student top-1 == teacher top-1), because the trainer's own figure is
 measured on the first cached rows, most of which are the teacher's training rows.
@@ -29,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.pipeline.data import load_dataset
-from kdcache.pipeline.models import logits_of
-from kdcache.stages.evaluate import dataset_batches, load_student
-from kdcache.stages.metrics import parse_csv
+from kdcache.stages.evaluate import dataset_batches
+from kdcache.stages.hooks import logits_of
+from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
+from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
 
 log = logging.getLogger("kdcache.report")
@@ -61,15 +62,27 @@ class ReportConfig:
             )
 
 
-def _load_run(folder: Path) -> dict | None:
+def _check(cfg: ReportConfig) -> None:
+    """`cfg.validate()`; it joins and checks with pathlib, so URLs get the same defaults joined
+    with "/" and the students folder checked through fsio."""
+    if "://" not in cfg.runs + (cfg.students or ""):
+        cfg.validate()
+        return
+    root = cfg.runs.rstrip("/")
+    cfg.out = cfg.out or f"{root}/report.md"
+    cfg.teacher = cfg.teacher or f"{root}/teacher"
+    cfg.students = cfg.students or f"{root}/students"
+    if not open_location(cfg.students).is_dir():
+        raise UsageError(f"--students {cfg.students}: no such folder; train students first")
+
+
+def _load_run(folder: RunFolder) -> dict | None:
     """summary.json (+ parsed metrics.csv) of a finished run, None when it has not finished."""
-    if not (folder / "summary.json").is_file():
+    summary = folder.summary()
+    if summary is None:
         return None
-    summary = json.loads((folder / "summary.json").read_text())
-    rows = []
-    if (folder / "metrics.csv").is_file():
-        rows = parse_csv((folder / "metrics.csv").read_text())
-    summary["_rows"], summary["_folder"] = rows, str(folder)
+    summary["_rows"], summary["_folder"] = folder.rows(), folder.url
+    summary["_finished_at"] = folder.finished_at()
     return summary
 
 
@@ -122,9 +135,9 @@ def _predictions(model, data) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def _agreements(teacher: dict, students: list[dict]) -> None:
+def _agreements(teacher: dict, students: list[dict], build) -> None:
     """Fill each student's `agreement`: share of eval rows where its top-1 is the teacher's."""
-    t_model, _ = load_student(teacher["folder"])
+    t_model = build.student(teacher["folder"])
     cached: dict[str, tuple] = {}
     for e in students:
         spec, args = e["eval_data"]
@@ -132,10 +145,10 @@ def _agreements(teacher: dict, students: list[dict]) -> None:
             continue
         key = json.dumps([spec, args], sort_keys=True)
         if key not in cached:
-            data = load_dataset(spec, args)
+            data = build.dataset(spec, args)
             cached[key] = (data, _predictions(t_model, data))
         data, t_pred = cached[key]
-        s_model, _ = load_student(e["folder"])
+        s_model = build.student(e["folder"])
         e["agreement"] = float((_predictions(s_model, data) == t_pred).mean())
 
 
@@ -212,12 +225,13 @@ def _headline(report: dict) -> dict:
     }
 
 
-def collect(cfg: ReportConfig) -> dict:
+def collect(cfg: ReportConfig, build) -> dict:
     """The report as a dict (what report.json holds)."""
-    cfg.validate()
-    teacher_run = _load_run(Path(cfg.teacher))
-    folders = sorted(p for p in Path(cfg.students).iterdir() if p.is_dir())
-    runs = [(p, _load_run(p)) for p in folders]
+    _check(cfg)
+    teacher_run = _load_run(RunFolder(cfg.teacher))
+    parent = open_location(cfg.students)
+    names = [n for n in parent.listdir() if parent.is_dir(n)]
+    runs = [(n, _load_run(RunFolder(f"{parent.url.rstrip('/')}/{n}"))) for n in names]
     finished = [s for _, s in runs if s is not None]
     if not finished:
         raise UsageError(
@@ -225,38 +239,33 @@ def collect(cfg: ReportConfig) -> dict:
             "run `make students` (or rerun its `kdcache train` command to finish)"
         )
     # Training order (summary.json is written last), so the table follows the job file.
-    finished.sort(key=lambda s: (os.path.getmtime(Path(s["_folder"]) / "summary.json"), s["name"]))
+    finished.sort(key=lambda s: (s["_finished_at"], s["name"]))
     students = [_entry(s, "student") for s in finished]
     teacher = _entry(teacher_run, "teacher") if teacher_run else None
     if teacher and cfg.agreement:
-        _agreements(teacher, students)
+        _agreements(teacher, students, build)
     caches = sorted({e["cache"] for e in students if e["cache"]})
     report = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": cfg.runs,
         "teacher": teacher,
         "students": students,
-        "unfinished": [p.name for p, s in runs if s is None],
+        "unfinished": [n for n, s in runs if s is None],
         "caches": [_cache_info(url, students) for url in caches],
     }
     report.update(_headline(report))
     return report
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Atomic: a reader (or a cron job running alongside) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def run(cfg: ReportConfig) -> dict:
+def run(cfg: ReportConfig, build) -> dict:
     """Collect the report and write report.md, report.json and (with plots) the PNGs."""
     from kdcache.stages.report_text import markdown
 
-    report = collect(cfg)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    report = collect(cfg, build)
+    parent, _, name = cfg.out.rpartition("/")
+    # Atomic writes: a reader (or a cron job running alongside) never sees a half-written file.
+    loc = open_location(parent or ".")
+    where = lambda n: f"{parent}/{n}" if parent else n  # noqa: E731 - the user's own spelling
     written = []
     if cfg.plots:
         try:
@@ -264,12 +273,12 @@ def run(cfg: ReportConfig) -> dict:
         except ImportError as exc:
             log.warning("no plots: %s (pip install 'kdcache[report]' for matplotlib)", exc)
         else:
-            for name, plot in zip(PLOTS, (plot_curves, plot_bars), strict=True):
-                _write(out.parent / name, plot(report))
-                written.append(str(out.parent / name))
-    report["plots"] = [Path(p).name for p in written]
-    json_path = out.with_suffix(".json")
-    _write(json_path, (json.dumps(report, indent=2) + "\n").encode())
-    _write(out, markdown(report).encode())
-    report["written"] = [str(out), str(json_path), *written]
+            for png, plot in zip(PLOTS, (plot_curves, plot_bars), strict=True):
+                loc.write_bytes(plot(report), png)
+                written.append(png)
+    report["plots"] = list(written)
+    json_name = os.path.splitext(name)[0] + ".json"
+    loc.write_bytes((json.dumps(report, indent=2) + "\n").encode(), json_name)
+    loc.write_bytes(markdown(report).encode(), name)
+    report["written"] = [where(name), where(json_name), *map(where, written)]
     return report

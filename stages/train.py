@@ -16,13 +16,10 @@ at-most-a-few uneven last batches; metrics are all-reduced; only rank 0 writes f
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
 import math
 import os
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -31,16 +28,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.pipeline.data import load_dataset
-from kdcache.pipeline.models import load_model, logits_of
-from kdcache.pipeline.runtime import (
-    autocast,
-    init_distributed,
-    resolve_device,
-    sum_dtype,
-    to_device,
-)
-from kdcache.stages import losses
+from kdcache.stages import checkpoint, losses
+from kdcache.stages.data import get_batch
+from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.evaluate import (
     AgreementSet,
     dataset_batches,
@@ -48,17 +38,15 @@ from kdcache.stages.evaluate import (
     has_labels,
     reduce_sums,
 )
-from kdcache.stages.hooks import POOLS, FeatureTap
-from kdcache.stages.metrics import csv_text, epoch_line, run_totals, summarise
-from kdcache.storage.errors import KdcacheError, UsageError
-from kdcache.storage.fsio import open_location
+from kdcache.stages.hooks import POOLS, FeatureTap, logits_of
+from kdcache.stages.loader import JoinedStream, LabelStream, check_data
+from kdcache.stages.metrics import epoch_line, run_totals, summarise
+from kdcache.stages.run_folder import RunFolder
+from kdcache.storage.errors import UsageError
 from kdcache.storage.manifest import diff
 from kdcache.storage.reader import CacheReader
-from kdcache.storage.stream import CacheStream, LabelStream, check_data
 
 log = logging.getLogger("kdcache.train")
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
-KEEP_CHECKPOINTS = 2
 # Execution settings: they change speed or logging, not what a finished run computed.
 # num_workers is here although each worker streams its own slice of the epoch (so the count
 # shapes the row order): resuming with another count still sees every row once per epoch.
@@ -173,8 +161,6 @@ def _settings_diff(old: dict, new: dict) -> list[str]:
 
 def _probe(student, data, tap, device) -> tuple[int, int | None]:
     """(output width, pooled feature width) from a two-row forward, in eval mode (BN untouched)."""
-    from kdcache.pipeline.data import get_batch
-
     x, _ = get_batch(data, np.arange(min(2, len(data))))
     student.eval()
     with torch.no_grad():
@@ -185,88 +171,116 @@ def _probe(student, data, tap, device) -> tuple[int, int | None]:
     return int(z.shape[1]), dim
 
 
+def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
+    """The settings a run records (cfg with the cache's defaults), after the checks that need the
+    cache but neither the data nor the student."""
+    if reader and cfg.temperature is None:
+        cfg.temperature = reader.temperature
+    if reader and cfg.beta > 0 and not reader.has_features:
+        raise UsageError(
+            f"--beta {cfg.beta} needs teacher features but the cache {reader.url} stores none: "
+            "recompute it with `kdcache precompute --features LAYER`, or use --beta 0"
+        )
+    return asdict(cfg)
+
+
+def finished(cfg: TrainConfig, reader: CacheReader | None, folder: RunFolder) -> dict | None:
+    """The summary of an identical finished run, if there is one (then this run is a no-op)."""
+    settings = run_settings(cfg, reader)
+    summary = folder.summary()
+    if summary is None:
+        return None
+    changes = _settings_diff(summary.get("settings", {}), settings)
+    if changes:
+        raise UsageError(
+            f"{cfg.out} holds a finished run with other settings ({'; '.join(changes)}): "
+            "use another --out, or delete that folder to retrain"
+        )
+    return summary
+
+
 class Trainer:
-    """Everything one run needs, built and validated in `__init__` before any training."""
+    """One student's run: built (and checked) once, then setup -> train -> cleanup.
 
-    def __init__(self, cfg: TrainConfig):
-        cfg.validate()
-        self.cfg = cfg
-        cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-        self.dist = init_distributed("cuda" if cuda else "cpu")
-        self.device = resolve_device(cfg.device, self.dist.local_rank)
-        self.out = open_location(cfg.out, cfg.storage_options)
-        self.reader = CacheReader(cfg.cache, cfg.storage_options) if cfg.cache else None
-        r = self.reader
-        self.task = r.task if r else "classification"
-        if r and cfg.temperature is None:
-            cfg.temperature = r.temperature
-        if r and cfg.beta > 0 and not r.has_features:
-            raise UsageError(
-                f"--beta {cfg.beta} needs teacher features but the cache {r.url} stores none: "
-                "recompute it with `kdcache precompute --features LAYER`, or use --beta 0"
-            )
-        self.settings = asdict(cfg)
+    It is given what the pipeline built: the process group `dist`, the `device`, the cache's
+    reader (or None), the run folder, the data sets and the freshly seeded student. Building it
+    makes every check those allow (eval labels, data fingerprint, output width, feature layer),
+    so a list of students fails on a bad one before the first of them trains. Use it as a context
+    manager: leaving it removes the feature hook and closes TensorBoard.
+    """
 
-    def finished(self) -> dict | None:
-        """The summary of an identical finished run, if there is one (then this run is a no-op)."""
-        if not self.out.exists("summary.json"):
-            return None
-        summary = json.loads(self.out.read_bytes("summary.json"))
-        changes = _settings_diff(summary.get("settings", {}), self.settings)
-        if changes:
-            raise UsageError(
-                f"{self.cfg.out} holds a finished run with other settings ({'; '.join(changes)}): "
-                "use another --out, or delete that folder to retrain"
-            )
-        return summary
+    def __init__(self, cfg, dist, device, reader, folder, data, eval_data, student: nn.Module):
+        self.cfg, self.dist, self.device, self.reader, self.folder = (
+            cfg,
+            dist,
+            device,
+            reader,
+            folder,
+        )
+        self.data, self.eval_data = data, eval_data
+        self.task = reader.task if reader else "classification"
+        self.settings = run_settings(cfg, reader)
+        self.cleanup_stack = contextlib.ExitStack()
+        try:
+            self._build(student)
+        except BaseException:
+            self.cleanup()
+            raise
 
-    def check(self) -> tuple[nn.Module, FeatureTap | None, int | None]:
-        """Every check `setup` makes (data, eval labels, student, its width and feature layer),
-        so that a list of students fails on a bad one before the first of them trains."""
+    def _build(self, student: nn.Module) -> None:
         cfg, r = self.cfg, self.reader
-        self.data = load_dataset(cfg.data, cfg.data_args)
-        self.eval_data = load_dataset(cfg.eval_data, cfg.eval_data_args) if cfg.eval_data else None
         if self.eval_data is not None and self.task == "classification":
             has_labels(self.eval_data)
-        if r and not cfg.ignore_fingerprint:  # (CacheStream warns about an ignored mismatch)
+        if r and not cfg.ignore_fingerprint:  # (JoinedStream warns about an ignored mismatch)
             check_data(r, self.data)
-        torch.manual_seed(cfg.seed)
-        student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
         tap = None
         if cfg.beta > 0:
             tap = FeatureTap(student, cfg.student_features, cfg.pool, "--student-features")
-            tap.__enter__()
+            self.cleanup_stack.enter_context(tap)
         width, sdim = _probe(student, self.data, tap, torch.device("cpu"))
         if r and width != r.num_classes:
             raise UsageError(
                 f"--student {cfg.student} outputs {width} values per sample but the cache has "
                 f"{r.num_classes} classes: pass --student-arg num_classes={r.num_classes} or so"
             )
-        return student, tap, sdim
-
-    def setup(self) -> None:
-        cfg, r = self.cfg, self.reader
-        if cfg.threads:
-            # Small models on a busy CPU can run several times faster on one thread.
-            torch.set_num_threads(cfg.threads)
-        student, tap, sdim = self.check()
-        rank, world = self.dist.rank, self.dist.world_size
-        common = dict(seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
-        if r:
-            common.update(buffer_size=cfg.buffer_size, prefetch=cfg.prefetch, features=cfg.beta > 0)
-            self.stream = CacheStream(
-                r, self.data, cfg.batch_size, ignore_fingerprint=cfg.ignore_fingerprint, **common
-            )
-        else:
-            self.stream = LabelStream(self.data, cfg.batch_size, **common)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        self.student = student.to(self.device)
+        self.student = student
         self.num_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
         projector: nn.Module = nn.Identity()
         if tap is not None and sdim != r.features_info["dim"]:
             projector = nn.Linear(sdim, r.features_info["dim"])
-        self.model = Distillee(student, tap, projector).to(self.device).train()
+        self.model = Distillee(student, tap, projector)
+        # Every student of a [[students]] list is built before the first trains: each one trains
+        # from the RNG state its own seeded build left, as it would alone.
+        self.rng = checkpoint.rng_state()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        self.cleanup_stack.close()
+
+    def setup(self) -> None:
+        cfg, r = self.cfg, self.reader
+        self.started = time.perf_counter()
+        if cfg.threads:
+            # Small models on a busy CPU can run several times faster on one thread.
+            torch.set_num_threads(cfg.threads)
+        rank, world = self.dist.rank, self.dist.world_size
+        common = dict(seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
+        if r:
+            common.update(buffer_size=cfg.buffer_size, prefetch=cfg.prefetch, features=cfg.beta > 0)
+            self.stream = JoinedStream(
+                r, self.data, cfg.batch_size, ignore_fingerprint=cfg.ignore_fingerprint, **common
+            )
+        else:
+            self.stream = LabelStream(self.data, cfg.batch_size, **common)
+        checkpoint.set_rng_state(self.rng)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model.to(self.device).train()
         self.ddp = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -366,81 +380,33 @@ class Trainer:
         self.model.train()
         return out
 
-    # ----------------------------------------------------------------- files
+    # ----------------------------------------------------------------- checkpoints, outputs
 
-    def _save(self, name: str, obj) -> None:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        self.out.write_bytes(buf.getvalue(), name)
-
-    def save_checkpoint(self, epoch: int, rows: list, extra: dict) -> None:
-        np_state = np.random.get_state()
-        self._save(
-            f"checkpoint-{epoch}.pt",
-            {
-                "model": self.student.state_dict(),
-                "projector": self.model.projector.state_dict(),
-                "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    "numpy": (
-                        np_state[0],
-                        torch.from_numpy(np_state[1].astype(np.int64)),
-                        *np_state[2:],
-                    ),
-                    "python": random.getstate(),
-                },
-                "epoch": epoch,
-                "rows": rows,
-                "settings": self.settings,
-                "extra": extra,
-            },
-        )
-        self.out.write_bytes(csv_text(rows).encode(), "metrics.csv")
-        for old in self.out.listdir():
-            m = CHECKPOINT.match(old)
-            if m and int(m.group(1)) <= epoch - KEEP_CHECKPOINTS:
-                self.out.remove(old)
+    def _parts(self) -> dict:
+        return {
+            "model": self.student,
+            "projector": self.model.projector,
+            "optimizer": self.opt,
+            "scheduler": self.sched,
+        }
 
     def resume(self) -> tuple[int, list, dict]:
         """(last finished epoch, its metrics rows, saved extras) from the newest checkpoint."""
-        found = sorted(int(m.group(1)) for n in self.out.listdir() if (m := CHECKPOINT.match(n)))
-        if not found:
+        state = checkpoint.latest(self.folder)
+        if state is None:
             return 0, [], {}
-        epoch = found[-1]
-        state = torch.load(
-            io.BytesIO(self.out.read_bytes(f"checkpoint-{epoch}.pt")),
-            map_location="cpu",
-            weights_only=True,
-        )
         changes = _settings_diff(state["settings"], self.settings)
         if changes:
             raise UsageError(
                 f"{self.cfg.out} holds checkpoints of a run with other settings "
                 f"({'; '.join(changes)}): use another --out, or delete it to start over"
             )
-        self.student.load_state_dict(state["model"])
-        self.model.projector.load_state_dict(state["projector"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        kind, keys, *rest = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        random.setstate(rng["python"])
-        rows = list(state["rows"])
+        checkpoint.restore(state, self._parts())
+        epoch, total = state["epoch"], self.cfg.epochs
         log.info(
-            "resuming %s from checkpoint-%d.pt (epoch %d/%d)",
-            self.cfg.out,
-            epoch,
-            epoch,
-            self.cfg.epochs,
+            "resuming %s from checkpoint-%d.pt (epoch %d/%d)", self.cfg.out, epoch, epoch, total
         )
-        return epoch, rows, state.get("extra", {})
+        return epoch, list(state["rows"]), state.get("extra", {})
 
     def summary(self, rows: list, wall: float) -> dict:
         cfg, r = self.cfg, self.reader
@@ -457,79 +423,69 @@ class Trainer:
             **run_totals(rows),
         }
 
+    # ----------------------------------------------------------------- the run
 
-def _tensorboard(cfg: TrainConfig, loc):
-    if not loc.is_local:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(os.path.join(loc.root, "tensorboard"))
-
-
-def run(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict:
-    """Train (or resume, or recognise as done) one student; returns {"status", "summary", ...}.
-
-    `stop_after_epoch` ends the run cleanly after that epoch, as a kill would (tests, schedulers).
-    """
-    started = time.perf_counter()
-    t = Trainer(cfg)
-    done = _on_main(t.dist, t.finished)
-    if done is not None:
-        return {"status": "done-before", "summary": done, "history": []}
-    t.setup()
-    first, rows, extra = t.resume()
-    tb = _tensorboard(cfg, t.out) if t.dist.is_main else None
-    history: list = []
-    last = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
-    for epoch in range(first + 1, last + 1):
-        tick = time.perf_counter()
-        train = t.train_epoch(epoch, history)
-        seconds = time.perf_counter() - tick
-        row = {
-            "epoch": epoch,
-            "step": epoch * t.steps,
-            "lr": t.sched.get_last_lr()[0],
-            **{k: v for k, v in train.items() if k != "rows"},
-            **t.evaluate(),
-            "epoch_seconds": seconds,
-            "samples_per_sec": train["rows"] / seconds if seconds else None,
-        }
-        rows.append(row)
-        if t.dist.is_main:
-            log.info(epoch_line(row, cfg.epochs))
-            extra["wall_seconds"] = extra.get("wall_seconds", 0.0) + time.perf_counter() - started
-            started = time.perf_counter()
-            t.save_checkpoint(epoch, rows, extra)
-            if tb is not None:
-                for k, v in row.items():
-                    if k != "epoch" and v is not None:
-                        tb.add_scalar(k, v, epoch)
-        t.dist.barrier()
-    if tb is not None:
-        tb.close()
-    if last < cfg.epochs:
-        return {"status": "stopped", "summary": None, "history": history, "rows": rows}
-    summary = None
-    if t.dist.is_main:
-        wall = extra.get("wall_seconds", 0.0) + time.perf_counter() - started
-        t._save("model.pt", t.student.state_dict())
-        summary = t.summary(rows, wall)
-        t.out.write_bytes((json.dumps(summary, indent=2) + "\n").encode(), "summary.json")
-    t.dist.barrier()
-    return {"status": "done", "summary": summary, "history": history, "rows": rows}
-
-
-def _on_main(d, fn):
-    """`fn()` on rank 0, its result (or its error) on every rank."""
-    result: tuple = ("ok", None)
-    if d.is_main:
+    def _tensorboard(self):
+        loc = self.folder.loc
+        if not self.dist.is_main or not loc.is_local:
+            return None
         try:
-            result = ("ok", fn())
-        except KdcacheError as exc:
-            result = ("error", exc)
-    kind, value = d.broadcast(result)
-    if kind == "error":
-        raise value
-    return value
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        tb = SummaryWriter(os.path.join(loc.root, "tensorboard"))
+        self.cleanup_stack.callback(tb.close)
+        return tb
+
+    def run(self, stop_after_epoch: int | None = None) -> dict:
+        """setup, then train (or resume); returns {"status", "summary", "history", "rows"}.
+
+        `stop_after_epoch` ends the run cleanly after that epoch, as a kill would (tests,
+        schedulers).
+        """
+        self.setup()
+        return self.train(stop_after_epoch)
+
+    def train(self, stop_after_epoch: int | None = None) -> dict:
+        cfg, d = self.cfg, self.dist
+        started = self.started
+        first, rows, extra = self.resume()
+        tb = self._tensorboard()
+        history: list = []
+        last = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
+        for epoch in range(first + 1, last + 1):
+            tick = time.perf_counter()
+            train = self.train_epoch(epoch, history)
+            seconds = time.perf_counter() - tick
+            row = {
+                "epoch": epoch,
+                "step": epoch * self.steps,
+                "lr": self.sched.get_last_lr()[0],
+                **{k: v for k, v in train.items() if k != "rows"},
+                **self.evaluate(),
+                "epoch_seconds": seconds,
+                "samples_per_sec": train["rows"] / seconds if seconds else None,
+            }
+            rows.append(row)
+            if d.is_main:
+                log.info(epoch_line(row, cfg.epochs))
+                extra["wall_seconds"] = (
+                    extra.get("wall_seconds", 0.0) + time.perf_counter() - started
+                )
+                started = time.perf_counter()
+                checkpoint.save(self.folder, epoch, self._parts(), rows, self.settings, extra)
+                if tb is not None:
+                    for k, v in row.items():
+                        if k != "epoch" and v is not None:
+                            tb.add_scalar(k, v, epoch)
+            d.barrier()
+        if last < cfg.epochs:
+            return {"status": "stopped", "summary": None, "history": history, "rows": rows}
+        summary = None
+        if d.is_main:
+            wall = extra.get("wall_seconds", 0.0) + time.perf_counter() - started
+            self.folder.write_model(self.student.state_dict())
+            summary = self.summary(rows, wall)
+            self.folder.write_summary(summary)
+        d.barrier()
+        return {"status": "done", "summary": summary, "history": history, "rows": rows}

@@ -114,6 +114,13 @@ class Location:
                 size += len(chunk)
         return h.hexdigest(), size
 
+    def modified(self, *parts: str) -> float:
+        """Last modification time of a file, in seconds since the epoch."""
+        return self.fs.modified(self._fresh(self.path(*parts))).timestamp()
+
+    def is_dir(self, *parts: str) -> bool:
+        return self.fs.isdir(self._fresh(self.path(*parts)))
+
     def listdir(self, *parts: str) -> list[str]:
         """Names (not paths) directly below `parts`; empty when it does not exist."""
         target = self._fresh(self.path(*parts))

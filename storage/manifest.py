@@ -7,6 +7,7 @@ tell "resume my own run" from "someone else's settings" before a manifest exists
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from importlib import metadata
@@ -105,3 +106,30 @@ def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
+
+
+def hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# The header fields that decide the bytes of a store. Execution settings (device, batch size,
+# workers) are left out on purpose: they change speed, not what is computed, so a cache made on a
+# GPU serves a CPU rerun. Precision stays in: bf16 logits are different numbers.
+FINGERPRINT_FIELDS = (
+    "teacher",
+    "data",
+    "temperature",
+    "soft_labels",
+    "features",
+    "shard_rows",
+    "task",
+    "precision",
+)
+
+
+def store_fingerprint(header: dict) -> str:
+    teacher = {k: v for k, v in header["teacher"].items() if k != "checkpoint"}
+    doc = {k: header.get(k) for k in FINGERPRINT_FIELDS}
+    doc["teacher"] = teacher
+    doc["data"] = {k: v for k, v in header["data"].items()}
+    return hash_json(doc)

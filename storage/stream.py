@@ -6,8 +6,8 @@ differ by at most one row. A slot reads only the shards its span overlaps, whole
 and one Zarr slice each), in a prefetch thread that stays ``prefetch`` shards ahead so object-store
 latency hides behind training. Rows then pass through a shuffle buffer that is mixed with numpy
 permutations per incoming shard, never per sample, in two reused pools; memory is the buffer plus
-the prefetched shards, whatever the size of the store. Inputs are joined from ``data`` by
-``sample_id`` one batch at a time with the vectorised ``kdcache.pipeline.data.get_batch``.
+the prefetched shards, whatever the size of the store. Only stored columns are streamed: stage two
+joins the inputs by ``sample_id`` (``kdcache.stages.loader.JoinedStream``).
 
 Batches hold at most ``batch_size`` rows. Every slot cuts its span into the same number of
 batches (that of the largest slot) of near-equal size, so all ranks take the same number of steps
@@ -16,7 +16,6 @@ batches (that of the largest slot) of near-equal size, so all ranks take the sam
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 
@@ -24,12 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kdcache.pipeline.data import data_fingerprint, get_batch
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.shards import decode_table
 
-log = logging.getLogger("kdcache.stream")
 _END = object()
 
 
@@ -173,7 +170,7 @@ def _in_order(pieces, sizes: list[int]):
         buf = _take(buf, slice(a, n))
 
 
-class _Stream(torch.utils.data.IterableDataset):
+class EpochStream(torch.utils.data.IterableDataset):
     """What both streams share: the epoch, the slot split and the batch count."""
 
     def __init__(self, batch_size, shuffle, seed, rank, world_size, num_workers):
@@ -222,12 +219,12 @@ class _Stream(torch.utils.data.IterableDataset):
         return lo, hi, self._sizes(hi - lo, slots), rng
 
 
-class CacheStream(_Stream):
+class CacheStream(EpochStream):
     """Batches of a store as dicts of tensors, each row once per epoch across ranks x workers.
 
     Keys: `sample_id` int64, `label` int64 (-1 missing), `logits` or `topk_indices` /
     `topk_logits` / `logsumexp` as stored, `features` as stored (float16 stays float16) when
-    `features` is true and the store has them, and `input` joined from `data` when given.
+    `features` is true and the store has them.
     `len()` is the number of batches this rank yields (exact when `num_workers` matches the
     DataLoader's). Wrap it as `DataLoader(stream, batch_size=None, num_workers=...)`.
     """
@@ -235,7 +232,6 @@ class CacheStream(_Stream):
     def __init__(
         self,
         cache: str | CacheReader,
-        data=None,
         batch_size: int = 256,
         shuffle: bool = True,
         seed: int = 0,
@@ -246,7 +242,6 @@ class CacheStream(_Stream):
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 0,
-        ignore_fingerprint: bool = False,
     ):
         super().__init__(batch_size, shuffle, seed, rank, world_size, num_workers)
         if buffer_size < 0 or prefetch < 1:
@@ -256,10 +251,8 @@ class CacheStream(_Stream):
         self.reader = (
             cache if isinstance(cache, CacheReader) else CacheReader(cache, storage_options)
         )
-        self.data, self.buffer_size, self.prefetch = data, buffer_size, prefetch
+        self.buffer_size, self.prefetch = buffer_size, prefetch
         self.features = bool(features) and self.reader.has_features
-        if data is not None:
-            check_data(self.reader, data, ignore_fingerprint)
 
     def __getstate__(self) -> dict:
         # The open Zarr array is per process; workers reopen it lazily.
@@ -303,13 +296,10 @@ class CacheStream(_Stream):
 
     def _to_torch(self, cols: dict) -> dict[str, torch.Tensor]:
         # Unshuffled batches can be views of Arrow's read-only buffers: torch needs its own copy.
-        batch = {
+        return {
             k: torch.from_numpy(np.ascontiguousarray(v) if v.flags.writeable else v.copy())
             for k, v in cols.items()
         }
-        if self.data is not None:
-            batch["input"], _ = get_batch(self.data, cols["sample_id"])
-        return batch
 
     def __iter__(self):
         lo, hi, sizes, rng = self._my_span()
@@ -319,76 +309,3 @@ class CacheStream(_Stream):
                 yield self._to_torch(cols)
         finally:
             fetch.close()
-
-
-def check_data(reader: CacheReader, data, ignore_fingerprint: bool = False) -> None:
-    """Refuse a `--data` that is not the one the cache was computed from."""
-    if len(data) < reader.num_rows:
-        raise UsageError(
-            f"--data has {len(data)} samples but the cache {reader.url} has {reader.num_rows} rows: "
-            "pass the data set the cache was computed from"
-        )
-    got, want = data_fingerprint(data), reader.data_fingerprint
-    if got == want:
-        return
-    source = reader.manifest["data"]
-    if not ignore_fingerprint:
-        raise UsageError(
-            f"--data does not match the cache {reader.url}: data fingerprint {got} != the cache's "
-            f"{want} (made from {source.get('spec')} {source.get('kwargs')}); pass that data set, "
-            "or --ignore-fingerprint to train anyway"
-        )
-    log.warning(
-        "--ignore-fingerprint: --data (fingerprint %s) is NOT the data the cache %s was made from "
-        "(%s); soft labels may not belong to these inputs",
-        got,
-        reader.url,
-        want,
-    )
-
-
-class LabelStream(_Stream):
-    """The hard-label twin of CacheStream: labeled rows of a map-style data set, no cache.
-
-    Same contract (seeded per-epoch order, exactly once across ranks x workers); the ids are a
-    small int array, so the whole epoch is one permutation and no buffer is needed.
-    """
-
-    def __init__(
-        self,
-        data,
-        batch_size: int = 256,
-        shuffle: bool = True,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        num_workers: int = 0,
-        chunk: int = 8192,
-    ):
-        super().__init__(batch_size, shuffle, seed, rank, world_size, num_workers)
-        self.data = data
-        labels = [
-            get_batch(data, np.arange(a, min(len(data), a + chunk)))[1]
-            for a in range(0, len(data), chunk)
-        ]
-        self.labels = np.concatenate(labels)
-        self.ids = np.flatnonzero(self.labels >= 0).astype(np.int64)
-        if not len(self.ids):
-            raise UsageError("--data has no labeled rows: without --cache the student needs labels")
-
-    def _rows(self) -> int:
-        return len(self.ids)
-
-    def __iter__(self):
-        lo, _, sizes, _ = self._my_span()
-        ids = self.ids
-        if self.shuffle:
-            ids = ids[np.random.default_rng([self.seed, self.epoch]).permutation(len(ids))]
-        for a, size in zip(np.cumsum([lo, *sizes]), sizes, strict=False):
-            chunk = ids[a : a + size]
-            x, _ = get_batch(self.data, chunk)
-            yield {
-                "sample_id": torch.from_numpy(chunk),
-                "label": torch.from_numpy(self.labels[chunk]),
-                "input": x,
-            }

@@ -41,9 +41,9 @@ def toy_config(out, **overrides):
 
 
 def toy_precompute(out, **overrides) -> dict:
-    from kdcache.stages.precompute import run
+    from kdcache.pipeline.jobs import precompute
 
-    return run(toy_config(out, **overrides))
+    return precompute(toy_config(out, **overrides))
 
 
 def teacher_outputs(n: int = 50, teacher_args: dict | None = None, data_args: dict | None = None):
@@ -74,6 +74,29 @@ def cli_args(out, *extra: str, n: int = 50) -> list[str]:
         "--quiet",
         *extra,
     ]
+
+
+STREAM_ROWS = 100
+
+
+@pytest.fixture(scope="module")
+def stream_store(tmp_path_factory):
+    url = tmp_path_factory.mktemp("stream") / "store"
+    # 7 shards of 16 rows (the last holds 4), labels missing on every 7th row, features stored.
+    toy_precompute(
+        url,
+        data_args={"n": STREAM_ROWS, "every_missing": 7},
+        features="body",
+        dtype="float32",
+        top_k=3,
+    )
+    return str(url)
+
+
+def ids_of(stream, workers: int) -> list[np.ndarray]:
+    """The sample ids of each batch a DataLoader with `workers` workers yields from `stream`."""
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    return [b["sample_id"].numpy() for b in loader]
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Metrics against direct computations, and `kdcache.stages.evaluate.run` on a trained toy student."""
+"""Metrics against direct computations, and `kdcache evaluate` (pipeline.jobs.evaluate) on a toy student."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.stages.evaluate import EvaluateConfig, run
+from kdcache.pipeline.jobs import evaluate as run
+from kdcache.pipeline.jobs import train
+from kdcache.stages.evaluate import EvaluateConfig
 from kdcache.stages.metrics import (
     agreement,
     batch_sums,
@@ -17,7 +19,6 @@ from kdcache.stages.metrics import (
     summarise,
 )
 from kdcache.stages.train import TrainConfig
-from kdcache.stages.train import run as train
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader

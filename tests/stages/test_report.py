@@ -12,11 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from kdcache.pipeline.cli import main
+from kdcache.pipeline.jobs import collect_report as collect
+from kdcache.pipeline.jobs import precompute, train
 from kdcache.stages.precompute import PrecomputeConfig
-from kdcache.stages.precompute import run as precompute
-from kdcache.stages.report import ReportConfig, collect
+from kdcache.stages.report import ReportConfig
 from kdcache.stages.train import TrainConfig
-from kdcache.stages.train import run as train
 from tests.toy_models import ToyBatchData, ToyNet
 
 DATA = "tests.toy_models:ToyBatchData"

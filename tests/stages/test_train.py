@@ -10,10 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdcache.pipeline import jobs
+from kdcache.pipeline.jobs import train as run
 from kdcache.pipeline.models import load_model
+from kdcache.pipeline.runtime import Dist
 from kdcache.stages.hooks import pool
 from kdcache.stages.metrics import CSV_FIELDS, parse_csv
-from kdcache.stages.train import TrainConfig, Trainer, run
+from kdcache.stages.train import TrainConfig, Trainer
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from tests.conftest import toy_precompute
@@ -54,6 +57,10 @@ def config(out, cache=None, **overrides) -> TrainConfig:
     return TrainConfig(**fields)
 
 
+def build(cfg: TrainConfig) -> Trainer:
+    return jobs.trainer(cfg, Dist())
+
+
 def first_batch(trainer: Trainer) -> tuple[dict, torch.Tensor]:
     trainer.stream.set_epoch(1)
     batch = next(iter(trainer.stream))
@@ -75,7 +82,7 @@ def kl_t2(z_teacher: torch.Tensor, z_student: torch.Tensor, T: float) -> torch.T
 
 @pytest.mark.parametrize(("cache", "T"), [("dense", None), ("dense", 3.0), ("topk10", None)])
 def test_soft_loss_from_cache_equals_live_teacher(tmp_path, caches, cache, T):
-    trainer = Trainer(config(tmp_path / "o", caches[cache], temperature=T))
+    trainer = build(config(tmp_path / "o", caches[cache], temperature=T))
     trainer.setup()
     batch, z = first_batch(trainer)
     got = trainer.loss_terms(z, None, batch)["soft_loss"]
@@ -87,7 +94,7 @@ def test_soft_loss_from_cache_equals_live_teacher(tmp_path, caches, cache, T):
 def test_topk_with_all_classes_equals_dense_in_the_trainer(tmp_path, caches):
     losses = []
     for cache in ("dense", "topk10"):
-        trainer = Trainer(config(tmp_path / cache, caches[cache], temperature=1.5))
+        trainer = build(config(tmp_path / cache, caches[cache], temperature=1.5))
         trainer.setup()
         batch, z = first_batch(trainer)
         order = torch.argsort(batch["sample_id"])  # the same rows in the same order for both
@@ -97,7 +104,7 @@ def test_topk_with_all_classes_equals_dense_in_the_trainer(tmp_path, caches):
 
 
 def test_total_loss_and_feature_term_wiring(tmp_path, caches):
-    trainer = Trainer(
+    trainer = build(
         config(tmp_path / "o", caches["topk"], alpha=0.7, beta=0.5, student_features="body")
     )
     trainer.setup()
@@ -113,7 +120,7 @@ def test_total_loss_and_feature_term_wiring(tmp_path, caches):
     assert float(terms["feature_loss"]) == pytest.approx(float(want_feat), rel=1e-6)
     want = 0.7 * terms["soft_loss"] + 0.3 * terms["hard_loss"] + 0.5 * terms["feature_loss"]
     assert float(terms["loss"]) == pytest.approx(float(want), rel=1e-6)
-    same = Trainer(
+    same = build(
         config(tmp_path / "p", caches["topk"], beta=0.5, student_features="body", student_args={})
     )
     same.setup()

@@ -1,52 +1,30 @@
-"""The streaming reader: exactly-once splits, seeded order, the input join, bounded reading."""
+"""The streaming reader: exactly-once splits, seeded order, stored columns, bounded reading."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
 import numpy as np
 import pytest
-import torch
 
-from kdcache.storage.errors import UsageError
-from kdcache.storage.reader import CacheReader
 from kdcache.storage.stream import (
     CacheStream,
-    LabelStream,
     _Prefetcher,
     batch_sizes,
     shuffle_buffer,
     span,
 )
-from tests.conftest import toy_precompute
-from tests.toy_models import ToyData, toy_inputs
-
-N = 100
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    url = tmp_path_factory.mktemp("stream") / "store"
-    # 7 shards of 16 rows (the last holds 4), labels missing on every 7th row, features stored.
-    toy_precompute(
-        url, data_args={"n": N, "every_missing": 7}, features="body", dtype="float32", top_k=3
-    )
-    return str(url)
-
-
-def ids_of(stream: CacheStream | LabelStream, workers: int) -> list[np.ndarray]:
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-    return [b["sample_id"].numpy() for b in loader]
+from tests.conftest import STREAM_ROWS as N
+from tests.conftest import ids_of, toy_precompute
 
 
 @pytest.mark.parametrize(("workers", "ranks"), [(0, 1), (2, 1), (1, 3), (2, 2)])
-def test_every_row_exactly_once_across_ranks_and_workers(store, workers, ranks):
+def test_every_row_exactly_once_across_ranks_and_workers(stream_store, workers, ranks):
     per_rank = []
     for rank in range(ranks):
         stream = CacheStream(
-            store, batch_size=8, buffer_size=20, seed=3, rank=rank, world_size=ranks,
+            stream_store, batch_size=8, buffer_size=20, seed=3, rank=rank, world_size=ranks,
             num_workers=workers, features=workers == 2,
         )  # fmt: skip
         stream.set_epoch(1)
@@ -78,9 +56,9 @@ def test_spans_cover_and_differ_by_at_most_one():
             assert max(sizes) - min(sizes) <= 1
 
 
-def test_same_seed_same_order_other_epoch_or_seed_differs(store):
+def test_same_seed_same_order_other_epoch_or_seed_differs(stream_store):
     def order(seed, epoch):
-        s = CacheStream(store, batch_size=8, buffer_size=20, seed=seed, features=False)
+        s = CacheStream(stream_store, batch_size=8, buffer_size=20, seed=seed, features=False)
         s.set_epoch(epoch)
         return np.concatenate([b["sample_id"].numpy() for b in s])
 
@@ -89,64 +67,27 @@ def test_same_seed_same_order_other_epoch_or_seed_differs(store):
     assert not np.array_equal(a, order(0, 2))
     assert not np.array_equal(a, order(1, 1))
     assert not np.array_equal(a, np.arange(N))  # it is shuffled at all
-    s = CacheStream(store, batch_size=8, shuffle=False, features=False)
+    s = CacheStream(stream_store, batch_size=8, shuffle=False, features=False)
     np.testing.assert_array_equal(np.concatenate([b["sample_id"] for b in s]), np.arange(N))
 
 
-def test_unshuffled_batches_are_writable_tensors_not_arrow_views(store):
+def test_unshuffled_batches_are_writable_tensors_not_arrow_views(stream_store):
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns on a read-only numpy array
-        for b in CacheStream(store, batch_size=8, shuffle=False, buffer_size=0):
+        for b in CacheStream(stream_store, batch_size=8, shuffle=False, buffer_size=0):
             b["topk_logits"].mul_(2)  # in place: must not touch the reader's Arrow buffers
 
 
-def test_batches_join_inputs_and_carry_stored_columns(store):
-    reader = CacheReader(store)
-    stored = [reader.read_shard(i) for i in range(len(reader.shards))]
-    stored = {k: np.concatenate([s[k] for s in stored]) for k in stored[0]}
-    x_all = toy_inputs(N)
-    stream = CacheStream(store, ToyData(N, every_missing=7), batch_size=16, buffer_size=8, seed=5)
-    seen = 0
-    for b in stream:
-        ids = b["sample_id"].numpy()
-        assert b["sample_id"].dtype == torch.int64 and b["label"].dtype == torch.int64
-        assert b["features"].dtype == torch.float16  # never widened
-        np.testing.assert_array_equal(b["input"].numpy(), x_all[ids])
-        np.testing.assert_array_equal(b["label"].numpy(), stored["label"][ids])
-        assert (b["label"].numpy()[ids % 7 == 0] == -1).all()
-        for key in ("topk_indices", "topk_logits", "logsumexp", "features"):
-            np.testing.assert_array_equal(b[key].numpy(), stored[key][ids])
-        seen += len(ids)
-    assert seen == N
-
-
-def test_features_off_and_dense_columns(store, tmp_path):
-    assert "features" not in next(iter(CacheStream(store, features=False)))
+def test_features_off_and_dense_columns(stream_store, tmp_path):
+    assert "features" not in next(iter(CacheStream(stream_store, features=False)))
     toy_precompute(tmp_path / "dense", codec="dense", data_args={"n": 20})
     batch = next(iter(CacheStream(str(tmp_path / "dense"), batch_size=32)))
     assert set(batch) == {"sample_id", "view", "label", "logits"} and batch["logits"].shape == (
         20,
         10,
     )
-
-
-def test_other_data_is_refused_with_both_fingerprints(store, caplog):
-    reader = CacheReader(store)
-    with pytest.raises(UsageError) as err:
-        CacheStream(store, ToyData(N, seed=1))
-    msg = str(err.value)
-    assert reader.data_fingerprint in msg and "--ignore-fingerprint" in msg and "\n" not in msg
-    from kdcache.pipeline.data import data_fingerprint
-
-    assert data_fingerprint(ToyData(N, seed=1)) in msg
-    with caplog.at_level(logging.WARNING, logger="kdcache"):
-        stream = CacheStream(store, ToyData(N, seed=1), ignore_fingerprint=True)
-    assert "--ignore-fingerprint" in caplog.text
-    assert len(next(iter(stream))["input"]) > 0
-    with pytest.raises(UsageError, match="has 50 samples"):
-        CacheStream(store, ToyData(50), ignore_fingerprint=True)
 
 
 def test_shuffle_buffer_pulls_pieces_lazily_and_loses_nothing():
@@ -197,21 +138,3 @@ def test_prefetch_hands_reader_errors_to_the_consumer():
     with pytest.raises(OSError, match="boom"):
         list(fetch)
     fetch.close()
-
-
-@pytest.mark.parametrize(("workers", "ranks"), [(0, 1), (2, 2)])
-def test_label_stream_covers_labeled_rows_exactly_once(workers, ranks):
-    data = ToyData(N, every_missing=4)
-    got = []
-    for rank in range(ranks):
-        stream = LabelStream(data, 16, seed=1, rank=rank, world_size=ranks, num_workers=workers)
-        batches = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
-        assert len(batches) == len(stream)
-        for b in batches:
-            assert (b["label"] >= 0).all()
-            np.testing.assert_array_equal(b["input"].numpy(), toy_inputs(N)[b["sample_id"]])
-        got += [b["sample_id"].numpy() for b in batches]
-    want = np.array([i for i in range(N) if i % 4], dtype=np.int64)
-    np.testing.assert_array_equal(np.sort(np.concatenate(got)), want)
-    with pytest.raises(UsageError, match="no labeled rows"):
-        LabelStream(ToyData(10, labels=False))

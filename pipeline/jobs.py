@@ -1,0 +1,130 @@
+"""The executor of every stage: join the process group, pick the device, build data sets and
+models from their specs, hand them to the stage, and leave the group as it was found.
+
+Stages (kdcache.stages) never resolve a spec or touch torch.distributed's setup themselves: they
+receive built objects, a `Dist` (rank, world_size, is_main, barrier, broadcast, decide) and a
+`torch.device`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import torch
+
+from kdcache.pipeline.data import load_dataset
+from kdcache.pipeline.models import load_model
+from kdcache.pipeline.runtime import Dist, process_group, resolve_device
+from kdcache.stages import evaluate as evaluate_stage
+from kdcache.stages import precompute as precompute_stage
+from kdcache.stages import report as report_stage
+from kdcache.stages.run_folder import RunFolder
+from kdcache.stages.train import TrainConfig, Trainer, finished
+from kdcache.storage.errors import UsageError
+from kdcache.storage.reader import CacheReader
+
+
+def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
+    """Stage one; returns {"status": "hit" | "done", "manifest": ..., ...}."""
+    cfg.validate()
+    started = time.perf_counter()
+    with process_group(cfg.device) as dist:
+        device = resolve_device(cfg.device, dist.local_rank)
+        ds = load_dataset(cfg.data, cfg.data_args)
+        model, teacher_id = load_model(
+            cfg.teacher, cfg.teacher_args, cfg.checkpoint, cfg.storage_options
+        )
+        return precompute_stage.run(cfg, model.to(device), teacher_id, ds, dist, device, started)
+
+
+def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Trainer | dict:
+    """The built and checked Trainer of one student, or the summary of an identical finished run
+    (then there is nothing to do). `datasets` shares data sets between the students of a job."""
+    cfg.validate()
+    reader = CacheReader(cfg.cache, cfg.storage_options) if cfg.cache else None
+    folder = RunFolder(cfg.out, cfg.storage_options)
+    done = dist.decide(lambda: finished(cfg, reader, folder))
+    if done is not None:
+        return done
+    device = resolve_device(cfg.device, dist.local_rank)
+    cache = {} if datasets is None else datasets
+
+    def dataset(spec: str, kwargs: dict):
+        key = json.dumps([spec, kwargs], sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = load_dataset(spec, kwargs)
+        return cache[key]
+
+    data = dataset(cfg.data, cfg.data_args)
+    eval_data = dataset(cfg.eval_data, cfg.eval_data_args) if cfg.eval_data else None
+    # The student's initial weights are part of the run: seeded right before it is built.
+    torch.manual_seed(cfg.seed)
+    student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
+    return Trainer(cfg, dist, device, reader, folder, data, eval_data, student)
+
+
+def done_before(summary: dict) -> dict:
+    return {"status": "done-before", "summary": summary, "history": []}
+
+
+def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict:
+    """Train (or resume, or recognise as done) one student; returns {"status", "summary", ...}.
+
+    `stop_after_epoch` ends the run cleanly after that epoch, as a kill would (tests, schedulers).
+    """
+    with process_group(cfg.device) as dist:
+        t = trainer(cfg, dist)
+        if isinstance(t, dict):
+            return done_before(t)
+        with t:
+            return t.run(stop_after_epoch)
+
+
+def load_student(folder: str, storage_options: dict | None = None):
+    """(student in eval mode, its summary.json) from a finished `kdcache train --out` folder."""
+    run = RunFolder(folder, storage_options)
+    summary = run.summary()
+    if summary is None:
+        raise UsageError(
+            f"--checkpoint {folder!r} has no summary.json: point it at a finished "
+            "`kdcache train --out` folder (rerun that command to finish training)"
+        )
+    model, _ = load_model(
+        summary["student"],
+        summary.get("student_args") or {},
+        run.model_url,
+        storage_options,
+        "--student",
+    )
+    return model, summary
+
+
+def evaluate(cfg: evaluate_stage.EvaluateConfig) -> dict:
+    """Accuracy, ECE and loss on `cfg.data`; agreement with the cache's teacher when given."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    model, summary = load_student(cfg.checkpoint, cfg.storage_options)
+    ds = load_dataset(cfg.data, cfg.data_args)
+    reader = cache_data = None
+    if cfg.cache:
+        reader = CacheReader(cfg.cache, cfg.storage_options)
+        # Agreement needs the inputs of the cached rows: the data set named in the manifest.
+        source = reader.manifest["data"]
+        cache_data = load_dataset(source["spec"], source.get("kwargs") or {})
+    return evaluate_stage.run(cfg, model.to(device), summary, ds, device, reader, cache_data)
+
+
+# What the report stage may build: a finished run's student, and a data set from its spec.
+REPORT_BUILD = SimpleNamespace(student=lambda folder: load_student(folder)[0], dataset=load_dataset)
+
+
+def report(cfg: report_stage.ReportConfig) -> dict:
+    """Write report.md, report.json and the plots; returns the report."""
+    return report_stage.run(cfg, REPORT_BUILD)
+
+
+def collect_report(cfg: report_stage.ReportConfig) -> dict:
+    """The report as a dict, nothing written."""
+    return report_stage.collect(cfg, REPORT_BUILD)
