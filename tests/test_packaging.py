@@ -3,7 +3,7 @@
 
 The wheel is built from a copy of the source (an in-tree build leaves build/ behind, whose stale
 files would leak into later wheels) and installed into a fresh venv that borrows the heavy
-dependencies from the project's .venv through a .pth path line, so nothing is downloaded.
+dependencies from the project's .venv through a .pth path line instead of reinstalling them.
 """
 
 from __future__ import annotations
@@ -137,7 +137,9 @@ def _bin(venv_root: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src") / "kdcache"
-    junk = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "runs", "*cache*")
+    junk = shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "runs", "__pycache__", ".*_cache"
+    )
     shutil.copytree(REPO, src, ignore=junk)
     return _build_wheel(src, tmp_path_factory.mktemp("wheel"))
 
