@@ -21,9 +21,10 @@ def resolve(spec: str, what: str = "spec") -> Any:
             f"{what} {spec!r} is not of the form package.module:attr, "
             "e.g. kdcache.pipeline.examples.models:TeacherCNN"
         )
-    # Like `python -m`, let a spec name code in the current folder without a PYTHONPATH.
+    # Like `python -m`, let a spec name code in the current folder without a PYTHONPATH, and
+    # first: the `kdcache` script must resolve the same module as its `python -c` children.
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
+        sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
