@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from kdcache.pipeline.data import get_batch, load_dataset
 from kdcache.pipeline.models import load_model, logits_of
 from kdcache.pipeline.runtime import autocast, resolve_device, sum_dtype, to_device
+from kdcache.stages.config import EvaluateConfig
 from kdcache.stages.metrics import batch_sums, summarise, sums_size, teacher_top1
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
@@ -80,26 +80,6 @@ class AgreementSet:
             b = min(hi, a + batch_size)
             x, _ = get_batch(self.data, self.ids[a:b])
             yield x, torch.from_numpy(self.top1[a:b])
-
-
-@dataclass
-class EvaluateConfig:
-    checkpoint: str
-    data: str
-    data_args: dict = field(default_factory=dict)
-    cache: str | None = None
-    batch_size: int = 1024
-    device: str = "auto"
-    precision: str = "fp32"
-    agree_rows: int = 5000
-    ignore_fingerprint: bool = False
-    storage_options: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size} must be >= 1")
-        if self.agree_rows < 1:
-            raise UsageError(f"agree_rows {self.agree_rows} must be >= 1")
 
 
 def load_student(folder: str, storage_options: dict | None = None):

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,8 +27,9 @@ from kdcache.pipeline.runtime import (
     shutdown_distributed,
     to_device,
 )
+from kdcache.stages.config import PrecomputeConfig
 from kdcache.stages.encode import add_stats, check_labels, check_logits, encode_batch, summarise
-from kdcache.stages.hooks import POOLS, FeatureTap
+from kdcache.stages.hooks import FeatureTap
 from kdcache.storage.errors import FormatError, KdcacheError, UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.lock import StoreLock
@@ -39,71 +38,6 @@ from kdcache.storage.writer import StoreWriter, existing_state, wipe
 
 log = logging.getLogger("kdcache.precompute")
 CHUNK_BYTES = 64 << 20
-
-
-@dataclass
-class PrecomputeConfig:
-    data: str
-    out: str
-    teacher: str | None = None
-    checkpoint: str | None = None
-    teacher_args: dict = field(default_factory=dict)
-    data_args: dict = field(default_factory=dict)
-    temperature: float = 4.0
-    codec: str | None = None  # topk for classifiers, dense for regression
-    top_k: int = 8
-    dtype: str = "float16"
-    features: str | None = None
-    pool: str = "avg"
-    feature_dtype: str = "float16"
-    # Pooled float features barely compress (12% on MNIST-1D's teacher with zstd) but zstd halves
-    # the reader's feature throughput, so chunks are stored raw unless asked.
-    feature_compression: str = "none"
-    batch_size: int = 256
-    shard_rows: int = 65536
-    num_workers: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    task: str = "classification"
-    force: bool = False
-    quiet: bool = False
-    storage_options: dict = field(default_factory=dict)
-    queue_depth: int = 4
-
-    def validate(self) -> None:
-        """Everything that can be checked before a model or a byte of data is touched."""
-        if self.task not in ("classification", "regression"):
-            raise UsageError(f"--task {self.task!r}: use classification or regression")
-        if self.codec is None:
-            self.codec = "dense" if self.task == "regression" else "topk"
-        if self.codec not in ("topk", "dense"):
-            raise UsageError(f"--codec {self.codec!r}: use topk or dense")
-        if self.task == "regression" and self.codec != "dense":
-            raise UsageError("--task regression stores raw outputs: use --codec dense")
-        if self.task == "regression":
-            self.temperature = 1.0  # raw outputs are stored; there is nothing to temper
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise UsageError(
-                f"--temperature {self.temperature} must be > 0 and finite (soft labels use z/T)"
-            )
-        if self.codec == "topk" and self.top_k < 1:
-            raise UsageError(f"--top-k {self.top_k} must be >= 1")
-        if self.feature_compression not in ("none", "zstd"):
-            raise UsageError(
-                f"--feature-compression {self.feature_compression!r}: use none or zstd"
-            )
-        for name, value in (("--dtype", self.dtype), ("--feature-dtype", self.feature_dtype)):
-            if value not in ("float16", "float32"):
-                raise UsageError(f"{name} {value!r}: use float16 or float32")
-        if self.pool not in POOLS:
-            raise UsageError(f"--pool {self.pool!r}: use one of {', '.join(POOLS)}")
-        for name in ("batch_size", "shard_rows", "queue_depth"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.num_workers < 0:
-            raise UsageError("--num-workers must be >= 0")
-        if self.teacher is None and self.checkpoint is None:
-            raise UsageError("--teacher SPEC (and/or --checkpoint FILE) is required")
 
 
 def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict:
