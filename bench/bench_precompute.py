@@ -30,7 +30,7 @@ import torch
 from bench.common import Report, interleaved, median, parse_args, ratio
 from kdcache.pipeline.examples.mnist1d import MNIST1D
 from kdcache.pipeline.examples.models import TeacherCNN
-from kdcache.stages.precompute import PrecomputeConfig
+from kdcache.stages.config import PrecomputeConfig
 from kdcache.stages.precompute import run as precompute
 
 TEACHER = "kdcache.pipeline.examples.models:TeacherCNN"

@@ -39,7 +39,7 @@ from kdcache.pipeline.examples.mnist1d import (
 )
 from kdcache.pipeline.examples.models import StudentMLP, TeacherCNN
 from kdcache.stages import losses
-from kdcache.stages.precompute import PrecomputeConfig
+from kdcache.stages.config import PrecomputeConfig
 from kdcache.stages.precompute import run as precompute
 from kdcache.stages.train import TrainConfig, schedule
 from kdcache.stages.train import run as train

@@ -24,7 +24,7 @@ DATA = "tests.toy_models:ToyData"
 
 def toy_config(out, **overrides):
     """A small, fast PrecomputeConfig over ToyNet/ToyData; any field can be overridden."""
-    from kdcache.stages.precompute import PrecomputeConfig
+    from kdcache.stages.config import PrecomputeConfig
 
     fields = dict(
         teacher=TEACHER,

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdcache.stages.config import TrainConfig
 from kdcache.stages.evaluate import EvaluateConfig, run
 from kdcache.stages.metrics import (
     agreement,
@@ -17,7 +18,6 @@ from kdcache.stages.metrics import (
     summarise,
     teacher_top1,
 )
-from kdcache.stages.train import TrainConfig
 from kdcache.stages.train import run as train
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader

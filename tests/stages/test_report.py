@@ -12,10 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from kdcache.pipeline.cli import main
-from kdcache.stages.precompute import PrecomputeConfig
+from kdcache.stages.config import PrecomputeConfig, TrainConfig
 from kdcache.stages.precompute import run as precompute
 from kdcache.stages.report import ReportConfig, collect
-from kdcache.stages.train import TrainConfig
 from kdcache.stages.train import run as train
 from tests.toy_models import ToyBatchData, ToyNet
 
