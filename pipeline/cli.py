@@ -20,7 +20,7 @@ from kdcache.pipeline.cli_common import (
     setup_logging,
 )
 from kdcache.pipeline.cli_options import click_options
-from kdcache.stages.config import PrecomputeConfig
+from kdcache.stages.config import STORAGE_HELP, PrecomputeConfig
 from kdcache.storage.errors import IntegrityError
 from kdcache.storage.fsio import parse_storage_options
 from kdcache.storage.options import Option
@@ -118,7 +118,7 @@ def _fmt(value) -> str:
 @main.command()
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--storage-option", multiple=True, help="k=v fsspec storage option (repeatable).")
+@click.option("--storage-option", multiple=True, help=STORAGE_HELP)
 @handle_errors
 def inspect(url: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
     """Summarise a store: rows, shards, codec, T, k, bytes/sample, teacher accuracy, top-k cost."""
@@ -133,7 +133,7 @@ def inspect(url: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("url")
-@click.option("--storage-option", multiple=True, help="k=v fsspec storage option (repeatable).")
+@click.option("--storage-option", multiple=True, help=STORAGE_HELP)
 @click.option("--quiet", is_flag=True, help="Print only problems.")
 @handle_errors
 def verify(url: str, storage_option: tuple[str, ...], quiet: bool) -> None:

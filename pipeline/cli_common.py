@@ -14,6 +14,7 @@ import time
 import click
 
 from kdcache.pipeline.specs import load_config, merge_options, parse_kv
+from kdcache.stages.config import QUIET_HELP
 from kdcache.storage.errors import KdcacheError, UsageError
 from kdcache.storage.options import options_of
 
@@ -53,9 +54,7 @@ def emit(log_json: bool, text: str, **fields) -> None:
 
 
 def common_options(fn):
-    fn = click.option("--quiet", is_flag=True, default=None, help="No progress bar or info logs.")(
-        fn
-    )
+    fn = click.option("--quiet", is_flag=True, default=None, help=QUIET_HELP)(fn)
     fn = click.option(
         "--log-json", is_flag=True, default=None, help="Logs and results as JSON lines."
     )(fn)
