@@ -69,7 +69,7 @@ def measure(ds, data_args: dict, channels: int, repeat: int, work: Path) -> dict
         shutil.rmtree(out, ignore_errors=True)
         cfg = PrecomputeConfig(
             data=DATA, data_args=data_args, teacher=TEACHER, teacher_args={"channels": channels},
-            out=str(out), codec="topk", top_k=8, features="features", pool="avg",
+            out=str(out), codec="topk", codec_options={"top_k": 8}, features="features", pool="avg",
             batch_size=BATCH, shard_rows=SHARD_ROWS, device="cpu", quiet=True,
         )  # fmt: skip
         result = precompute(cfg)

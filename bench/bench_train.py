@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> Report:
     precompute(
         PrecomputeConfig(
             data=DATA, data_args=data_args, teacher=TEACHER, out=str(cache), codec="topk",
-            top_k=K, temperature=T, features="features", device="cpu", quiet=True,
+            codec_options={"top_k": K}, temperature=T, features="features", device="cpu", quiet=True,
         )
     )  # fmt: skip
     pre_seconds = time.perf_counter() - tick

@@ -19,11 +19,18 @@ from kdcache.pipeline.cli_common import (
     release_on_sigterm,
     setup_logging,
 )
+from kdcache.pipeline.cli_options import click_options
+from kdcache.stages.config import STORAGE_HELP, PrecomputeConfig
+from kdcache.storage import codecs
 from kdcache.storage.errors import IntegrityError
 from kdcache.storage.fsio import parse_storage_options
+from kdcache.storage.options import Option
 from kdcache.storage.reader import CacheReader
 
 log = logging.getLogger("kdcache")
+# Options a codec declares for itself (topk's top_k, ...): flags of `precompute`, gathered into
+# PrecomputeConfig.codec_options. Empty until codecs are plug-ins; top_k is still a field.
+CODEC_OPTIONS: tuple[Option, ...] = tuple(codecs.all_options())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -34,50 +41,16 @@ def main() -> None:
 
 @main.command()
 @click.option("--config", type=click.Path(), help="TOML file; any option below can live there.")
-@click.option("--teacher", help="Teacher spec package.module:attr (class or factory).")
-@click.option("--checkpoint", help="State dict, TorchScript or torch.export file (path or URL).")
-@click.option("--teacher-arg", multiple=True, help="k=v keyword for the teacher (repeatable).")
-@click.option("--data", help="Data set spec package.module:attr (map-style, class or factory).")
-@click.option("--data-arg", multiple=True, help="k=v keyword for the data set (repeatable).")
-@click.option("--out", help="Store URL: a folder, memory://..., s3://bucket/prefix, ...")
-@click.option("--temperature", type=float, help="Soft-label temperature T > 0 (default 4.0).")
-@click.option(
-    "--codec", type=click.Choice(["topk", "dense"]), help="Soft-label codec (default topk)."
-)
-@click.option("--top-k", type=int, help="Classes kept per sample by the topk codec (default 8).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), help="Logit storage dtype.")
-@click.option("--features", help="Teacher submodule (named_modules name) whose output to store.")
-@click.option(
-    "--pool", type=click.Choice(["avg", "token-mean", "cls", "flatten"]), help="Feature pooling."
-)
-@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), help="Feature dtype.")
-@click.option(
-    "--feature-compression",
-    type=click.Choice(["none", "zstd"]),
-    help="Zarr codec for features (default none: ~2x faster reads, ~12% larger).",
-)
-@click.option("--batch-size", type=int, help="Teacher batch size (default 256).")
-@click.option("--shard-rows", type=int, help="Rows per shard (default 65536).")
-@click.option("--num-workers", type=int, help="DataLoader workers (default 0).")
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default auto).")
-@click.option(
-    "--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision."
-)
-@click.option("--task", type=click.Choice(["classification", "regression"]), help="Teacher kind.")
-@click.option(
-    "--force", is_flag=True, default=None, help="Replace a store made with other settings."
-)
-@click.option("--storage-option", multiple=True, help="k=v fsspec storage option (repeatable).")
+@click_options(PrecomputeConfig, extra=CODEC_OPTIONS)
 @common_options
 @handle_errors
 def precompute(**options) -> None:
     """Stage one: run the teacher once and write soft labels (+ features) to a store."""
     from kdcache.pipeline.jobs import precompute as run
-    from kdcache.stages.precompute import PrecomputeConfig
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     log_json = bool(options.get("log_json"))
-    cfg = build_config(PrecomputeConfig, options.get("config"), options, ("data", "out"))
+    cfg = build_config(PrecomputeConfig, options.get("config"), options, extra=CODEC_OPTIONS)
     release_on_sigterm()
     result = run(cfg)
     m = result["manifest"]
@@ -146,7 +119,7 @@ def _fmt(value) -> str:
 @main.command()
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--storage-option", multiple=True, help="k=v fsspec storage option (repeatable).")
+@click.option("--storage-option", multiple=True, help=STORAGE_HELP)
 @handle_errors
 def inspect(url: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
     """Summarise a store: rows, shards, codec, T, k, bytes/sample, teacher accuracy, top-k cost."""
@@ -161,7 +134,7 @@ def inspect(url: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("url")
-@click.option("--storage-option", multiple=True, help="k=v fsspec storage option (repeatable).")
+@click.option("--storage-option", multiple=True, help=STORAGE_HELP)
 @click.option("--quiet", is_flag=True, help="Print only problems.")
 @handle_errors
 def verify(url: str, storage_option: tuple[str, ...], quiet: bool) -> None:

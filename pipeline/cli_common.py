@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -15,8 +14,9 @@ import time
 import click
 
 from kdcache.pipeline.specs import load_config, merge_options, parse_kv
+from kdcache.stages.config import QUIET_HELP
 from kdcache.storage.errors import KdcacheError, UsageError
-from kdcache.storage.fsio import parse_storage_options
+from kdcache.storage.options import options_of
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
 
@@ -54,9 +54,7 @@ def emit(log_json: bool, text: str, **fields) -> None:
 
 
 def common_options(fn):
-    fn = click.option("--quiet", is_flag=True, default=None, help="No progress bar or info logs.")(
-        fn
-    )
+    fn = click.option("--quiet", is_flag=True, default=None, help=QUIET_HELP)(fn)
     fn = click.option(
         "--log-json", is_flag=True, default=None, help="Logs and results as JSON lines."
     )(fn)
@@ -107,51 +105,35 @@ def handle_errors(fn):
     return wrapper
 
 
-def build_config(
-    cls,
-    config_path: str | None,
-    cli: dict,
-    required: tuple[str, ...],
-    file_opts: dict | None = None,
-):
+def build_config(cls, config_path: str | None, cli: dict, file_opts: dict | None = None, extra=()):
     """Dataclass config from defaults < TOML file < CLI, with k=v lists folded into dicts.
 
     `file_opts` stands in for the file when the caller has already read it (several students).
+    `extra` are options that are not fields (a codec's): their values, from the command line or
+    the file's top level, are gathered into the dict field of `cls` declared `collects`.
     """
-    defaults = {
-        f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-        for f in dataclasses.fields(cls)
-    }
-    for name, value in defaults.items():
-        if value is dataclasses.MISSING:
-            defaults[name] = None  # a field without a default: `required` reports it if unset
-    for name in required:
-        defaults.setdefault(name, None)
+    declared = options_of(cls)
     file_opts = load_config(config_path) if file_opts is None else dict(file_opts)
-    cli = dict(cli)
-    for single, plural in (
-        ("teacher_arg", "teacher_args"),
-        ("data_arg", "data_args"),
-        ("student_arg", "student_args"),
-        ("eval_data_arg", "eval_data_args"),
-    ):
-        if single in cli:
-            pairs = cli.pop(single)
-            if plural in defaults:
-                merged = dict(file_opts.get(plural, {}))
-                merged.update(parse_kv(pairs, "--" + single.replace("_", "-")))
-                cli[plural] = merged or None
-    if "storage_option" in cli:
-        pairs = cli.pop("storage_option")
-        merged = dict(file_opts.get("storage_options", {}))
-        merged.update(parse_storage_options(pairs))
-        cli["storage_options"] = merged or None
     for key in ("log_json", "config"):
-        cli.pop(key, None)
         file_opts.pop(key, None)
-    opts = merge_options(defaults, file_opts, cli)
-    missing = [n for n in required if opts.get(n) in (None, "")]
+    given = {}
+    for opt in declared:
+        value = cli.get(opt.name)
+        if opt.type is dict and isinstance(value, tuple):  # k=v pairs beat the file's table
+            value = {**file_opts.get(opt.name, {}), **parse_kv(value, opt.flag)} if value else None
+        given[opt.name] = value
+    gathered = {}
+    for opt in extra:
+        in_file = file_opts.pop(opt.name, None)
+        value = in_file if cli.get(opt.name) is None else cli[opt.name]
+        if value is not None:
+            opt.validate(value)
+            gathered[opt.name] = value
+    if gathered:
+        into = next(o.name for o in declared if o.collects)
+        given[into] = {**file_opts.get(into, {}), **gathered}
+    opts = merge_options({o.name: o.default for o in declared}, file_opts, given)
+    missing = [o.flag for o in declared if o.required and opts.get(o.name) in (None, "")]
     if missing:
-        names = ", ".join("--" + n.replace("_", "-") for n in missing)
-        raise UsageError(f"missing {names} (on the command line or in --config)")
+        raise UsageError(f"missing {', '.join(missing)} (on the command line or in --config)")
     return cls(**opts)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import click
 
-from kdcache.pipeline.cli_common import common_options, emit, handle_errors, setup_logging
+from kdcache.pipeline.cli_common import (
+    build_config,
+    common_options,
+    emit,
+    handle_errors,
+    setup_logging,
+)
+from kdcache.pipeline.cli_options import click_options
+from kdcache.stages.config import ReportConfig
 
 
 @click.command()
-@click.option("--runs", default="runs", show_default=True, help="Folder of the job's runs.")
-@click.option("--out", help="Markdown file (default RUNS/report.md); JSON and PNGs go beside it.")
-@click.option("--teacher", help="The teacher's `kdcache train` folder (default RUNS/teacher).")
-@click.option("--students", help="Folder with one folder per student (default RUNS/students).")
-@click.option("--no-plots", is_flag=True, help="Skip the PNGs (no matplotlib needed).")
-@click.option(
-    "--no-agreement", is_flag=True, help="Do not load the models to measure teacher agreement."
-)
+@click_options(ReportConfig)
 @common_options
 @handle_errors
 def report(**options) -> None:
@@ -25,14 +26,7 @@ def report(**options) -> None:
     from kdcache.stages.report_text import headline, table
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
-    cfg = ReportConfig(
-        runs=options["runs"],
-        out=options.get("out"),
-        teacher=options.get("teacher"),
-        students=options.get("students"),
-        plots=not options["no_plots"],
-        agreement=not options["no_agreement"],
-    )
+    cfg = build_config(ReportConfig, None, options)
     result = run(cfg)
     if options.get("log_json"):
         keys = ("baseline", "baseline_accuracy", "best_student", "best_accuracy", "gain_points")

@@ -23,47 +23,18 @@ from kdcache.pipeline.cli_common import (
     handle_errors,
     setup_logging,
 )
+from kdcache.pipeline.cli_options import click_options
 from kdcache.pipeline.runtime import process_group
 from kdcache.pipeline.specs import load_config, normalise_keys
+from kdcache.stages.config import EvaluateConfig, TrainConfig
 from kdcache.storage.errors import KdcacheError, UsageError
 
-REQUIRED = ("student", "data", "out")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _kv(help_text: str):
-    return click.option(help_text.split()[0], multiple=True, help=" ".join(help_text.split()[1:]))
 
 
 @click.command()
 @click.option("--config", type=click.Path(), help="TOML job file; may list [[students]].")
-@click.option("--cache", help="Store URL from `kdcache precompute`; omit to train on hard labels.")
-@click.option("--student", help="Student spec package.module:attr (class or factory).")
-@_kv("--student-arg k=v keyword for the student (repeatable).")
-@click.option("--data", help="The data set the cache was made from (joined by sample_id).")
-@_kv("--data-arg k=v keyword for the data set (repeatable).")
-@click.option("--eval-data", help="Labeled data set evaluated after every epoch.")
-@_kv("--eval-data-arg k=v keyword for the eval data set (repeatable).")
-@click.option("--out", help="Output folder or URL (metrics.csv, checkpoints, model.pt, summary).")
-@click.option("--temperature", type=float, help="Distillation T > 0 (default: the cache's T).")
-@click.option("--alpha", type=float, help="Weight of the soft loss in [0, 1] (default 0.9).")
-@click.option("--beta", type=float, help="Weight of the feature loss >= 0 (default 0).")
-@click.option("--student-features", help="Student submodule whose output matches the features.")
-@click.option("--pool", type=click.Choice(["avg", "token-mean", "cls", "flatten"]), help="Pooling.")
-@click.option("--epochs", type=int, help="Epochs (default 20).")
-@click.option("--batch-size", type=int, help="Batch size (default 256).")
-@click.option("--lr", type=float, help="Peak AdamW learning rate (default 1e-3).")
-@click.option("--weight-decay", type=float, help="AdamW weight decay (default 0.01).")
-@click.option("--warmup", type=float, help="Warmup as a fraction of all steps (default 0.05).")
-@click.option("--seed", type=int, help="Seed of the student's init and the data order.")
-@click.option("--num-workers", type=int, help="DataLoader workers (default 0).")
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default auto).")
-@click.option("--threads", type=int, help="Torch CPU threads (default: torch's choice).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Autocast precision.")
-@_kv("--storage-option k=v fsspec storage option (repeatable).")
-@click.option("--ignore-fingerprint", is_flag=True, default=None, help="Train on other --data.")
-@click.option("--buffer-size", type=int, help="Shuffle buffer rows (default 16384).")
-@click.option("--prefetch", type=int, help="Shards read ahead (default 2).")
+@click_options(TrainConfig)
 @click.option("--parallel", type=int, help="With [[students]]: train N at once (subprocesses).")
 @click.option("--only", hidden=True, help="With [[students]]: train just this one.")
 @common_options
@@ -71,7 +42,6 @@ def _kv(help_text: str):
 def train(**options) -> None:
     """Stage two: train a student from a cache (soft labels + features), or from labels alone."""
     from kdcache.pipeline.jobs import done_before, trainer
-    from kdcache.stages.train import TrainConfig
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     log_json = bool(options.get("log_json"))
@@ -81,7 +51,7 @@ def train(**options) -> None:
     only = options.pop("only")
     students = file_opts.pop("students", None)
     if students is None:
-        configs = [build_config(TrainConfig, None, options, REQUIRED, file_opts=file_opts)]
+        configs = [build_config(TrainConfig, None, options, file_opts=file_opts)]
     else:
         configs = _student_configs(TrainConfig, file_opts, students, options, only)
     with process_group(configs[0].device) as dist, contextlib.ExitStack() as cleanup:
@@ -119,7 +89,7 @@ def _student_configs(cls, shared: dict, students, options: dict, only: str | Non
             raise UsageError(f"student {name!r} sets out: each student trains into OUT/{name}")
         seen.add(name)
         merged = {**shared, **student, "out": f"{out.rstrip('/')}/{name}"}
-        configs.append(build_config(cls, None, {**options, "out": None}, REQUIRED, merged))
+        configs.append(build_config(cls, None, {**options, "out": None}, merged))
     if only is not None:
         configs = [c for c in configs if c.name == only]
         if not configs:
@@ -129,18 +99,18 @@ def _student_configs(cls, shared: dict, students, options: dict, only: str | Non
 
 def _argv(options: dict) -> list[str]:
     """The command line that reproduces these options (for --parallel children)."""
+    flags = {p.name: p.opts[0] for p in click.get_current_context().command.params}
     argv = []
     for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
         if key in ("parallel", "only") or value in (None, False, ()):
             continue
         if value is True:
-            argv.append(flag)
+            argv.append(flags[key])
         elif isinstance(value, tuple):
             for v in value:
-                argv += [flag, str(v)]
+                argv += [flags[key], str(v)]
         else:
-            argv += [flag, str(value)]
+            argv += [flags[key], str(value)]
     return argv
 
 
@@ -189,24 +159,15 @@ def _report(log_json: bool, cfg, result: dict) -> None:
 
 
 @click.command()
-@click.option("--checkpoint", help="A finished `kdcache train --out` folder (or URL).")
-@click.option("--data", help="Labeled data set to evaluate on.")
-@_kv("--data-arg k=v keyword for the data set (repeatable).")
-@click.option("--cache", help="Also report agreement with this cache's teacher top-1.")
-@click.option("--batch-size", type=int, help="Evaluation batch size (default 1024).")
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default auto).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Autocast precision.")
-@click.option("--ignore-fingerprint", is_flag=True, default=None, help="Skip the cache data check.")
-@_kv("--storage-option k=v fsspec storage option (repeatable).")
+@click_options(EvaluateConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def evaluate(as_json: bool, **options) -> None:
     """Accuracy, ECE (and teacher agreement with --cache) of a trained student."""
     from kdcache.pipeline.jobs import evaluate as run
-    from kdcache.stages.evaluate import EvaluateConfig
 
     setup_logging(True, False)
-    cfg = build_config(EvaluateConfig, None, options, ("checkpoint", "data"))
+    cfg = build_config(EvaluateConfig, None, options)
     result = run(cfg)
     if as_json:
         click.echo(json.dumps(result, indent=2))

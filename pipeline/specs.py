@@ -68,7 +68,7 @@ def parse_kv(pairs: tuple[str, ...] | list[str], option: str) -> dict:
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"{option} {pair!r} is not key=value, e.g. {option} split=train")
+            raise UsageError(f"{option} {pair!r} is not key=value: write {option} KEY=VALUE")
         out[key.strip()] = parse_value(value)
     return out
 

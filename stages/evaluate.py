@@ -8,12 +8,12 @@ training folder.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from kdcache.stages.config import EvaluateConfig
 from kdcache.stages.data import get_batch
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.hooks import logits_of
@@ -80,26 +80,6 @@ class AgreementSet:
             b = min(hi, a + batch_size)
             x, _ = get_batch(self.data, self.ids[a:b])
             yield x, torch.from_numpy(self.top1[a:b])
-
-
-@dataclass
-class EvaluateConfig:
-    checkpoint: str
-    data: str
-    data_args: dict = field(default_factory=dict)
-    cache: str | None = None
-    batch_size: int = 1024
-    device: str = "auto"
-    precision: str = "fp32"
-    agree_rows: int = 5000
-    ignore_fingerprint: bool = False
-    storage_options: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size} must be >= 1")
-        if self.agree_rows < 1:
-            raise UsageError(f"agree_rows {self.agree_rows} must be >= 1")
 
 
 def run(cfg: EvaluateConfig, model, summary: dict, ds, device, reader=None, cache_data=None):

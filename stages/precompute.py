@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from kdcache.stages.config import PrecomputeConfig
 from kdcache.stages.data import BatchView, data_fingerprint
 from kdcache.stages.device import autocast, to_device
 from kdcache.stages.encode import add_stats, check_labels, check_logits, encode_batch, summarise
-from kdcache.stages.hooks import POOLS, FeatureTap, logits_of
+from kdcache.stages.hooks import FeatureTap, logits_of
 from kdcache.storage import codecs
 from kdcache.storage.errors import FormatError, UsageError
 from kdcache.storage.fsio import open_location
@@ -40,83 +39,9 @@ log = logging.getLogger("kdcache.precompute")
 CHUNK_BYTES = 64 << 20
 
 
-@dataclass
-class PrecomputeConfig:
-    data: str
-    out: str
-    teacher: str | None = None
-    checkpoint: str | None = None
-    teacher_args: dict = field(default_factory=dict)
-    data_args: dict = field(default_factory=dict)
-    temperature: float = 4.0
-    codec: str | None = None  # topk for classifiers, dense for regression
-    top_k: int = 8
-    dtype: str = "float16"
-    features: str | None = None
-    pool: str = "avg"
-    feature_dtype: str = "float16"
-    # Pooled float features barely compress (12% on MNIST-1D's teacher with zstd) but zstd halves
-    # the reader's feature throughput, so chunks are stored raw unless asked.
-    feature_compression: str = "none"
-    batch_size: int = 256
-    shard_rows: int = 65536
-    num_workers: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    task: str = "classification"
-    force: bool = False
-    quiet: bool = False
-    storage_options: dict = field(default_factory=dict)
-    queue_depth: int = 4
-
-    def validate(self) -> None:
-        """Everything that can be checked before a model or a byte of data is touched."""
-        if self.task not in ("classification", "regression"):
-            raise UsageError(f"--task {self.task!r}: use classification or regression")
-        if self.codec is None:
-            self.codec = "dense" if self.task == "regression" else "topk"
-        if self.codec not in codecs.names():
-            raise UsageError(f"--codec {self.codec!r}: use one of {', '.join(codecs.names())}")
-        kind = codecs.codec_class(self.codec)
-        if self.task not in kind.tasks:
-            usable = [n for n in codecs.names() if self.task in codecs.codec_class(n).tasks]
-            raise UsageError(
-                f"--codec {self.codec} cannot store a {self.task} teacher: use --codec "
-                + " or ".join(usable)
-            )
-        if self.task == "regression":
-            self.temperature = 1.0  # raw outputs are stored; there is nothing to temper
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise UsageError(
-                f"--temperature {self.temperature} must be > 0 and finite (soft labels use z/T)"
-            )
-        kind.configure(codec_values(self), self.task)
-        if self.feature_compression not in ("none", "zstd"):
-            raise UsageError(
-                f"--feature-compression {self.feature_compression!r}: use none or zstd"
-            )
-        for name, value in (("--dtype", self.dtype), ("--feature-dtype", self.feature_dtype)):
-            if value not in ("float16", "float32"):
-                raise UsageError(f"{name} {value!r}: use float16 or float32")
-        if self.pool not in POOLS:
-            raise UsageError(f"--pool {self.pool!r}: use one of {', '.join(POOLS)}")
-        for name in ("batch_size", "shard_rows", "queue_depth"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.num_workers < 0:
-            raise UsageError("--num-workers must be >= 0")
-        if self.teacher is None and self.checkpoint is None:
-            raise UsageError("--teacher SPEC (and/or --checkpoint FILE) is required")
-
-
-def codec_values(cfg: PrecomputeConfig) -> dict:
-    """The chosen codec's option values from the config."""
-    return {o.name: getattr(cfg, o.name) for o in codecs.codec_class(cfg.codec).options}
-
-
 def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict:
     kind = codecs.codec_class(cfg.codec)
-    soft = {"codec": cfg.codec, "dtype": cfg.dtype, **kind.configure(codec_values(cfg), cfg.task)}
+    soft = {"codec": cfg.codec, "dtype": cfg.dtype, **kind.configure(cfg.codec_options, cfg.task)}
     header = {
         "format": FORMAT,
         "teacher": teacher_id,

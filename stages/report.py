@@ -24,12 +24,11 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from kdcache.stages.config import ReportConfig
 from kdcache.stages.evaluate import dataset_batches
 from kdcache.stages.hooks import logits_of
 from kdcache.stages.run_folder import RunFolder
@@ -39,27 +38,6 @@ from kdcache.storage.reader import CacheReader
 
 log = logging.getLogger("kdcache.report")
 PLOTS = ("accuracy_curves.png", "accuracy_bars.png")
-
-
-@dataclass
-class ReportConfig:
-    runs: str = "runs"
-    out: str | None = None  # default RUNS/report.md; report.json and the PNGs go beside it
-    teacher: str | None = None  # default RUNS/teacher
-    students: str | None = None  # default RUNS/students
-    plots: bool = True
-    agreement: bool = True  # recompute teacher agreement on the eval data (loads the models)
-
-    def validate(self) -> None:
-        root = Path(self.runs)
-        self.out = self.out or str(root / "report.md")
-        self.teacher = self.teacher or str(root / "teacher")
-        self.students = self.students or str(root / "students")
-        if not Path(self.students).is_dir():
-            raise UsageError(
-                f"--students {self.students}: no such folder; train students first "
-                "(`make students` or `kdcache train --config ... --out FOLDER`)"
-            )
 
 
 def _check(cfg: ReportConfig) -> None:

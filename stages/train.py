@@ -21,7 +21,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdcache.stages import checkpoint, losses
+from kdcache.stages.config import EXECUTION, TrainConfig
 from kdcache.stages.data import get_batch
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.evaluate import (
@@ -38,7 +39,7 @@ from kdcache.stages.evaluate import (
     has_labels,
     reduce_sums,
 )
-from kdcache.stages.hooks import POOLS, FeatureTap, logits_of
+from kdcache.stages.hooks import FeatureTap, logits_of
 from kdcache.stages.loader import JoinedStream, LabelStream, check_data
 from kdcache.stages.metrics import epoch_line, run_totals, summarise
 from kdcache.stages.run_folder import RunFolder
@@ -47,83 +48,6 @@ from kdcache.storage.manifest import diff
 from kdcache.storage.reader import CacheReader
 
 log = logging.getLogger("kdcache.train")
-# Execution settings: they change speed or logging, not what a finished run computed.
-# num_workers is here although each worker streams its own slice of the epoch (so the count
-# shapes the row order): resuming with another count still sees every row once per epoch.
-EXECUTION = {
-    "quiet",
-    "device",
-    "num_workers",
-    "prefetch",
-    "storage_options",
-    "ignore_fingerprint",
-    "threads",
-}
-
-
-@dataclass
-class TrainConfig:
-    student: str
-    data: str
-    out: str
-    cache: str | None = None
-    eval_data: str | None = None
-    name: str | None = None
-    student_args: dict = field(default_factory=dict)
-    data_args: dict = field(default_factory=dict)
-    eval_data_args: dict = field(default_factory=dict)
-    temperature: float | None = None  # default: the cache's T_store
-    alpha: float = 0.9
-    beta: float = 0.0
-    student_features: str | None = None
-    pool: str = "avg"
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.05  # fraction of all steps
-    seed: int = 0
-    num_workers: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    buffer_size: int = 16384
-    prefetch: int = 2
-    agree_rows: int = 5000
-    eval_batch_size: int = 1024
-    ignore_fingerprint: bool = False
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    quiet: bool = False
-    storage_options: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        """Checks that need neither the cache nor the student (those follow in `_setup`)."""
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UsageError(f"--alpha {self.alpha} must be in [0, 1] (weight of the soft loss)")
-        if self.temperature is not None and not (0 < self.temperature < math.inf):
-            raise UsageError(f"--temperature {self.temperature} must be > 0")
-        if self.beta < 0:
-            raise UsageError(f"--beta {self.beta} must be >= 0 (weight of the feature loss)")
-        if self.beta > 0 and not self.cache:
-            raise UsageError("--beta > 0 needs --cache with stored teacher features")
-        if self.beta > 0 and not self.student_features:
-            raise UsageError("--beta > 0 needs --student-features NAME (a student submodule)")
-        if self.pool not in POOLS:
-            raise UsageError(f"--pool {self.pool!r}: use one of {', '.join(POOLS)}")
-        if self.precision not in ("fp32", "bf16"):
-            raise UsageError(f"--precision {self.precision!r}: training uses fp32 or bf16")
-        for name in ("epochs", "batch_size", "prefetch", "agree_rows", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
-        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1:
-            raise UsageError(
-                f"--lr {self.lr} must be > 0, --weight-decay {self.weight_decay} >= 0 and "
-                f"--warmup {self.warmup} a fraction in [0, 1)"
-            )
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads {self.threads} must be >= 1")
-        if self.num_workers < 0 or self.buffer_size < 0:
-            raise UsageError("--num-workers and --buffer-size must be >= 0")
-        self.name = self.name or self.out.rstrip("/").rsplit("/", 1)[-1]
 
 
 class Distillee(nn.Module):

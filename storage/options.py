@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kdcache.storage.errors import UsageError
@@ -33,10 +33,26 @@ class Option:
     check: Callable[[Any], str | None] | None = None
     cli: bool = True
     execution: bool = False  # changes speed or logging only, never what a run computes
+    below: float | None = None  # value < below
+    flag_name: str | None = None  # when the flag is not --name-with-dashes
+    required: bool = False  # no default: the command line or --config must give it
+    collects: bool = False  # a dict field that receives the command's extra (codec) options
 
     @property
     def flag(self) -> str:
+        """How the user sets it: the flag, or for a config-file-only setting its key."""
+        if self.flag_name or not self.cli:
+            return self.flag_name or self.name
         return "--" + self.name.replace("_", "-")
+
+    def bounds(self) -> str | None:
+        """The allowed range in words: '>= 1', '> 0', 'in [0, 1)'; None when unbounded."""
+        lo = _edge((">=", "[", self.minimum), (">", "(", self.above))
+        hi = _edge(("<=", "]", self.maximum), ("<", ")", self.below))
+        if lo and hi:
+            return f"in {lo[1]}{_num(lo[2])}, {_num(hi[2])}{hi[1]}"
+        edge = lo or hi
+        return f"{edge[0]} {_num(edge[2])}" if edge else None
 
     def validate(self, value: Any) -> None:
         """Raise UsageError naming the flag, the value and the fix; None passes (unset)."""
@@ -46,17 +62,29 @@ class Option:
             raise UsageError(
                 f"{self.flag} {value!r}: use one of {', '.join(map(str, self.choices))}"
             )
-        if self.type in (int, float) and not isinstance(value, bool):
-            if isinstance(value, float) and not math.isfinite(value) and self.maximum is None:
+        if self.type in (int, float):
+            kinds = (int,) if self.type is int else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise UsageError(f"{self.flag} {value!r}: must be a number ({self.type.__name__})")
+            if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"{self.flag} {value}: must be a finite number")
-            if self.minimum is not None and value < self.minimum:
-                raise UsageError(f"{self.flag} {value} must be >= {_num(self.minimum)}")
-            if self.above is not None and not value > self.above:
-                raise UsageError(f"{self.flag} {value} must be > {_num(self.above)}")
-            if self.maximum is not None and value > self.maximum:
-                raise UsageError(f"{self.flag} {value} must be <= {_num(self.maximum)}")
+            if not _within(value, self):
+                raise UsageError(f"{self.flag} {value} must be {self.bounds()}")
         if self.check is not None and (problem := self.check(value)):
             raise UsageError(f"{self.flag} {value!r}: {problem}")
+
+
+def _edge(*candidates: tuple) -> tuple | None:
+    return next((c for c in candidates if c[2] is not None), None)
+
+
+def _within(x: float, o: Option) -> bool:
+    return (
+        (o.minimum is None or x >= o.minimum)
+        and (o.above is None or x > o.above)
+        and (o.maximum is None or x <= o.maximum)
+        and (o.below is None or x < o.below)
+    )
 
 
 def _num(x: float) -> str:
@@ -81,14 +109,17 @@ def options_of(cls) -> list[Option]:
         spec = f.metadata.get("option")
         if spec is None:
             continue
+        required = False
         if f.default is not _MISSING:
             default = f.default
         elif f.default_factory is not _MISSING:
             default = f.default_factory()
         else:
-            default = None
+            default, required = None, True
         kind = spec.get("type") or _field_type(f)
-        out.append(Option(name=f.name, default=default, **(spec | {"type": kind})))
+        out.append(
+            Option(name=f.name, default=default, required=required, **(spec | {"type": kind}))
+        )
     return out
 
 
@@ -100,7 +131,8 @@ def _field_type(f: dataclasses.Field) -> type:
     return str
 
 
-def validate_options(cfg) -> None:
-    """Run every declared field's checks on a config instance."""
+def validate_options(cfg, skip: Iterable[str] = ()) -> None:
+    """Run every declared field's checks on a config instance (but those named in `skip`)."""
     for opt in options_of(type(cfg)):
-        opt.validate(getattr(cfg, opt.name))
+        if opt.name not in skip:
+            opt.validate(getattr(cfg, opt.name))

@@ -24,7 +24,7 @@ DATA = "tests.toy_models:ToyData"
 
 def toy_config(out, **overrides):
     """A small, fast PrecomputeConfig over ToyNet/ToyData; any field can be overridden."""
-    from kdcache.stages.precompute import PrecomputeConfig
+    from kdcache.stages.config import PrecomputeConfig
 
     fields = dict(
         teacher=TEACHER,
@@ -36,6 +36,8 @@ def toy_config(out, **overrides):
         quiet=True,
         device="cpu",
     )
+    if "top_k" in overrides:  # the topk codec's option, as the --top-k flag would pass it
+        fields["codec_options"] = {"top_k": overrides.pop("top_k")}
     fields.update(overrides)
     return PrecomputeConfig(**fields)
 

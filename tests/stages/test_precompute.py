@@ -200,7 +200,7 @@ def test_regression_refuses_topk(tmp_path):
 BAD = [
     ({"temperature": 0.0}, "--temperature 0.0"),
     ({"temperature": -1.0}, "--temperature -1.0"),
-    ({"temperature": float("inf")}, "--temperature inf must be > 0 and finite"),
+    ({"temperature": float("inf")}, "--temperature inf: must be a finite number"),
     ({"top_k": 0}, "--top-k 0"),
     ({"top_k": 11}, "--top-k 11 exceeds the teacher's 10 classes"),
     ({"pool": "max"}, "--pool 'max'"),
@@ -217,7 +217,7 @@ BAD = [
     ({"data": "tests.toy_models:EmptyData", "data_args": {}}, "is empty"),
     ({"data": "tests.toy_models:BadLabelData", "data_args": {}}, "label 99 of sample_id 30"),
     ({"task": "ranking"}, "--task 'ranking'"),
-    ({"shard_rows": 0}, "--shard-rows must be >= 1"),
+    ({"shard_rows": 0}, "--shard-rows 0 must be >= 1"),
 ]
 
 

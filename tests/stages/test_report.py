@@ -39,7 +39,7 @@ def job(tmp_path_factory):
             data=DATA,
             data_args={"n": 64},
             out=cache,
-            top_k=3,
+            codec_options={"top_k": 3},
             features="body",
             shard_rows=32,
             device="cpu",

@@ -1,0 +1,207 @@
+"""The settings of every stage, each declared once with its default, help text and checks.
+
+These are plain data: pipeline builds them (defaults < TOML file < command line) and generates
+the click options from the declarations; each `validate()` runs the declared checks first, then
+only what involves several fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdcache.stages.hooks import POOLS
+from kdcache.storage import codecs
+from kdcache.storage.errors import UsageError
+from kdcache.storage.options import option, options_of, validate_options
+
+DTYPES = ("float16", "float32")
+TRAIN_PRECISIONS = ("fp32", "bf16")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
+QUIET_HELP = "No progress bar or info logs."
+STORAGE_HELP = "k=v fsspec storage option (repeatable)."
+
+
+@dataclass(kw_only=True)
+class PrecomputeConfig:
+    teacher: str | None = option(None, "Teacher spec package.module:attr (class or factory).")
+    checkpoint: str | None = option(
+        None, "State dict, TorchScript or torch.export file (path or URL)."
+    )
+    teacher_args: dict = option(
+        {}, "k=v keyword for the teacher (repeatable).", flag_name="--teacher-arg"
+    )
+    data: str = option(help="Data set spec package.module:attr (map-style, class or factory).")
+    data_args: dict = option(
+        {}, "k=v keyword for the data set (repeatable).", flag_name="--data-arg"
+    )
+    out: str = option(help="Store URL: a folder, memory://..., s3://bucket/prefix, ...")
+    temperature: float = option(4.0, "Soft-label temperature T (soft labels are z/T).", above=0)
+    codec: str | None = option(
+        None, "Soft-label codec (default topk; dense for regression).", choices=codecs.names()
+    )
+    dtype: str = option("float16", "Logit storage dtype.", choices=DTYPES)
+    features: str | None = option(
+        None, "Teacher submodule (named_modules name) whose output to store."
+    )
+    pool: str = option("avg", "Feature pooling.", choices=POOLS)
+    feature_dtype: str = option("float16", "Feature dtype.", choices=DTYPES)
+    # Pooled float features barely compress (12% on MNIST-1D's teacher with zstd) but zstd halves
+    # the reader's feature throughput, so chunks are stored raw unless asked.
+    feature_compression: str = option(
+        "none",
+        "Zarr codec for features (none: ~2x faster reads, ~12% larger).",
+        choices=("none", "zstd"),
+    )
+    batch_size: int = option(256, "Teacher batch size.", minimum=1)
+    shard_rows: int = option(65536, "Rows per shard.", minimum=1)
+    num_workers: int = option(0, "DataLoader workers.", minimum=0, execution=True)
+    device: str = option("auto", DEVICE_HELP, execution=True)
+    precision: str = option("fp32", "Autocast precision.", choices=("fp32", "bf16", "fp16"))
+    task: str = option("classification", "Teacher kind.", choices=("classification", "regression"))
+    force: bool = option(False, "Replace a store made with other settings.")
+    quiet: bool = option(False, QUIET_HELP, cli=False, execution=True)
+    storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
+    queue_depth: int = option(
+        4, "Encoded batches queued for the writer thread.", minimum=1, cli=False, execution=True
+    )
+    # The chosen codec's own options (`--top-k`, ...): each codec declares them in its module.
+    codec_options: dict = option(
+        {}, "The codec's own options (set by its flags).", cli=False, collects=True
+    )
+
+    def validate(self) -> None:
+        """Everything that can be checked before a model or a byte of data is touched."""
+        if self.codec is None:
+            self.codec = "dense" if self.task == "regression" else "topk"
+        if self.task == "regression":
+            self.temperature = 1.0  # raw outputs are stored; there is nothing to temper
+        validate_options(self)
+        kind = codecs.codec_class(self.codec)
+        if self.task not in kind.tasks:
+            usable = [n for n in codecs.names() if self.task in codecs.codec_class(n).tasks]
+            raise UsageError(
+                f"--codec {self.codec} cannot store a {self.task} teacher: use --codec "
+                + " or ".join(usable)
+            )
+        # Options of other codecs are ignored; the chosen codec's get their defaults and checks.
+        self.codec_options = kind.configure(self.codec_options, self.task)
+        if self.teacher is None and self.checkpoint is None:
+            raise UsageError("--teacher SPEC (and/or --checkpoint FILE) is required")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    cache: str | None = option(
+        None, "Store URL from `kdcache precompute`; omit to train on hard labels."
+    )
+    student: str = option(help="Student spec package.module:attr (class or factory).")
+    student_args: dict = option(
+        {}, "k=v keyword for the student (repeatable).", flag_name="--student-arg"
+    )
+    data: str = option(help="The data set the cache was made from (joined by sample_id).")
+    data_args: dict = option(
+        {}, "k=v keyword for the data set (repeatable).", flag_name="--data-arg"
+    )
+    eval_data: str | None = option(None, "Labeled data set evaluated after every epoch.")
+    eval_data_args: dict = option(
+        {}, "k=v keyword for the eval data set (repeatable).", flag_name="--eval-data-arg"
+    )
+    out: str = option(help="Output folder or URL (metrics.csv, checkpoints, model.pt, summary).")
+    name: str | None = option(None, "Run name (default: the last part of --out).", cli=False)
+    temperature: float | None = option(None, "Distillation T (default: the cache's T).", above=0)
+    alpha: float = option(0.9, "Weight of the soft loss.", minimum=0, maximum=1)
+    beta: float = option(0.0, "Weight of the feature loss.", minimum=0)
+    student_features: str | None = option(
+        None, "Student submodule whose output matches the features."
+    )
+    pool: str = option("avg", "Pooling.", choices=POOLS)
+    epochs: int = option(20, "Epochs.", minimum=1)
+    batch_size: int = option(256, "Batch size.", minimum=1)
+    lr: float = option(1e-3, "Peak AdamW learning rate.", above=0)
+    weight_decay: float = option(0.01, "AdamW weight decay.", minimum=0)
+    warmup: float = option(0.05, "Warmup as a fraction of all steps.", minimum=0, below=1)
+    seed: int = option(0, "Seed of the student's init and the data order.")
+    # num_workers is an execution setting although each worker streams its own slice of the epoch
+    # (so the count shapes the row order): resuming with another count still sees every row once.
+    num_workers: int = option(0, "DataLoader workers.", minimum=0, execution=True)
+    device: str = option("auto", DEVICE_HELP, execution=True)
+    threads: int | None = option(
+        None, "Torch CPU threads (default: torch's choice).", minimum=1, execution=True
+    )
+    precision: str = option("fp32", "Autocast precision.", choices=TRAIN_PRECISIONS)
+    storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
+    ignore_fingerprint: bool = option(False, "Train on other --data.", execution=True)
+    buffer_size: int = option(16384, "Shuffle buffer rows.", minimum=0)
+    prefetch: int = option(2, "Shards read ahead.", minimum=1, execution=True)
+    agree_rows: int = option(
+        5000, "Cached rows measured for teacher agreement.", minimum=1, cli=False
+    )
+    eval_batch_size: int = option(1024, "Evaluation batch size.", minimum=1, cli=False)
+    quiet: bool = option(False, QUIET_HELP, cli=False, execution=True)
+
+    def validate(self) -> None:
+        """Checks that need neither the cache nor the student (those follow in `_setup`)."""
+        validate_options(self)
+        if self.beta > 0 and not self.cache:
+            raise UsageError("--beta > 0 needs --cache with stored teacher features")
+        if self.beta > 0 and not self.student_features:
+            raise UsageError("--beta > 0 needs --student-features NAME (a student submodule)")
+        self.name = self.name or self.out.rstrip("/").rsplit("/", 1)[-1]
+
+
+# Execution settings change speed or logging, not what a finished run computed: a rerun that
+# differs only in these resumes instead of refusing.
+EXECUTION = frozenset(o.name for o in options_of(TrainConfig) if o.execution)
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    checkpoint: str = option(help="A finished `kdcache train --out` folder (or URL).")
+    data: str = option(help="Labeled data set to evaluate on.")
+    data_args: dict = option(
+        {}, "k=v keyword for the data set (repeatable).", flag_name="--data-arg"
+    )
+    cache: str | None = option(None, "Also report agreement with this cache's teacher top-1.")
+    batch_size: int = option(1024, "Evaluation batch size.", minimum=1)
+    device: str = option("auto", DEVICE_HELP, execution=True)
+    precision: str = option("fp32", "Autocast precision.", choices=TRAIN_PRECISIONS)
+    agree_rows: int = option(
+        5000, "Cached rows measured for teacher agreement.", minimum=1, cli=False
+    )
+    ignore_fingerprint: bool = option(False, "Skip the cache data check.", execution=True)
+    storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
+
+    def validate(self) -> None:
+        validate_options(self)
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    runs: str = option("runs", "Folder of the job's runs.")
+    out: str | None = option(
+        None, "Markdown file (default RUNS/report.md); JSON and PNGs go beside it."
+    )
+    teacher: str | None = option(
+        None, "The teacher's `kdcache train` folder (default RUNS/teacher)."
+    )
+    students: str | None = option(
+        None, "Folder with one folder per student (default RUNS/students)."
+    )
+    plots: bool = option(True, "Skip the PNGs (no matplotlib needed).", flag_name="--no-plots")
+    # Recomputing teacher agreement on the eval data loads the models.
+    agreement: bool = option(
+        True, "Do not load the models to measure teacher agreement.", flag_name="--no-agreement"
+    )
+
+    def validate(self) -> None:
+        validate_options(self)
+        root = Path(self.runs)
+        self.out = self.out or str(root / "report.md")
+        self.teacher = self.teacher or str(root / "teacher")
+        self.students = self.students or str(root / "students")
+        if not Path(self.students).is_dir():
+            raise UsageError(
+                f"--students {self.students}: no such folder; train students first "
+                "(`make students` or `kdcache train --config ... --out FOLDER`)"
+            )
