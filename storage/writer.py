@@ -19,6 +19,7 @@ from kdcache.storage.fsio import Location
 from kdcache.storage.manifest import (
     COMMITS,
     FEATURES,
+    FINGERPRINT_FIELDS,
     LOCK_FILE,
     MANIFEST,
     RUN_FILE,
@@ -74,18 +75,8 @@ _DERIVED = {"num_classes", "dim", "chunk_cols", "path", "checkpoint"}
 
 
 def _settings(doc: dict) -> dict:
-    keys = (
-        "teacher",
-        "data",
-        "temperature",
-        "soft_labels",
-        "features",
-        "shard_rows",
-        "task",
-        "precision",
-    )
     out = {}
-    for key in keys:
+    for key in FINGERPRINT_FIELDS:  # what decides a store's bytes is what can differ
         value = doc.get(key)
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in _DERIVED}
