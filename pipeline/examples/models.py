@@ -56,42 +56,34 @@ class _PooledHead(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 
 
-class TeacherCNN(nn.Module):
+class _ConvNet(nn.Module):
+    """Conv blocks then a pooled linear head; ``features`` is the last block's output."""
+
+    def __init__(self, num_classes: int, width: int, blocks: list[tuple]) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.feature_dim = width
+        self.features = nn.Sequential(*[layer for b in blocks for layer in _conv_block(*b)])
+        self.head = _PooledHead(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(_as_channels(x)))
+
+
+class TeacherCNN(_ConvNet):
     """Five-layer 1-D CNN; ``features`` outputs ``(B, 2 * channels, 10)`` for 40-long inputs."""
 
     def __init__(self, num_classes: int = 10, channels: int = 64) -> None:
-        super().__init__()
-        wide = 2 * channels
-        self.num_classes = num_classes
-        self.feature_dim = wide
-        self.features = nn.Sequential(
-            *_conv_block(1, channels, 5, 1),
-            *_conv_block(channels, channels, 3, 2),
-            *_conv_block(channels, channels, 3, 1),
-            *_conv_block(channels, wide, 3, 2),
-            *_conv_block(wide, wide, 3, 1),
-        )
-        self.head = _PooledHead(wide, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(_as_channels(x)))
+        c, wide = channels, 2 * channels
+        blocks = [(1, c, 5, 1), (c, c, 3, 2), (c, c, 3, 1), (c, wide, 3, 2), (wide, wide, 3, 1)]
+        super().__init__(num_classes, wide, blocks)
 
 
-class StudentCNN(nn.Module):
+class StudentCNN(_ConvNet):
     """Two-layer 1-D CNN, ~1% of the teacher; ``features`` outputs ``(B, channels, 10)``."""
 
     def __init__(self, num_classes: int = 10, channels: int = 16) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.feature_dim = channels
-        self.features = nn.Sequential(
-            *_conv_block(1, channels, 5, 2),
-            *_conv_block(channels, channels, 3, 2),
-        )
-        self.head = _PooledHead(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(_as_channels(x)))
+        super().__init__(num_classes, channels, [(1, channels, 5, 2), (channels, channels, 3, 2)])
 
 
 class StudentMLP(nn.Module):
