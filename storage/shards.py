@@ -23,9 +23,14 @@ KEYS = [
 ]
 
 
+LENGTH = pa.field("length", pa.int32(), nullable=False)
+
+
 def shard_schema(codec, version: str = FORMAT) -> pa.Schema:
-    """The Parquet schema a shard of this codec must have in this format version."""
-    return pa.schema((KEYS_V1 if version == "kdcache/1" else KEYS) + codec.fields())
+    """The Parquet schema a shard of this codec must have in this format version. Rows of a
+    sequence codec also carry their `length` (tokens stored), so no padding is ever stored."""
+    keys = KEYS_V1 if version == "kdcache/1" else KEYS + ([LENGTH] if codec.sequence else [])
+    return pa.schema(keys + codec.fields())
 
 
 def encode_table(columns: dict[str, np.ndarray], codec) -> pa.Table:
@@ -35,19 +40,24 @@ def encode_table(columns: dict[str, np.ndarray], codec) -> pa.Table:
     view = columns.get("view")
     view = np.zeros(len(ids), np.int32) if view is None else view.astype(np.int32)
     arrays = [pa.array(ids), pa.array(view), pa.array(labels, mask=labels < 0)]
-    return pa.Table.from_arrays(arrays + codec.arrays(columns), schema=shard_schema(codec))
+    lengths = None
+    if codec.sequence:
+        lengths = columns["length"].astype(np.int32)
+        arrays.append(pa.array(lengths))
+    arrays += codec.arrays(columns, lengths)
+    return pa.Table.from_arrays(arrays, schema=shard_schema(codec))
 
 
-def row_bytes(codec) -> int:
-    """Bytes of the values one row stores (keys, label, codec columns at their stored widths),
-    before container overhead or compression: what the manifest's `bytes_per_sample` counts."""
+def payload_bytes(table: pa.Table) -> int:
+    """Bytes of the values a shard stores (keys, label, codec columns at their stored widths),
+    before container overhead or compression: what `bytes_per_sample` counts. List offsets and
+    validity bitmaps are bookkeeping, not payload."""
     total = 0
-    for f in shard_schema(codec):
-        t = f.type
-        if pa.types.is_fixed_size_list(t):
-            total += t.value_type.bit_width // 8 * t.list_size
-        else:
-            total += t.bit_width // 8
+    for col in table.columns:
+        arr = col.combine_chunks()
+        while pa.types.is_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+            arr = arr.flatten()
+        total += len(arr) * (arr.type.bit_width // 8)
     return total
 
 
@@ -67,5 +77,7 @@ def decode_table(table: pa.Table, codec) -> dict[str, np.ndarray]:
     else:
         out["view"] = np.zeros(len(ids), np.int32)
     out["label"] = table.column("label").fill_null(-1).to_numpy().astype(np.int64, copy=False)
+    if "length" in table.column_names:
+        out["length"] = table.column("length").to_numpy()
     out.update(codec.decode(table))
     return out

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from kdcache.storage.errors import UsageError
+from kdcache.storage.ragged import Parked
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.shards import decode_table
 
@@ -222,9 +223,10 @@ class EpochStream(torch.utils.data.IterableDataset):
 class CacheStream(EpochStream):
     """Batches of a store as dicts of tensors, each row once per epoch across ranks x workers.
 
-    Keys: `sample_id` int64, `label` int64 (-1 missing), `logits` or `topk_indices` /
-    `topk_logits` / `logsumexp` as stored, `features` as stored (float16 stays float16) when
-    `features` is true and the store has them.
+    Keys: `sample_id` int64, `view`, `label` int64 (-1 missing), the codec's columns as stored,
+    `features` as stored (float16 stays float16) when `features` is true and the store has them.
+    A sequence store's rows also carry `length`, and its codec columns come packed over the
+    batch's tokens in row order (`storage/ragged.py`).
     `len()` is the number of batches this rank yields (exact when `num_workers` matches the
     DataLoader's). Wrap it as `DataLoader(stream, batch_size=None, num_workers=...)`.
     """
@@ -253,6 +255,7 @@ class CacheStream(EpochStream):
         )
         self.buffer_size, self.prefetch = buffer_size, prefetch
         self.features = bool(features) and self.reader.has_features
+        self._parked: Parked | None = None  # per iteration, for sequence stores
 
     def __getstate__(self) -> dict:
         # The open Zarr array is per process; workers reopen it lazily.
@@ -260,6 +263,7 @@ class CacheStream(EpochStream):
         reader = object.__new__(CacheReader)
         reader.__dict__.update(self.reader.__dict__, _array=None)
         state["reader"] = reader
+        state["_parked"] = None
         return state
 
     def _rows(self) -> int:
@@ -292,9 +296,11 @@ class CacheStream(EpochStream):
         if self.features:
             first = self.reader.shards[i]["first_row"]
             cols["features"] = self.reader.read_features(first + a, first + b)
-        return cols
+        return self._parked.park(cols) if self._parked is not None else cols
 
     def _to_torch(self, cols: dict) -> dict[str, torch.Tensor]:
+        if self._parked is not None:
+            cols = self._parked.gather(cols)
         # Unshuffled batches can be views of Arrow's read-only buffers: torch needs its own copy.
         return {
             k: torch.from_numpy(np.ascontiguousarray(v) if v.flags.writeable else v.copy())
@@ -303,6 +309,7 @@ class CacheStream(EpochStream):
 
     def __iter__(self):
         lo, hi, sizes, rng = self._my_span()
+        self._parked = Parked(self.reader.codec) if self.reader.codec.sequence else None
         fetch = _Prefetcher(self._read, self.pieces(lo, hi), self.prefetch)
         try:
             for cols in shuffle_buffer(fetch, sizes, self.buffer_size, rng, self.shuffle):

@@ -32,7 +32,7 @@ from kdcache.storage.manifest import (
     read_json,
     shard_name,
 )
-from kdcache.storage.shards import encode_table, row_bytes, table_to_parquet_bytes
+from kdcache.storage.shards import encode_table, payload_bytes, table_to_parquet_bytes
 
 
 def feature_chunk_keys(index: int, dim: int, chunk_cols: int) -> list[str]:
@@ -206,11 +206,12 @@ class ShardWriter:
         if rows != expected:
             raise RuntimeError(f"shard {self.index} got {rows} rows, expected {expected}")
         key = parquet_key(self.index)
-        data = table_to_parquet_bytes(encode_table(columns, store.codec))
+        table = encode_table(columns, store.codec)
+        data = table_to_parquet_bytes(table)
         loc.write_bytes(data, key)
         files = {key: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
         keys = []
-        payload = rows * row_bytes(store.codec)
+        payload = payload_bytes(table)
         if store.features:
             feats = np.concatenate(self._features).astype(store.features["dtype"], copy=False)
             store.array[self.first_row : self.first_row + rows] = feats

@@ -60,4 +60,4 @@ def all_options() -> list:
 
 
 # Built-ins register on import; they import `register` from here, hence at the end.
-from kdcache.storage.codecs import dense, topk  # noqa: E402, F401
+from kdcache.storage.codecs import dense, sampled, topk  # noqa: E402, F401

@@ -47,19 +47,21 @@ def soft_loss_dense(
 @register
 class Dense(Codec):
     name = "dense"
-    tasks = ("classification", "regression")
+    tasks = ("classification", "regression", "causal-lm")
 
-    def fields(self) -> list[pa.Field]:
+    def token_fields(self) -> list[pa.Field]:
         value = DTYPES[self.dtype]
         return [pa.field("logits", pa.list_(value, self.num_classes), nullable=False)]
 
-    def encode(self, s: torch.Tensor) -> tuple[dict[str, np.ndarray], dict]:
+    def encode(self, s: torch.Tensor, keys: dict | None = None) -> tuple[dict, dict]:
         return {"logits": s.cpu().numpy()}, {}
 
-    def arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
+    def token_arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
         return [fixed_list(columns["logits"].astype(self.dtype), DTYPES[self.dtype])]
 
     def label(self) -> str:
+        if self.sequence:
+            return f"all {self.num_classes} logits per token"
         if self.task == "regression":
             return f"{self.num_classes} raw outputs"
         return f"all {self.num_classes} logits"

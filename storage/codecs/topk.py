@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.storage.codecs import register
-from kdcache.storage.codecs.base import DTYPES, Codec, fixed_list
+from kdcache.storage.codecs.base import DTYPES, Codec, fixed_list, id_type
 from kdcache.storage.codecs.losses import (
     Temperature,
     check_same_shape,
@@ -112,12 +112,33 @@ def soft_loss_topk(
 @register
 class TopK(Codec):
     name = "topk"
-    options = (Option("top_k", int, 8, "Classes kept per sample by the topk codec.", minimum=1),)
+    options = (
+        Option("top_k", int, 8, "Classes (tokens) kept per sample (per token) by topk.", minimum=1),
+    )
+    tasks = ("classification", "causal-lm")
     stats_keys = ("mean_topk_kl", "mean_residual_mass")
 
     @property
     def k(self) -> int:
         return int(self.settings["top_k"])
+
+    @property
+    def ids(self) -> pa.DataType:
+        # Classifier stores keep int32 (kdcache/2's documented schema); token ids take the
+        # narrowest unsigned width that holds the vocabulary.
+        return id_type(self.num_classes) if self.sequence else pa.int32()
+
+    @classmethod
+    def fit_budget(cls, budget: float, s: torch.Tensor, values: dict) -> dict:
+        dtype = values.get("dtype", "float16")
+        per_k = id_type(s.shape[-1]).bit_width // 8 + DTYPES[dtype].bit_width // 8
+        k = int((budget - 4) // per_k)  # 4: the float32 logsumexp of every token
+        if k < 1:
+            raise UsageError(
+                f"--budget-bytes-per-token {budget:g} is below topk's minimum of {4 + per_k} "
+                "bytes (one id, one value and the logsumexp): raise it"
+            )
+        return {"top_k": min(k, s.shape[-1])}
 
     def check_classes(self, num_classes: int) -> None:
         if self.k > num_classes:
@@ -125,14 +146,14 @@ class TopK(Codec):
                 f"--top-k {self.k} exceeds the teacher's {num_classes} classes; use <= {num_classes}"
             )
 
-    def fields(self) -> list[pa.Field]:
+    def token_fields(self) -> list[pa.Field]:
         return [
-            pa.field("topk_indices", pa.list_(pa.int32(), self.k), nullable=False),
+            pa.field("topk_indices", pa.list_(self.ids, self.k), nullable=False),
             pa.field("topk_logits", pa.list_(DTYPES[self.dtype], self.k), nullable=False),
             pa.field("logsumexp", pa.float32(), nullable=False),
         ]
 
-    def encode(self, s: torch.Tensor) -> tuple[dict[str, np.ndarray], dict]:
+    def encode(self, s: torch.Tensor, keys: dict | None = None) -> tuple[dict, dict]:
         vals, idx = torch.topk(s, self.k, dim=1)
         lse = torch.logsumexp(s, dim=1)
         kl, r = topk_kl_cost(s, idx, lse)
@@ -144,15 +165,15 @@ class TopK(Codec):
         }
         return columns, stats
 
-    def arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
+    def token_arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
         return [
-            fixed_list(columns["topk_indices"].astype(np.int32), pa.int32()),
+            fixed_list(columns["topk_indices"].astype(self.ids.to_pandas_dtype()), self.ids),
             fixed_list(columns["topk_logits"].astype(self.dtype), DTYPES[self.dtype]),
             pa.array(columns["logsumexp"].astype(np.float32)),
         ]
 
     def summarise(self, totals: dict) -> dict:
-        rows = totals.get("rows", 0)
+        rows = totals.get("tokens") or totals.get("rows", 0)  # per token for sequences
         if "kl_sum" not in totals or not rows:
             return {}
         return {
@@ -161,6 +182,8 @@ class TopK(Codec):
         }
 
     def label(self) -> str:
+        if self.sequence:
+            return f"top-{self.k} of {self.num_classes} tokens per position"
         return f"top-{self.k} of {self.num_classes} classes"
 
     def error_text(self, stats: dict) -> str | None:

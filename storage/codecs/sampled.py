@@ -1,0 +1,167 @@
+"""The `sampled` codec: N draws per token from the teacher, stored as unique ids and their counts.
+
+Top-k targets are biased (the student never learns the tail the cache dropped); sampling N tokens
+with replacement from ``softmax(z / T)`` and training on their empirical distribution
+``counts / N`` is unbiased: the cross-entropy to it has the KL's gradient in expectation
+(Sparse Logit Sampling, ACL 2025). At N = 50 a language model's token has ~12 unique ids.
+
+Per token: ``sampled_n`` (uint8, unique ids drawn); per draw entry, ``sampled_ids`` (the narrowest
+unsigned type holding V) and ``sampled_counts`` (uint8). Each row's draws come from a generator
+seeded by (``sample_seed``, sample_id, view) on the CPU, so a rerun, a resume or another batch size
+writes the same bytes. Statistic: ``tv_sum``, the total-variation distance of each token's
+empirical distribution from the teacher's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from kdcache.storage.codecs import register
+from kdcache.storage.codecs.base import Codec, id_type
+from kdcache.storage.codecs.losses import upcast
+from kdcache.storage.errors import UsageError
+from kdcache.storage.options import Option
+
+
+def row_generator(seed: int, sample_id: int, view: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}|{sample_id}|{view}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def draw(p: torch.Tensor, n: int, g: torch.Generator) -> tuple:
+    """(unique ids, their counts, uniques per token) of n draws per row of probabilities p."""
+    d = torch.multinomial(p, n, replacement=True, generator=g).sort(dim=1).values
+    new = torch.ones_like(d, dtype=torch.bool)
+    new[:, 1:] = d[:, 1:] != d[:, :-1]
+    starts = new.reshape(-1).nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([d.numel()])])
+    return d.reshape(-1)[starts], ends - starts, new.sum(1)
+
+
+def mean_uniques(s: torch.Tensor, n: int, seed: int = 0) -> float:
+    """Expected unique ids per token at n draws, measured on probe logits `s`."""
+    ids, _, per = draw(torch.softmax(s.float(), -1), n, torch.Generator().manual_seed(seed))
+    return float(per.double().mean())
+
+
+@register
+class Sampled(Codec):
+    name = "sampled"
+    tasks = ("causal-lm",)
+    options = (
+        Option("samples", int, 50, "Draws per token by the sampled codec.", minimum=1, maximum=255),
+        Option("sample_seed", int, 0, "Seed of the sampled codec's draws.", minimum=0),
+    )
+    stats_keys = ("mean_tv", "mean_unique")
+
+    @property
+    def n(self) -> int:
+        return int(self.settings["samples"])
+
+    @property
+    def ids(self) -> pa.DataType:
+        return id_type(self.num_classes)
+
+    @classmethod
+    def fit_budget(cls, budget: float, s: torch.Tensor, values: dict) -> dict:
+        per_id = id_type(s.shape[-1]).bit_width // 8 + 1
+        best = None
+        for n in range(1, 256):  # bytes grow with n: keep the largest n that fits
+            if 1 + mean_uniques(s, n) * per_id > budget:
+                break
+            best = n
+        if best is None:
+            raise UsageError(
+                f"--budget-bytes-per-token {budget:g} is below the sampled codec's minimum of "
+                f"{1 + per_id} bytes (one draw): raise it"
+            )
+        return {"samples": best}
+
+    def token_fields(self) -> list[pa.Field]:
+        return [
+            pa.field("sampled_n", pa.uint8(), nullable=False),
+            pa.field("sampled_ids", self.ids, nullable=False),
+            pa.field("sampled_counts", pa.uint8(), nullable=False),
+        ]
+
+    def groups(self) -> list[tuple[str, ...]]:
+        return [("sampled_n",), ("sampled_ids", "sampled_counts")]
+
+    def group_counts(self, columns: dict, lengths: np.ndarray) -> list[np.ndarray]:
+        per_token = columns["sampled_n"]
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        per_row = np.add.reduceat(per_token, starts) if len(per_token) else per_token
+        return [lengths, np.where(lengths > 0, per_row, 0)]
+
+    def encode(self, s: torch.Tensor, keys: dict | None = None) -> tuple[dict, dict]:
+        p = torch.softmax(s.float(), -1).cpu()
+        out = {"sampled_ids": [], "sampled_counts": [], "sampled_n": []}
+        tv = 0.0
+        a = 0
+        for sid, view, length in zip(keys["sample_id"], keys["view"], keys["length"], strict=True):
+            rows = p[a : a + int(length)]
+            a += int(length)
+            ids, counts, per = draw(
+                rows, self.n, row_generator(self.settings["sample_seed"], sid, view)
+            )
+            tok = torch.repeat_interleave(torch.arange(len(rows)), per)
+            q = rows[tok, ids]
+            # TV = 1/2 (sum over drawn ids |c/N - p| + the teacher mass on ids never drawn)
+            tv += 0.5 * float(((counts / self.n - q).abs().sum() + len(rows) - q.sum()).double())
+            out["sampled_ids"].append(ids.numpy())
+            out["sampled_counts"].append(counts.numpy())
+            out["sampled_n"].append(per.numpy())
+        cols = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
+        return cols, {"tv_sum": tv, "unique_sum": int(cols["sampled_n"].sum())}
+
+    def token_arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
+        return [
+            pa.array(columns["sampled_n"].astype(np.uint8)),
+            pa.array(columns["sampled_ids"].astype(self.ids.to_pandas_dtype())),
+            pa.array(columns["sampled_counts"].astype(np.uint8)),
+        ]
+
+    def summarise(self, totals: dict) -> dict:
+        tokens = totals.get("tokens") or totals.get("rows", 0)
+        if "tv_sum" not in totals or not tokens:
+            return {}
+        return {"mean_tv": totals["tv_sum"] / tokens, "mean_unique": totals["unique_sum"] / tokens}
+
+    def label(self) -> str:
+        return f"{self.n} draws per token over {self.num_classes} tokens (unique ids + counts)"
+
+    def error_text(self, stats: dict) -> str | None:
+        tv = stats.get("mean_tv")
+        if tv is None:
+            return None
+        return (
+            f"mean total-variation distance of the {self.n}-draw distribution {tv:.3f} "
+            f"({stats.get('mean_unique', 0):.1f} unique ids per token)"
+        )
+
+    def soft_loss(self, student_logits, batch, stored_T, T):
+        """``T^2 * mean_t CE(counts_t / N, softmax(z_s,t / T))``: the cross-entropy to each token's
+        empirical distribution (its expectation's gradient is the KL's to the full teacher)."""
+        if abs(T - stored_T) > 1e-9 * stored_T:
+            raise UsageError(
+                f"--temperature {T:g}: the sampled codec stored draws from the teacher at "
+                f"T = {stored_T:g} and cannot re-temper them; train with --temperature {stored_T:g}"
+            )
+        log_q = F.log_softmax(upcast(student_logits) / T, dim=-1)
+        per = batch["sampled_n"].long()
+        tok = torch.repeat_interleave(torch.arange(len(per), device=per.device), per)
+        w = batch["sampled_counts"].to(log_q.dtype) / self.n
+        picked = log_q[tok, batch["sampled_ids"].long()]
+        return -(w * picked).sum() / max(1, len(per)) * T**2
+
+    def teacher_top1(self, columns: dict) -> np.ndarray:
+        per = np.asarray(columns["sampled_n"], np.int64)
+        tok = np.repeat(np.arange(len(per)), per)
+        order = np.lexsort((-np.asarray(columns["sampled_counts"]), tok))
+        first = np.concatenate([[0], np.cumsum(per)[:-1]]).astype(np.int64)
+        return np.asarray(columns["sampled_ids"], np.int64)[order][first]
