@@ -20,8 +20,9 @@ VENV ?= .venv
 # GPU users: make setup TORCH_SPEC='torch==2.13.0' TORCH_INDEX=https://download.pytorch.org/whl/cu126
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-# bench is in: the default test suite smoke-tests the benchmarks, one of which reads `datasets`.
-EXTRAS ?= dev,bench
+# bench is in: the default test suite smoke-tests the benchmarks, one of which reads `datasets`;
+# lm is in: the language-model examples (transformers, tokenizers) are tested by default too.
+EXTRAS ?= dev,bench,lm
 RUNS ?= runs
 TEMPERATURE ?= 4
 TOPK ?= 8
@@ -62,7 +63,7 @@ help: ## List the targets and the variables they take
 run: setup data teacher precompute students report ## The whole job, stage after stage
 	@echo "done: see $(RUNS)/report.md"
 
-setup: $(STAMP) ## Create .venv: CPU torch (TORCH_SPEC), then kdcache[dev,bench] editable
+setup: $(STAMP) ## Create .venv: CPU torch (TORCH_SPEC), then kdcache[dev,bench,lm] editable
 
 # Reruns only when pyproject.toml changes (or the venv is gone).
 $(STAMP): pyproject.toml

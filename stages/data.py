@@ -1,8 +1,15 @@
-"""Map-style datasets as kdcache sees them: batches of (inputs, labels) fetched by index array."""
+"""Map-style datasets as kdcache sees them: batches of (inputs, labels) fetched by index array.
+
+Classifier and regression items stack into one tensor; causal-lm items are token ids of any
+length, right-padded per batch into `{"input_ids", "attention_mask"}` (the contract in
+docs/ARCHITECTURE.md), and `forward_tokens` hands them to a model.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 
 import numpy as np
 import torch
@@ -34,14 +41,118 @@ def _class_label(y) -> int:
     return int(a)
 
 
-def get_batch(ds, ids: np.ndarray, spec: str = "data") -> tuple[torch.Tensor, np.ndarray]:
+def _numpy(x) -> np.ndarray:
+    return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+
+
+def _token_ids(x, spec: str, sid, ndim: int = 1) -> np.ndarray:
+    """Token ids as int64, checked: `ndim` dims (1 per item, 2 per vectorised batch), non-empty,
+    integer."""
+    a = _numpy(x)
+    if a.ndim != ndim:
+        want = "(L,) per sample" if ndim == 1 else "(B, L) per batch"
+        raise UsageError(
+            f"--data {spec!r} sample {sid}: input_ids has shape {a.shape}; causal-lm needs token "
+            f"ids {want}: drop or add the batch dimension"
+        )
+    if a.size == 0:
+        raise UsageError(f"--data {spec!r} sample {sid}: input_ids is empty; drop empty samples")
+    if a.dtype.kind not in "iu":
+        raise UsageError(
+            f"--data {spec!r} sample {sid}: input_ids are {a.dtype}, not integers; "
+            "return integer token ids (e.g. torch.long)"
+        )
+    return a.astype(np.int64, copy=False)
+
+
+def _token_mask(mask, ids: np.ndarray, spec: str, sids) -> np.ndarray:
+    """The attention mask as int64 of the ids' shape (all ones when there is none), checked."""
+    if mask is None:
+        return np.ones_like(ids)
+    mask = _numpy(mask)
+    if mask.shape != ids.shape:
+        raise UsageError(
+            f"--data {spec!r} sample {sids[0]}: attention_mask has shape {mask.shape} but "
+            f"input_ids {ids.shape}; give one mask value per token"
+        )
+    bad = ~((mask == 0) | (mask == 1))
+    if bad.any():
+        row = int(np.argwhere(bad.reshape(len(sids), -1))[0, 0])
+        raise UsageError(
+            f"--data {spec!r} sample {sids[row]}: attention_mask holds values other than 0 and 1;"
+            " use 1 for real tokens and 0 for padding"
+        )
+    return mask.astype(np.int64)
+
+
+def _token_item(item, spec: str, sid: int) -> tuple[np.ndarray, np.ndarray]:
+    """One sample's (input_ids, attention_mask), both int64 (L,)."""
+    mask = None
+    if isinstance(item, dict):
+        if "input_ids" not in item:
+            raise UsageError(
+                f"--data {spec!r} sample {sid}: causal-lm dict items need an 'input_ids' key, "
+                f"got {list(item)}"
+            )
+        item, mask = item["input_ids"], item.get("attention_mask")
+    ids = _token_ids(item, spec, sid)
+    return ids, _token_mask(mask, ids, spec, [sid])
+
+
+def _token_batch(ds, ids: np.ndarray, spec: str) -> tuple[dict, np.ndarray]:
+    """`{"input_ids", "attention_mask"}` int64 (B, Lmax), right-padded with 0, labels all -1."""
+    labels = np.full(len(ids), -1, np.int64)
+    if hasattr(ds, "get_batch"):
+        batch = ds.get_batch(ids)
+        x = _token_ids(batch["input_ids"], spec, int(ids[0]), ndim=2)
+        mask = _token_mask(batch.get("attention_mask"), x, spec, ids)
+    else:
+        rows = [_token_item(ds[int(i)], spec, int(i)) for i in ids]
+        x = np.zeros((len(rows), max(len(t) for t, _ in rows)), np.int64)
+        mask = np.zeros_like(x)
+        for j, (t, m) in enumerate(rows):
+            x[j, : len(t)], mask[j, : len(m)] = t, m
+    # Copies: the data set's own arrays may be read-only, and callers may write to a batch.
+    return {"input_ids": torch.tensor(x), "attention_mask": torch.tensor(mask)}, labels
+
+
+@functools.cache
+def _takes_mask(cls: type) -> bool:
+    return "attention_mask" in inspect.signature(cls.forward).parameters
+
+
+def forward_tokens(model: torch.nn.Module, inputs: dict):
+    """`model(input_ids, attention_mask=mask)` when its forward names `attention_mask`, else
+    `model(input_ids)`: a plain causal module needs no mask, as right padding never reaches a
+    valid position. Wrappers (DDP's `.module`, torch.compile's `._orig_mod`) are judged by the
+    model they wrap.
+    """
+    inner = model
+    while isinstance(inner, torch.nn.parallel.DistributedDataParallel) or hasattr(
+        inner, "_orig_mod"
+    ):
+        inner = inner._orig_mod if hasattr(inner, "_orig_mod") else inner.module
+    if _takes_mask(type(inner)):
+        return model(inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    return model(inputs["input_ids"])
+
+
+def get_batch(
+    ds, ids: np.ndarray, spec: str = "data", task: str = "classification"
+) -> tuple[torch.Tensor | dict, np.ndarray]:
     """Inputs stacked into one tensor and int64 labels (-1 where an item has none).
+
+    For `task="causal-lm"` the inputs are `{"input_ids", "attention_mask"}` int64 (B, Lmax),
+    right-padded with id 0 and mask 0 to the batch's longest item, and the labels are all -1.
 
     Only integer class ids count as labels; regression targets are not stored (a regression
     student distils from the teacher's stored outputs).
 
-    Datasets with a vectorised `get_batch(ids) -> {"input", "label"}` skip the per-item loop.
+    Datasets with a vectorised `get_batch(ids) -> {"input", "label"}` (causal-lm: `{"input_ids",
+    "attention_mask"}`) skip the per-item loop.
     """
+    if task == "causal-lm":
+        return _token_batch(ds, ids, spec)
     if hasattr(ds, "get_batch"):
         batch = ds.get_batch(ids)
         labels = batch.get("label")
@@ -61,28 +172,47 @@ def get_batch(ds, ids: np.ndarray, spec: str = "data") -> tuple[torch.Tensor, np
 class BatchView(torch.utils.data.Dataset):
     """Index by an array of ids, so a DataLoader with a batch sampler fetches whole batches."""
 
-    def __init__(self, ds, spec: str = "data"):
+    def __init__(self, ds, spec: str = "data", task: str = "classification"):
         self.ds = ds
         self.spec = spec
+        self.task = task
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, ids):
-        x, y = get_batch(self.ds, np.asarray(ids, dtype=np.int64), self.spec)
+        x, y = get_batch(self.ds, np.asarray(ids, dtype=np.int64), self.spec, self.task)
         return torch.as_tensor(np.asarray(ids, dtype=np.int64)), x, torch.from_numpy(y)
 
 
-def data_fingerprint(ds) -> str:
+def _is_token_data(ds) -> bool:
+    """Items (or a vectorised batch) carrying `input_ids`. Bare 1-D integer items are not taken
+    for tokens: an unlabeled text classifier has those too, so such callers pass the task."""
+    if len(ds) == 0:
+        return False
+    first = ds.get_batch(np.zeros(1, np.int64)) if hasattr(ds, "get_batch") else ds[0]
+    return isinstance(first, dict) and "input_ids" in first
+
+
+def data_fingerprint(ds, task: str | None = None) -> str:
     """Content hash of the data set: its length and FINGERPRINT_SAMPLES evenly spaced items.
 
     Content, not spec, so that the same data reached through another wrapper still matches, and
     sampled so that a student can check it in well under a second on any size of data set.
+    Token data (`task="causal-lm"`, or items with `input_ids` when no task is given) hashes the
+    padded ids and masks of those items.
     """
     n = len(ds)
     ids = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES)).astype(np.int64))
-    x, y = get_batch(ds, ids)
     h = hashlib.sha256()
+    if task == "causal-lm" or (task is None and _is_token_data(ds)):
+        inputs, _ = _token_batch(ds, ids, "data")
+        x, mask = inputs["input_ids"], inputs["attention_mask"]
+        h.update(f"causal-lm|{n}|{tuple(x.shape)}".encode())
+        h.update(x.numpy().tobytes())
+        h.update(mask.numpy().tobytes())
+        return h.hexdigest()
+    x, y = get_batch(ds, ids)
     h.update(f"{n}|{tuple(x.shape)}|{x.dtype}".encode())
     h.update(x.detach().cpu().contiguous().numpy().tobytes())
     h.update(y.tobytes())

@@ -96,7 +96,7 @@ def test_teacher_is_skipped_once_its_model_exists(venv, tmp_path):
 def test_setup_pins_torch_in_the_makefile_only(venv, tmp_path):
     out = make("setup", f"VENV={tmp_path}/fresh")
     assert f"python3 -m venv {tmp_path}/fresh" in out
-    assert "pip install --quiet 'torch==2.13.0'" in out and "-e '.[dev,bench]'" in out
+    assert "pip install --quiet 'torch==2.13.0'" in out and "-e '.[dev,bench,lm]'" in out
     out = make("setup", f"VENV={tmp_path}/fresh", "TORCH_SPEC=torch>=2.5", "PYTHON=python3.12")
     assert "'torch>=2.5'" in out and "python3.12 -m venv" in out
     assert "pip install" not in make("setup", f"VENV={venv}")  # stamp newer than pyproject.toml
