@@ -98,6 +98,11 @@ def _summary(reader: CacheReader) -> dict:
         "total_bytes": s.get("total_bytes"),
         "bytes_per_sample": s.get("bytes_per_sample"),
         "disk_bytes_per_sample": s.get("disk_bytes_per_sample"),
+        **(
+            {"tokens": s["tokens"], "bytes_per_token": s.get("bytes_per_token")}
+            if "tokens" in s
+            else {}
+        ),
         "teacher_accuracy": s.get("teacher_accuracy"),
         "teacher_seconds": s.get("teacher_seconds"),
         "teacher": m["teacher"].get("spec"),

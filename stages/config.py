@@ -36,9 +36,18 @@ class PrecomputeConfig:
         {}, "k=v keyword for the data set (repeatable).", flag_name="--data-arg"
     )
     out: str = option(help="Store URL: a folder, memory://..., s3://bucket/prefix, ...")
-    temperature: float = option(4.0, "Soft-label temperature T (soft labels are z/T).", above=0)
+    temperature: float | None = option(
+        None, "Soft-label temperature T, soft labels are z/T (default 4; 1 for causal-lm).", above=0
+    )
     codec: str | None = option(
-        None, "Soft-label codec (default topk; dense for regression).", choices=codecs.names()
+        None,
+        "Soft-label codec (default topk; dense for regression; sampled for causal-lm).",
+        choices=codecs.names(),
+    )
+    budget_bytes_per_token: float | None = option(
+        None,
+        "Choose the codec's size (topk's k, sampled's draws) to fit this many bytes per token.",
+        above=0,
     )
     dtype: str = option("float16", "Logit storage dtype.", choices=DTYPES)
     features: str | None = option(
@@ -58,7 +67,9 @@ class PrecomputeConfig:
     num_workers: int = option(0, "DataLoader workers.", minimum=0, execution=True)
     device: str = option("auto", DEVICE_HELP, execution=True)
     precision: str = option("fp32", "Autocast precision.", choices=("fp32", "bf16", "fp16"))
-    task: str = option("classification", "Teacher kind.", choices=("classification", "regression"))
+    task: str = option(
+        "classification", "Teacher kind.", choices=("classification", "regression", "causal-lm")
+    )
     force: bool = option(False, "Replace a store made with other settings.")
     quiet: bool = option(False, QUIET_HELP, cli=False, execution=True)
     storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
@@ -73,9 +84,12 @@ class PrecomputeConfig:
     def validate(self) -> None:
         """Everything that can be checked before a model or a byte of data is touched."""
         if self.codec is None:
-            self.codec = "dense" if self.task == "regression" else "topk"
+            self.codec = {"regression": "dense", "causal-lm": "sampled"}.get(self.task, "topk")
         if self.task == "regression":
             self.temperature = 1.0  # raw outputs are stored; there is nothing to temper
+        elif self.temperature is None:
+            # A language model's own distribution (T = 1) is what its students usually match.
+            self.temperature = 1.0 if self.task == "causal-lm" else 4.0
         validate_options(self)
         kind = codecs.codec_class(self.codec)
         if self.task not in kind.tasks:
@@ -83,6 +97,11 @@ class PrecomputeConfig:
             raise UsageError(
                 f"--codec {self.codec} cannot store a {self.task} teacher: use --codec "
                 + " or ".join(usable)
+            )
+        if self.budget_bytes_per_token is not None and self.task != "causal-lm":
+            raise UsageError(
+                "--budget-bytes-per-token sizes a per-token codec: use it with --task causal-lm, "
+                "or set the codec's own size (--top-k)"
             )
         # Options of other codecs are ignored; the chosen codec's get their defaults and checks.
         self.codec_options = kind.configure(self.codec_options, self.task)

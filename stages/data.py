@@ -95,6 +95,11 @@ def _token_item(item, spec: str, sid: int) -> tuple[np.ndarray, np.ndarray]:
                 f"got {list(item)}"
             )
         item, mask = item["input_ids"], item.get("attention_mask")
+    elif isinstance(item, tuple):
+        raise UsageError(
+            f"--data {spec!r} sample {sid} is a tuple (a classifier's (input, label) item?): "
+            "causal-lm needs token ids (L,) or {'input_ids': ...}; check --data and --task"
+        )
     ids = _token_ids(item, spec, sid)
     return ids, _token_mask(mask, ids, spec, [sid])
 

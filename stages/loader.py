@@ -41,7 +41,7 @@ def check_data(reader: CacheReader, data, ignore_fingerprint: bool = False) -> N
             f"--data has {len(data)} samples but the cache {reader.url} has {reader.num_rows} rows: "
             "pass the data set the cache was computed from"
         )
-    got, want = data_fingerprint(data), reader.data_fingerprint
+    got, want = data_fingerprint(data, reader.task), reader.data_fingerprint
     if got == want:
         return
     source = reader.manifest["data"]

@@ -18,12 +18,20 @@ import torch
 from tqdm import tqdm
 
 from kdcache.stages.config import PrecomputeConfig
-from kdcache.stages.data import BatchView, data_fingerprint
+from kdcache.stages.data import BatchView, data_fingerprint, forward_tokens
 from kdcache.stages.device import autocast, to_device
-from kdcache.stages.encode import add_stats, check_labels, check_logits, encode_batch, summarise
+from kdcache.stages.encode import (
+    add_stats,
+    check_labels,
+    check_logits,
+    check_token_logits,
+    encode_batch,
+    encode_tokens,
+    summarise,
+)
 from kdcache.stages.hooks import FeatureTap, logits_of
 from kdcache.storage import codecs
-from kdcache.storage.errors import FormatError, UsageError
+from kdcache.storage.errors import FormatError, KdcacheError, UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.lock import StoreLock
 from kdcache.storage.manifest import (
@@ -75,8 +83,20 @@ def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict
 def _forward(model, x, device, cfg, tap):
     if tap is not None:
         tap.value = None  # never hand on the last batch's features if the layer did not run
-    with torch.inference_mode(), autocast(device, cfg.precision):
-        z = logits_of(model(to_device(x, device)))
+    try:
+        with torch.inference_mode(), autocast(device, cfg.precision):
+            if isinstance(x, dict):  # token inputs: input_ids and attention_mask
+                inputs = {k: to_device(v, device) for k, v in x.items()}
+                z = logits_of(forward_tokens(model, inputs))
+            else:
+                z = logits_of(model(to_device(x, device)))
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # One line, not a traceback: most often the teacher does not take what --data gives.
+        raise KdcacheError(
+            f"the teacher's forward failed on a --task {cfg.task} batch ({first}): check that "
+            "--teacher takes the inputs --data gives"
+        ) from None
     if tap is None:
         return z, None
     if tap.value is None:
@@ -89,14 +109,28 @@ def _forward(model, x, device, cfg, tap):
 
 def _complete_header(header, model, ds, device, cfg) -> dict:
     """Probe one small batch for the derived sizes: num_classes and the feature dim."""
-    view = BatchView(ds, cfg.data)
+    view = BatchView(ds, cfg.data, cfg.task)
     ids, x, _ = view[np.arange(min(2, len(ds)))]
     tap = FeatureTap(model, cfg.features, cfg.pool) if cfg.features else None
     with tap or contextlib.nullcontext():
         z, feats = _forward(model, x, device, cfg, tap)
-    z = check_logits(z, ids.numpy(), len(ids), cfg.task)
-    c = int(z.shape[1])
+    if isinstance(x, dict):
+        z = check_token_logits(z, ids.numpy(), x["attention_mask"])
+    else:
+        z = check_logits(z, ids.numpy(), len(ids), cfg.task)
+    c = int(z.shape[-1])
     header["soft_labels"]["num_classes"] = c
+    if cfg.budget_bytes_per_token is not None:
+        kind = codecs.codec_class(cfg.codec)
+        s = z[x["attention_mask"].to(z.device).bool()].float() / header["temperature"]
+        chosen = kind.fit_budget(cfg.budget_bytes_per_token, s.cpu(), {"dtype": cfg.dtype})
+        header["soft_labels"].update(chosen)
+        log.info(
+            "--budget-bytes-per-token %g: %s chose %s",
+            cfg.budget_bytes_per_token,
+            cfg.codec,
+            ", ".join(f"{k} = {v}" for k, v in chosen.items()),
+        )
     codecs.open_codec(header["soft_labels"], cfg.task).check_classes(c)
     header["teacher"]["num_classes"] = c
     if feats is not None:
@@ -176,15 +210,20 @@ class _WriterThread(threading.Thread):
             while (index := self._get()) is not None:
                 with self.store.shard(index) as shard:
                     while (payload := self._get()) is not None:
-                        z, labels, ids, feats = payload
+                        z, labels, ids, feats, inputs = payload
                         if feats is not None:
                             # Cast per batch, in torch: numpy's float32 -> float16 at commit was
                             # most of a shard's commit time (no SIMD), a serial tail at the end.
                             feats = feats.reshape(len(ids), -1).to(self.feature_dtype)
                             feats = feats.cpu().numpy()
-                        columns, stats = encode_batch(
-                            z, labels, ids, self.store.codec, self.temperature
-                        )
+                        if inputs is not None:
+                            columns, stats = encode_tokens(
+                                z, inputs, ids, self.store.codec, self.temperature
+                            )
+                        else:
+                            columns, stats = encode_batch(
+                                z, labels, ids, self.store.codec, self.temperature
+                            )
                         add_stats(shard.stats, stats)
                         shard.add(columns, feats)
                 add_stats(self.totals, shard.stats)
@@ -240,6 +279,10 @@ def _publish(store: StoreWriter, seconds: dict) -> dict:
         disk_bytes_per_sample=size / rows,
         **seconds,
     )
+    if totals.get("tokens"):
+        stats.update(
+            tokens=totals["tokens"], bytes_per_token=totals["payload_bytes"] / totals["tokens"]
+        )
     return store.publish(stats, extra={"kdcache_version": kdcache_version()})
 
 
@@ -249,7 +292,7 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
     world_size, is_main, barrier, decide); `started` is when the job began (perf_counter)."""
     started = time.perf_counter() if started is None else started
     loc = open_location(cfg.out, cfg.storage_options)
-    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds))
+    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds, cfg.task))
     lock = StoreLock(loc) if dist.is_main else None
 
     def prepare() -> tuple:
@@ -290,7 +333,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
     if not plan:
         return 0.0
     loader = torch.utils.data.DataLoader(
-        BatchView(ds, cfg.data),
+        BatchView(ds, cfg.data, cfg.task),
         sampler=[ids for _, ids in plan],
         batch_size=None,
         num_workers=cfg.num_workers,
@@ -318,13 +361,17 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
                 t = time.perf_counter()
                 z, feats = _forward(model, x, device, cfg, tap)
                 ids_np, y_np = ids.numpy(), y.numpy()
-                z = check_logits(z, ids_np, len(ids_np), cfg.task)
+                tokens = x if isinstance(x, dict) else None
+                if tokens is not None:
+                    z = check_token_logits(z, ids_np, tokens["attention_mask"])
+                else:
+                    z = check_logits(z, ids_np, len(ids_np), cfg.task)
                 if cfg.task == "classification":
                     check_labels(y_np, ids_np, z.shape[1])
                 else:
                     y_np = np.full_like(y_np, -1)  # regression targets are not class labels
                 busy += time.perf_counter() - t
-                writer.put((z, y_np, ids_np, feats))
+                writer.put((z, y_np, ids_np, feats, tokens))
                 bar.update(len(ids_np))
             writer.put(None)
             writer.put(None)

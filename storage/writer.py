@@ -229,5 +229,12 @@ class ShardWriter:
             "files": files,
             "stats": {**self.stats, "payload_bytes": payload},
         }
+        if self.stats.get("tokens"):
+            # Sums add up across shards; these per-shard means are for reading, not adding.
+            sums = entry["stats"]
+            entry["means"] = {
+                "bytes_per_token": payload / sums["tokens"],
+                **store.codec.summarise(sums),
+            }
         marker = {"fingerprint": header["fingerprint"], "entry": entry}
         loc.write_bytes(dumps(marker), f"{COMMITS}/{shard_name(self.index)}.json")

@@ -183,3 +183,62 @@ class BadLabelData(ToyData):
 class EmptyData(ToyData):
     def __init__(self, **kwargs):
         super().__init__(0)
+
+
+class ToyCausalLM(nn.Module):
+    """A seeded causal LM: embedding, a causal mix of each token with its predecessor, a head.
+
+    forward(input_ids) -> logits (B, L, V); `body` is a (B, L, dim) layer for token features.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 64,
+        dim: int = 16,
+        seed: int = 0,
+        scale: float = 2.0,
+        sleep: float = 0,
+    ):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.body = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, vocab_size)
+        self.scale, self.sleep = scale, sleep
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.sleep:
+            time.sleep(self.sleep)
+        e = self.embed(input_ids)
+        prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
+        return self.head(torch.tanh(self.body(torch.cat([e, prev], -1)))) * self.scale
+
+
+class ToyTokens:
+    """n seeded token blocks of lengths between min_len and max_len (1-D int64 tensors), or dict
+    items with an attention mask that zeroes a tail when `masked` is set."""
+
+    def __init__(
+        self,
+        n: int = 24,
+        vocab: int = 64,
+        min_len: int = 3,
+        max_len: int = 12,
+        seed: int = 0,
+        masked: bool = False,
+    ):
+        g = np.random.default_rng(seed)
+        lengths = g.integers(min_len, max_len + 1, n)
+        self.items = [g.integers(0, vocab, k).astype(np.int64) for k in lengths]
+        self.masked = masked
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        ids = torch.from_numpy(self.items[i])
+        if not self.masked:
+            return ids
+        mask = torch.ones_like(ids)
+        mask[len(ids) - len(ids) // 3 :] = 0
+        return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,141 @@
+"""Stage one for a causal LM through the CLI: per-token soft labels at real tokens only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from kdcache.storage.reader import CacheReader
+from tests import toy_models
+from tests.conftest import REPO, assert_one_line_error, files_under, kdcache_cmd, wait_for
+
+TEACHER = "tests.toy_models:ToyCausalLM"
+DATA = "tests.toy_models:ToyTokens"
+
+
+def lm_args(out, *extra: str, n: int = 24) -> list[str]:
+    return [
+        "precompute", "--task", "causal-lm", "--teacher", TEACHER, "--data", DATA,
+        "--data-arg", f"n={n}", "--out", str(out), "--shard-rows", "8", "--batch-size", "3",
+        "--device", "cpu", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def teacher_tokens(n: int = 24, masked: bool = False) -> tuple[list[torch.Tensor], list]:
+    """The teacher's logits at each item's real tokens, computed here, one item at a time."""
+    model = toy_models.ToyCausalLM().eval()
+    data = toy_models.ToyTokens(n, masked=masked)
+    out, ids = [], []
+    with torch.no_grad():
+        for i in range(n):
+            item = data[i]
+            x, m = (item["input_ids"], item["attention_mask"]) if masked else (item, None)
+            z = model(x[None])[0]
+            out.append(z if m is None else z[m.bool()])
+            ids.append(x)
+    return out, ids
+
+
+def read_all(url) -> dict:
+    r = CacheReader(str(url))
+    cols = [r.read_shard(i) for i in range(len(r.shards))]
+    return {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_topk_per_token_matches_the_teacher_and_stores_no_padding(tmp_path, cli, masked):
+    args = lm_args(tmp_path / "s", "--codec", "topk", "--top-k", "5", "--dtype", "float32")
+    if masked:
+        args += ["--data-arg", "masked=true"]
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    r = CacheReader(str(tmp_path / "s"))
+    z, _ = teacher_tokens(masked=masked)
+    got = read_all(tmp_path / "s")
+    np.testing.assert_array_equal(got["length"], [len(t) for t in z])
+    zt = torch.cat(z)  # T = 1 by default for causal-lm
+    assert r.temperature == 1.0 and r.task == "causal-lm" and r.num_classes == 64
+    want = torch.topk(zt, 5, dim=1)
+    np.testing.assert_array_equal(got["topk_indices"], want.indices)
+    np.testing.assert_allclose(got["topk_logits"], want.values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["logsumexp"], torch.logsumexp(zt, 1), rtol=1e-5)
+    stats = r.manifest["stats"]
+    assert stats["tokens"] == len(zt)
+    # payload per token: ids uint8 + float32 per k, a float32 lse, + the row keys spread over it
+    keys = (8 + 4 + 8 + 4) * len(z)
+    assert stats["bytes_per_token"] == pytest.approx((len(zt) * (5 * 5 + 4) + keys) / len(zt))
+    assert all("bytes_per_token" in s["means"] for s in r.shards)
+    assert stats["mean_topk_kl"] > 0 and r.verify() == []
+
+
+def test_sampled_is_the_default_codec_and_inspect_shows_its_error(tmp_path, cli):
+    assert cli(*lm_args(tmp_path / "s")).exit_code == 0
+    r = CacheReader(str(tmp_path / "s"))
+    assert r.codec.name == "sampled" and r.codec.n == 50
+    got = read_all(tmp_path / "s")
+    assert int(got["sampled_counts"].sum()) == 50 * r.manifest["stats"]["tokens"]
+    res = cli("inspect", tmp_path / "s")
+    table = dict(line.split(None, 1) for line in res.stdout.strip().splitlines())
+    assert 0 < float(table["mean_tv"]) < 1 and float(table["mean_unique"]) > 1
+    assert float(table["bytes_per_token"]) > 0
+
+
+def test_budget_chooses_k_and_n_and_says_so(tmp_path, cli):
+    res = cli(*lm_args(tmp_path / "k", "--codec", "topk", "--budget-bytes-per-token", "24"))
+    assert res.exit_code == 0, res.stderr
+    # topk at V = 64: uint8 id + float16 value = 3 bytes per k, + 4 for the logsumexp
+    assert CacheReader(str(tmp_path / "k")).codec.k == (24 - 4) // 3
+    res = cli(*lm_args(tmp_path / "n", "--budget-bytes-per-token", "12"))
+    r = CacheReader(str(tmp_path / "n"))
+    assert res.exit_code == 0 and 1 <= r.codec.n < 50
+    assert r.manifest["stats"]["mean_unique"] * 2 + 1 <= 12 * 1.15  # measured on the probe only
+    res = cli(*lm_args(tmp_path / "x", "--codec", "topk", "--budget-bytes-per-token", "5"))
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, "--budget-bytes-per-token 5", "raise it")
+
+
+def test_bad_lm_inputs_get_one_line(tmp_path, cli):
+    res = cli(*lm_args(tmp_path / "a", "--codec", "sampled", "--task", "classification"))
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, "--codec sampled cannot store a classification teacher")
+    res = cli(*lm_args(tmp_path / "b", "--teacher", "tests.toy_models:ToyNet"))
+    assert res.exit_code == 1
+    assert_one_line_error(res.stderr, "teacher's forward failed", "--task causal-lm")
+    res = cli(
+        *lm_args(
+            tmp_path / "c",
+            "--teacher",
+            "tests.toy_models:ToyNet",
+            "--teacher-arg",
+            "out=tensor",
+            "--data",
+            "tests.toy_models:ToyData",
+            "--task",
+            "causal-lm",
+        )
+    )
+    assert res.exit_code == 2
+
+
+def test_kill_9_mid_run_then_rerun_is_byte_identical(tmp_path):
+    """SIGKILL mid-run; the same command finishes the store, byte for byte as an uninterrupted
+    run, the sampled codec's draws included (seeded per row, not per run)."""
+    out = tmp_path / "s"
+    args = lm_args(out, "--teacher-arg", "sleep=0.05", n=40)
+    proc = subprocess.Popen(kdcache_cmd(*args), cwd=REPO, stderr=subprocess.PIPE)
+    commits = out / "_commits"
+    wait_for(lambda: commits.exists() and len(list(commits.iterdir())) >= 2, proc, 90, "2 commits")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    again = subprocess.run(kdcache_cmd(*args), cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    ref = tmp_path / "ref"
+    done = subprocess.run(kdcache_cmd(*lm_args(ref, n=40)), cwd=REPO, capture_output=True)
+    assert done.returncode == 0
+    assert files_under(out) == files_under(ref)
