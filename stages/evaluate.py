@@ -108,6 +108,11 @@ def run(cfg: EvaluateConfig, model, summary: dict, ds, device, reader=None, cach
     the cache `reader` when given, on `cache_data` (the data set its manifest names). A causal-lm
     student (its run's task) is measured per token, with perplexity."""
     task = summary.get("settings", {}).get("task") or "classification"
+    if reader is not None and reader.task != task:
+        raise UsageError(
+            f"--cache {reader.url} holds a {reader.task} teacher but the student is "
+            f"{task}: pass the student's store"
+        )
     if task != lm.TASK:
         has_labels(ds, "--data")
     batches = dataset_batches(ds, cfg.batch_size, task=task)
@@ -116,11 +121,6 @@ def run(cfg: EvaluateConfig, model, summary: dict, ds, device, reader=None, cach
         result["perplexity"] = lm.perplexity(result["loss"])
     result["agreement"] = None
     if reader is not None:
-        if reader.task != task:
-            raise UsageError(
-                f"--cache {reader.url} holds a {reader.task} teacher but the student is "
-                f"{task}: pass the student's store"
-            )
         check_data(reader, cache_data, cfg.ignore_fingerprint)
         agree = AgreementSet(reader, cache_data, cfg.agree_rows)
         sums = eval_sums(model, agree.batches(cfg.batch_size), device, cfg.precision, task)

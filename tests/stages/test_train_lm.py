@@ -24,7 +24,9 @@ from kdcache.pipeline.runtime import Dist
 from kdcache.stages import data as data_module
 from kdcache.stages import lm
 from kdcache.stages import train as train_module
+from kdcache.stages.config import EvaluateConfig
 from kdcache.stages.evaluate import AgreementSet, dataset_batches, eval_sums
+from kdcache.stages.evaluate import run as evaluate
 from kdcache.stages.metrics import parse_csv, summarise
 from kdcache.stages.run_folder import RunFolder
 from kdcache.stages.train import TrainConfig, Trainer
@@ -38,10 +40,10 @@ LENGTHS = (5, 3, 6, 2, 4, 6, 1, 5)
 class TokenData:
     """Seeded blocks of token ids of different lengths (1-D int64 tensors)."""
 
-    def __init__(self, n: int = len(LENGTHS), seed: int = 0):
+    def __init__(self, n: int = len(LENGTHS), seed: int = 0, lengths=LENGTHS):
         g = torch.Generator().manual_seed(seed)
         self.items = [
-            torch.randint(0, V, (LENGTHS[i % len(LENGTHS)],), generator=g) for i in range(n)
+            torch.randint(0, V, (lengths[i % len(lengths)],), generator=g) for i in range(n)
         ]
 
     def __len__(self) -> int:
@@ -405,3 +407,26 @@ def test_task_options(tmp_path):
     cfg = lm_config(tmp_path / "r", cache="fake://store", task="classification")
     with pytest.raises(UsageError, match="holds a causal-lm teacher"):
         train_module.run_settings(cfg, FakeReader(TokenData(), codec_of("dense")))
+
+
+def test_evaluate_a_causal_lm_student():
+    # Blocks of one length: the data fingerprint's stacking of the real get_batch takes them.
+    ds, eval_ds, model = TokenData(lengths=(4,)), TokenData(seed=1), BigramLM(seed=2).eval()
+    reader = FakeReader(ds, codec_of("topk"))
+    reader.num_rows, reader.data_fingerprint = len(ds), data_module.data_fingerprint(ds)
+    cfg = EvaluateConfig(checkpoint="unused", data="unused", batch_size=3)
+    summary = {"name": "s", "student": "BigramLM", "settings": {"task": "causal-lm"}}
+    got = evaluate(cfg, model, summary, eval_ds, torch.device("cpu"), reader, ds)
+    with torch.no_grad():
+        loss, acc, count = by_hand_next_token(model, eval_ds, np.arange(len(eval_ds)))
+    assert got["n"] == count and got["loss"] == pytest.approx(loss, rel=1e-9)
+    assert got["accuracy"] == pytest.approx(acc) and got["perplexity"] == pytest.approx(
+        math.exp(loss)
+    )
+    sums = eval_sums(
+        model, AgreementSet(reader, ds, 5000).batches(8), torch.device("cpu"), task=lm.TASK
+    )
+    assert got["agreement"] == summarise(sums)["accuracy"] is not None
+    summary["settings"]["task"] = "classification"
+    with pytest.raises(UsageError, match="holds a causal-lm teacher"):
+        evaluate(cfg, model, summary, eval_ds, torch.device("cpu"), reader, ds)
