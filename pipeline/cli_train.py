@@ -138,6 +138,14 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+def _score(epoch: dict) -> str:
+    """A run's headline metric: eval_accuracy, or a causal-lm student's eval_perplexity."""
+    if "eval_perplexity" in epoch:
+        v = epoch["eval_perplexity"]
+        return "eval_perplexity " + ("-" if v is None else f"{v:.2f}")
+    return f"eval_accuracy {_pct(epoch['eval_accuracy'])}"
+
+
 def _report(log_json: bool, cfg, result: dict) -> None:
     s = result["summary"]
     if s is None:  # not rank 0, or stopped early
@@ -145,13 +153,13 @@ def _report(log_json: bool, cfg, result: dict) -> None:
     f, b = s["final"], s["best"]
     if result["status"] == "done-before":
         text = (
-            f"already trained: {cfg.out}/summary.json holds this run ({s['name']}: eval_accuracy "
-            f"{_pct(f['eval_accuracy'])}); nothing to do"
+            f"already trained: {cfg.out}/summary.json holds this run ({s['name']}: {_score(f)}); "
+            "nothing to do"
         )
     else:
         text = (
-            f"trained {s['name']}: eval_accuracy {_pct(f['eval_accuracy'])} (best "
-            f"{_pct(b['eval_accuracy'])} at epoch {b['epoch']}), agreement {_pct(f['agreement'])}, "
+            f"trained {s['name']}: {_score(f)} (best {_score(b).split()[-1]} at epoch "
+            f"{b['epoch']}), agreement {_pct(f['agreement'])}, "
             f"{s['epochs']} epochs in {s['wall_seconds']:.1f}s "
             f"({s['samples_per_sec'] or 0:.0f} samples/s) -> {cfg.out}"
         )
@@ -163,7 +171,8 @@ def _report(log_json: bool, cfg, result: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def evaluate(as_json: bool, **options) -> None:
-    """Accuracy, ECE (and teacher agreement with --cache) of a trained student."""
+    """Accuracy, ECE (and teacher agreement with --cache) of a trained student; per token, with
+    perplexity, for a causal-lm student."""
     from kdcache.pipeline.jobs import evaluate as run
 
     setup_logging(True, False)
@@ -172,7 +181,8 @@ def evaluate(as_json: bool, **options) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    for key in ("name", "student", "data", "n", "accuracy", "ece", "loss", "agreement"):
+    keys = ("name", "student", "data", "n", "accuracy", "ece", "loss", "perplexity", "agreement")
+    for key in (k for k in keys if k != "perplexity" or k in result):
         value = result.get(key)
         text = "-" if value is None else f"{value:.4f}" if isinstance(value, float) else value
         click.echo(f"{key:<10} {text}")

@@ -17,6 +17,7 @@ from kdcache.storage.options import option, options_of, validate_options
 
 DTYPES = ("float16", "float32")
 TRAIN_PRECISIONS = ("fp32", "bf16")
+TRAIN_TASKS = ("classification", "regression", "causal-lm")
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
 QUIET_HELP = "No progress bar or info logs."
 STORAGE_HELP = "k=v fsspec storage option (repeatable)."
@@ -122,6 +123,12 @@ class TrainConfig:
     data_args: dict = option(
         {}, "k=v keyword for the data set (repeatable).", flag_name="--data-arg"
     )
+    # With --cache the store says what the teacher was; without one the data cannot.
+    task: str | None = option(
+        None,
+        "Task without --cache (classification or causal-lm); with one, the store's.",
+        choices=TRAIN_TASKS,
+    )
     eval_data: str | None = option(None, "Labeled data set evaluated after every epoch.")
     eval_data_args: dict = option(
         {}, "k=v keyword for the eval data set (repeatable).", flag_name="--eval-data-arg"
@@ -164,6 +171,8 @@ class TrainConfig:
         validate_options(self)
         if self.beta > 0 and not self.cache:
             raise UsageError("--beta > 0 needs --cache with stored teacher features")
+        if self.task == "regression" and not self.cache:
+            raise UsageError("--task regression needs --cache (a regression teacher's store)")
         if self.beta > 0 and not self.student_features:
             raise UsageError("--beta > 0 needs --student-features NAME (a student submodule)")
         self.name = self.name or self.out.rstrip("/").rsplit("/", 1)[-1]

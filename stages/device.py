@@ -27,7 +27,10 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t, device: torch.device):
+    """A tensor, or a dict of them (token inputs), on `device`."""
+    if isinstance(t, dict):
+        return {k: to_device(v, device) for k, v in t.items()}
     # Pinned memory and non-blocking copies only pay off (and only are safe) on CUDA; a batch the
     # DataLoader already pinned, or a tensor already on the GPU, is not pinned again.
     if device.type == "cuda":

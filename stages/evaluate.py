@@ -2,7 +2,9 @@
 
 The trainer calls `eval_sums` every epoch on each rank's share and all-reduces the sums;
 `kdcache evaluate` (`run`, given the built student and data sets) does the same for any finished
-training folder.
+training folder. A causal-lm student is measured per token: each position with a next token is a
+row labeled with that token (so `loss` is nats/token, plus `perplexity`), and agreement compares
+every stored token's teacher top-1 (stages/lm.py).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kdcache.stages import lm
 from kdcache.stages.config import EvaluateConfig
 from kdcache.stages.data import get_batch
 from kdcache.stages.device import autocast, sum_dtype, to_device
-from kdcache.stages.hooks import logits_of
 from kdcache.stages.loader import check_data
 from kdcache.stages.metrics import batch_sums, summarise, sums_size
 from kdcache.storage.errors import UsageError
@@ -34,23 +36,33 @@ def reduce_sums(sums: torch.Tensor, enabled: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_sums(model, batches, device: torch.device, precision: str = "fp32") -> torch.Tensor:
-    """Summed metric vector of `model` over (inputs, labels) batches; leaves the model in eval."""
+def eval_sums(
+    model, batches, device: torch.device, precision: str = "fp32", task: str = "classification"
+) -> torch.Tensor:
+    """Summed metric vector of `model` over (inputs, labels) batches; leaves the model in eval.
+
+    Labels are (B,) per row, or (B, L) per token for causal-lm (each position a row)."""
     model.eval()
     total = torch.zeros(sums_size(), dtype=sum_dtype(device), device=device)
     for x, y in batches:
         with autocast(device, precision):
-            z = logits_of(model(to_device(x, device)))
-        total += batch_sums(z.float(), to_device(y, device))
+            z = lm.logits(model, to_device(x, device), task)
+        total += batch_sums(z.float().reshape(y.numel(), -1), to_device(y, device).reshape(-1))
     return total
 
 
-def dataset_batches(ds, batch_size: int, rank: int = 0, world: int = 1):
-    """(x, labels) over this rank's contiguous share of a map-style data set."""
+def dataset_batches(ds, batch_size: int, rank: int = 0, world: int = 1, task="classification"):
+    """(x, labels) over this rank's contiguous share of a map-style data set; for causal-lm the
+    labels are each position's next token."""
     lo, hi = span(len(ds), rank, world)
     for a in range(lo, hi, batch_size):
-        x, y = get_batch(ds, np.arange(a, min(hi, a + batch_size)))
-        yield x, torch.from_numpy(y)
+        ids = np.arange(a, min(hi, a + batch_size))
+        if task == lm.TASK:
+            x = lm.inputs(ds, ids, task)
+            yield x, lm.next_token_labels(x["input_ids"], x["attention_mask"])
+        else:
+            x, y = get_batch(ds, ids)
+            yield x, torch.from_numpy(y)
 
 
 def has_labels(ds, option: str = "--eval-data") -> None:
@@ -60,38 +72,58 @@ def has_labels(ds, option: str = "--eval-data") -> None:
 
 
 class AgreementSet:
-    """The first `rows` cached rows (first shards, for speed) and the teacher's top-1 on them."""
+    """The first `rows` cached rows (first shards, for speed) and the teacher's top-1 on them:
+    one per row, or one per stored token of a causal-lm row (its `length` tokens, packed)."""
 
     def __init__(self, reader: CacheReader, data, rows: int):
-        ids, top = [], []
+        ids, top, lengths = [], [], []
+        self.task = reader.task
         for i in range(len(reader.shards)):
             if sum(map(len, ids)) >= rows:
                 break
             cols = reader.read_shard(i, features=False)
             ids.append(cols["sample_id"])
             top.append(reader.codec.teacher_top1(cols))
+            lengths.append(cols["length"] if self.task == lm.TASK else np.ones(len(ids[-1])))
         self.ids = np.concatenate(ids)[:rows]
-        self.top1 = np.concatenate(top)[:rows]
+        # Row i's teacher top-1 values are top1[offsets[i]:offsets[i + 1]].
+        self.offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths)[:rows])]).astype(int)
+        self.top1 = np.concatenate(top)[: self.offsets[-1]]
         self.data = data
 
     def batches(self, batch_size: int, rank: int = 0, world: int = 1):
         lo, hi = span(len(self.ids), rank, world)
         for a in range(lo, hi, batch_size):
             b = min(hi, a + batch_size)
-            x, _ = get_batch(self.data, self.ids[a:b])
-            yield x, torch.from_numpy(self.top1[a:b])
+            x = lm.inputs(self.data, self.ids[a:b], self.task)
+            top = self.top1[self.offsets[a] : self.offsets[b]]
+            if self.task == lm.TASK:
+                yield x, lm.token_labels(x["attention_mask"], top)
+            else:
+                yield x, torch.from_numpy(top)
 
 
 def run(cfg: EvaluateConfig, model, summary: dict, ds, device, reader=None, cache_data=None):
     """Accuracy, ECE and loss of `model` (on `device`) on `ds`; agreement with the teacher of
-    the cache `reader` when given, on `cache_data` (the data set its manifest names)."""
-    has_labels(ds, "--data")
-    result = summarise(eval_sums(model, dataset_batches(ds, cfg.batch_size), device, cfg.precision))
+    the cache `reader` when given, on `cache_data` (the data set its manifest names). A causal-lm
+    student (its run's task) is measured per token, with perplexity."""
+    task = summary.get("settings", {}).get("task") or "classification"
+    if reader is not None and reader.task != task:
+        raise UsageError(
+            f"--cache {reader.url} holds a {reader.task} teacher but the student is "
+            f"{task}: pass the student's store"
+        )
+    if task != lm.TASK:
+        has_labels(ds, "--data")
+    batches = dataset_batches(ds, cfg.batch_size, task=task)
+    result = summarise(eval_sums(model, batches, device, cfg.precision, task))
+    if task == lm.TASK:
+        result["perplexity"] = lm.perplexity(result["loss"])
     result["agreement"] = None
     if reader is not None:
         check_data(reader, cache_data, cfg.ignore_fingerprint)
         agree = AgreementSet(reader, cache_data, cfg.agree_rows)
-        sums = eval_sums(model, agree.batches(cfg.batch_size), device, cfg.precision)
+        sums = eval_sums(model, agree.batches(cfg.batch_size), device, cfg.precision, task)
         result["agreement"] = summarise(sums)["accuracy"]
     result.update(name=summary.get("name"), student=summary["student"], data=cfg.data)
     return result

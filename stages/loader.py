@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import torch
 
+from kdcache.stages import lm
 from kdcache.stages.data import data_fingerprint, get_batch
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
@@ -30,7 +31,7 @@ class JoinedStream(CacheStream):
 
     def __iter__(self):
         for batch in super().__iter__():
-            batch["input"], _ = get_batch(self.data, batch["sample_id"].numpy())
+            batch["input"] = lm.inputs(self.data, batch["sample_id"].numpy(), self.reader.task)
             yield batch
 
 
@@ -64,7 +65,8 @@ class LabelStream(EpochStream):
     """The hard-label twin of CacheStream: labeled rows of a map-style data set, no cache.
 
     Same contract (seeded per-epoch order, exactly once across ranks x workers); the ids are a
-    small int array, so the whole epoch is one permutation and no buffer is needed.
+    small int array, so the whole epoch is one permutation and no buffer is needed. Every row of
+    a causal-lm data set is used (its labels are its next tokens).
     """
 
     def __init__(
@@ -77,9 +79,14 @@ class LabelStream(EpochStream):
         world_size: int | None = None,
         num_workers: int = 0,
         chunk: int = 8192,
+        task: str = "classification",
     ):
         super().__init__(batch_size, shuffle, seed, rank, world_size, num_workers)
-        self.data = data
+        self.data, self.task = data, task
+        if task == lm.TASK:
+            self.labels = np.full(len(data), -1, np.int64)
+            self.ids = np.arange(len(data), dtype=np.int64)
+            return
         labels = [
             get_batch(data, np.arange(a, min(len(data), a + chunk)))[1]
             for a in range(0, len(data), chunk)
@@ -99,7 +106,7 @@ class LabelStream(EpochStream):
             ids = ids[np.random.default_rng([self.seed, self.epoch]).permutation(len(ids))]
         for a, size in zip(np.cumsum([lo, *sizes]), sizes, strict=False):
             chunk = ids[a : a + size]
-            x, _ = get_batch(self.data, chunk)
+            x = lm.inputs(self.data, chunk, self.task)
             yield {
                 "sample_id": torch.from_numpy(chunk),
                 "label": torch.from_numpy(self.labels[chunk]),

@@ -3,7 +3,9 @@
 A batch contributes a float64 vector ``[n, correct, nll_sum, count_b.., confidence_b..,
 correct_b..]`` over ``BINS`` equal-width confidence bins; `summarise` turns any sum of such vectors
 into accuracy, mean cross-entropy and the expected calibration error
-``ECE = sum_b (n_b / n) * |accuracy_b - confidence_b|`` (Guo et al., 2017; 15 bins).
+``ECE = sum_b (n_b / n) * |accuracy_b - confidence_b|`` (Guo et al., 2017; 15 bins). For a
+causal-lm student the rows are tokens (stages/lm.py): loss is nats/token, and its rows also carry
+``eval_perplexity`` and ``tokens_per_sec``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ CSV_FIELDS = (
     "agreement",
     "epoch_seconds",
     "samples_per_sec",
+    "eval_perplexity",
+    "tokens_per_sec",
 )
 
 
@@ -106,30 +110,54 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def epoch_line(row: dict, epochs: int) -> str:
-    return (
+    losses = (
         f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} (hard {row['hard_loss']:.4f} "
-        f"soft {row['soft_loss']:.4f} feature {row['feature_loss']:.4f}) eval_accuracy "
-        f"{_pct(row['eval_accuracy'])} agreement {_pct(row['agreement'])} "
-        f"[{row['epoch_seconds']:.1f}s]"
+        f"soft {row['soft_loss']:.4f} feature {row['feature_loss']:.4f})"
+    )
+    if "eval_perplexity" not in row:
+        return (
+            f"{losses} eval_accuracy {_pct(row['eval_accuracy'])} agreement "
+            f"{_pct(row['agreement'])} [{row['epoch_seconds']:.1f}s]"
+        )
+    return (
+        f"{losses} eval_loss {_num(row['eval_loss'], '.4f')} eval_perplexity "
+        f"{_num(row['eval_perplexity'], '.2f')} agreement {_pct(row['agreement'])} "
+        f"[{row['epoch_seconds']:.1f}s, {_num(row.get('tokens_per_sec'), '.0f')} tokens/s]"
     )
 
 
+def _rate(rows: list[dict], key: str, seconds: float) -> float | None:
+    done = sum(r[key] * r["epoch_seconds"] for r in rows if r.get(key))
+    return done / seconds if seconds else None
+
+
 def run_totals(rows: list[dict]) -> dict:
-    """final and best (by eval_accuracy) epochs, train seconds and samples/s of a run's rows."""
+    """final and best epochs, train seconds and samples/s of a run's rows. The best epoch has the
+    highest eval_accuracy, or for a causal-lm run (rows with perplexity) the lowest eval_loss."""
     keys = ("epoch", "eval_accuracy", "eval_ece", "agreement", "eval_loss")
+    lm = "eval_perplexity" in rows[-1]
+    if lm:
+        keys += ("eval_perplexity",)
     final = {k: rows[-1][k] for k in keys}
-    scored = [r for r in rows if r["eval_accuracy"] is not None]
-    best = {k: max(scored, key=lambda r: r["eval_accuracy"])[k] for k in keys} if scored else final
+    metric, sign = ("eval_loss", -1) if lm else ("eval_accuracy", 1)
+    scored = [r for r in rows if r[metric] is not None]
+    best = {k: max(scored, key=lambda r: sign * r[metric])[k] for k in keys} if scored else final
     seconds = sum(r["epoch_seconds"] for r in rows)
-    samples = sum(r["samples_per_sec"] * r["epoch_seconds"] for r in rows if r["samples_per_sec"])
-    return {
+    totals = {
         "train_seconds": seconds,
-        "samples_per_sec": samples / seconds if seconds else None,
+        "samples_per_sec": _rate(rows, "samples_per_sec", seconds),
         "final": final,
         "best": best,
         "test_accuracy": final["eval_accuracy"],
     }
+    if lm:
+        totals["tokens_per_sec"] = _rate(rows, "tokens_per_sec", seconds)
+    return totals
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -2,7 +2,9 @@
 
 Loss per batch (formulas in stages/losses.py): ``alpha * soft + (1 - alpha) * hard + beta *
 feature``; without ``--cache`` only the hard term; a regression cache trains on MSE to the stored
-targets (plus ``beta * feature``). AdamW with linear warmup then cosine decay, stepped per batch.
+targets (plus ``beta * feature``). A causal-lm student's hard term is the next-token cross-entropy
+and its soft term is taken on the logits of the valid positions (stages/lm.py); its loss means and
+metrics are per token. AdamW with linear warmup then cosine decay, stepped per batch.
 The student never sees the teacher: only the cache's manifest and shards are read.
 
 Resume: after every epoch rank 0 writes ``checkpoint-{epoch}.pt`` (model, projector, optimizer,
@@ -28,9 +30,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.stages import checkpoint, losses
+from kdcache.stages import checkpoint, lm, losses
 from kdcache.stages.config import EXECUTION, TrainConfig
-from kdcache.stages.data import get_batch
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.evaluate import (
     AgreementSet,
@@ -39,7 +40,7 @@ from kdcache.stages.evaluate import (
     has_labels,
     reduce_sums,
 )
-from kdcache.stages.hooks import FeatureTap, logits_of
+from kdcache.stages.hooks import FeatureTap
 from kdcache.stages.loader import JoinedStream, LabelStream, check_data
 from kdcache.stages.metrics import epoch_line, run_totals, summarise
 from kdcache.stages.run_folder import RunFolder
@@ -53,12 +54,12 @@ log = logging.getLogger("kdcache.train")
 class Distillee(nn.Module):
     """Student plus feature projector: one module, so DDP syncs both and one optimizer trains both."""
 
-    def __init__(self, student: nn.Module, tap: FeatureTap | None, projector: nn.Module):
+    def __init__(self, student: nn.Module, tap: FeatureTap | None, projector: nn.Module, task):
         super().__init__()
-        self.student, self.projector, self.tap = student, projector, tap
+        self.student, self.projector, self.tap, self.task = student, projector, tap, task
 
     def forward(self, x):
-        z = logits_of(self.student(x))
+        z = lm.logits(self.student, x, self.task)
         if self.tap is None:
             return z, None
         f = self.tap.value
@@ -83,16 +84,17 @@ def _settings_diff(old: dict, new: dict) -> list[str]:
     return diff(keep(old), keep(new))
 
 
-def _probe(student, data, tap, device) -> tuple[int, int | None]:
-    """(output width, pooled feature width) from a two-row forward, in eval mode (BN untouched)."""
-    x, _ = get_batch(data, np.arange(min(2, len(data))))
+def _probe(student, data, tap, device, task) -> tuple[int, int | None]:
+    """(output width, pooled feature width) from a two-row forward, in eval mode (BN untouched);
+    a causal-lm student's width is its vocabulary."""
+    x = lm.inputs(data, np.arange(min(2, len(data))), task)
     student.eval()
     with torch.no_grad():
-        z = logits_of(student(to_device(x, device)))
+        z = lm.logits(student, to_device(x, device), task)
     if z.dim() == 1:
         z = z[:, None]
     dim = None if tap is None or tap.value is None else int(tap.value[0].numel())
-    return int(z.shape[1]), dim
+    return int(z.shape[-1] if task == lm.TASK else z.shape[1]), dim
 
 
 def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
@@ -100,6 +102,12 @@ def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
     cache but neither the data nor the student."""
     if reader and cfg.temperature is None:
         cfg.temperature = reader.temperature
+    if reader and cfg.task not in (None, reader.task):
+        raise UsageError(
+            f"--task {cfg.task} but the cache {reader.url} holds a {reader.task} teacher: "
+            "drop --task (a cache's task is the store's)"
+        )
+    cfg.task = reader.task if reader else cfg.task or "classification"
     if reader and cfg.beta > 0 and not reader.has_features:
         raise UsageError(
             f"--beta {cfg.beta} needs teacher features but the cache {reader.url} stores none: "
@@ -142,8 +150,8 @@ class Trainer:
             folder,
         )
         self.data, self.eval_data = data, eval_data
-        self.task = reader.task if reader else "classification"
         self.settings = run_settings(cfg, reader)
+        self.task = cfg.task
         self.cleanup_stack = contextlib.ExitStack()
         try:
             self._build(student)
@@ -161,7 +169,7 @@ class Trainer:
         if cfg.beta > 0:
             tap = FeatureTap(student, cfg.student_features, cfg.pool, "--student-features")
             self.cleanup_stack.enter_context(tap)
-        width, sdim = _probe(student, self.data, tap, torch.device("cpu"))
+        width, sdim = _probe(student, self.data, tap, torch.device("cpu"), self.task)
         if r and width != r.num_classes:
             raise UsageError(
                 f"--student {cfg.student} outputs {width} values per sample but the cache has "
@@ -172,7 +180,7 @@ class Trainer:
         projector: nn.Module = nn.Identity()
         if tap is not None and sdim != r.features_info["dim"]:
             projector = nn.Linear(sdim, r.features_info["dim"])
-        self.model = Distillee(student, tap, projector)
+        self.model = Distillee(student, tap, projector, self.task)
         # Every student of a [[students]] list is built before the first trains: each one trains
         # from the RNG state its own seeded build left, as it would alone.
         self.rng = checkpoint.rng_state()
@@ -200,7 +208,7 @@ class Trainer:
                 r, self.data, cfg.batch_size, ignore_fingerprint=cfg.ignore_fingerprint, **common
             )
         else:
-            self.stream = LabelStream(self.data, cfg.batch_size, **common)
+            self.stream = LabelStream(self.data, cfg.batch_size, task=self.task, **common)
         checkpoint.set_rng_state(self.rng)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -217,7 +225,7 @@ class Trainer:
             self.opt, schedule(cfg.epochs * self.steps, cfg.warmup)
         )
         self.agree = None
-        if r and self.task == "classification":
+        if r and self.task in ("classification", lm.TASK):
             self.agree = AgreementSet(r, self.data, cfg.agree_rows)
 
     # ----------------------------------------------------------------- one batch, one epoch
@@ -226,7 +234,11 @@ class Trainer:
         cfg, r, dev = self.cfg, self.reader, self.device
         zero = z.new_zeros((), dtype=torch.float32)
         hard = soft = feat = zero
-        if self.task != "regression":
+        if self.task == lm.TASK:
+            x = to_device(batch["input"], dev)
+            hard = lm.next_token_loss(z, x["input_ids"], x["attention_mask"])
+            z = lm.valid_tokens(z, x["attention_mask"])  # the stored columns' tokens, in order
+        elif self.task != "regression":
             hard = losses.hard_loss(z, to_device(batch["label"], dev))
         if r:
             stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
@@ -250,7 +262,9 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         names = ("loss", "hard_loss", "soft_loss", "feature_loss")
-        sums = torch.zeros(len(names) + 1, dtype=sum_dtype(self.device), device=self.device)
+        # Loss sums weighted by rows, or by tokens for causal-lm (means per token); then the rows
+        # and tokens seen.
+        sums = torch.zeros(len(names) + 2, dtype=sum_dtype(self.device), device=self.device)
         self.model.train()
         done = 0
         join = contextlib.nullcontext()
@@ -277,8 +291,11 @@ class Trainer:
                 self.sched.step()
                 done += 1
                 n = len(batch["sample_id"])
+                tokens = lm.token_count(batch["input"]) if self.task == lm.TASK else 0
+                w = tokens or n
                 sums += torch.stack(
-                    [terms[k].detach().to(sums.dtype) * n for k in names] + [sums.new_tensor(n)]
+                    [terms[k].detach().to(sums.dtype) * w for k in names]
+                    + [sums.new_tensor(n), sums.new_tensor(tokens)]
                 )
                 if len(history) < 64:
                     history.append({k: float(terms[k].detach()) for k in names})
@@ -286,20 +303,26 @@ class Trainer:
         for _ in range(self.steps - done):
             self.sched.step()
         sums = reduce_sums(sums, self.dist.enabled).cpu()
-        n = max(1.0, float(sums[-1]))
-        return {k: float(sums[i]) / n for i, k in enumerate(names)} | {"rows": int(sums[-1])}
+        rows, tokens = int(sums[-2]), int(sums[-1])
+        n = max(1.0, float(tokens or rows))
+        return {k: float(sums[i]) / n for i, k in enumerate(names)} | {
+            "rows": rows,
+            "tokens": tokens,
+        }
 
     def evaluate(self) -> dict:
-        cfg, world, rank = self.cfg, self.dist.world_size, self.dist.rank
+        cfg, world, rank, task = self.cfg, self.dist.world_size, self.dist.rank, self.task
         out = {"eval_loss": None, "eval_accuracy": None, "eval_ece": None, "agreement": None}
-        if self.eval_data is not None and self.task == "classification":
-            batches = dataset_batches(self.eval_data, cfg.eval_batch_size, rank, world)
-            sums = eval_sums(self.student, batches, self.device, cfg.precision)
+        if self.eval_data is not None and task in ("classification", lm.TASK):
+            batches = dataset_batches(self.eval_data, cfg.eval_batch_size, rank, world, task)
+            sums = eval_sums(self.student, batches, self.device, cfg.precision, task)
             m = summarise(reduce_sums(sums, self.dist.enabled))
             out.update(eval_loss=m["loss"], eval_accuracy=m["accuracy"], eval_ece=m["ece"])
+        if task == lm.TASK:
+            out["eval_perplexity"] = lm.perplexity(out["eval_loss"])
         if self.agree is not None:
             batches = self.agree.batches(cfg.eval_batch_size, rank, world)
-            sums = eval_sums(self.student, batches, self.device, cfg.precision)
+            sums = eval_sums(self.student, batches, self.device, cfg.precision, task)
             out["agreement"] = summarise(reduce_sums(sums, self.dist.enabled))["accuracy"]
         self.model.train()
         return out
@@ -385,11 +408,13 @@ class Trainer:
                 "epoch": epoch,
                 "step": epoch * self.steps,
                 "lr": self.sched.get_last_lr()[0],
-                **{k: v for k, v in train.items() if k != "rows"},
+                **{k: v for k, v in train.items() if k not in ("rows", "tokens")},
                 **self.evaluate(),
                 "epoch_seconds": seconds,
                 "samples_per_sec": train["rows"] / seconds if seconds else None,
             }
+            if self.task == lm.TASK:
+                row["tokens_per_sec"] = train["tokens"] / seconds if seconds else None
             rows.append(row)
             if d.is_main:
                 log.info(epoch_line(row, cfg.epochs))
