@@ -1,8 +1,9 @@
 """Map-style datasets as kdcache sees them: batches of (inputs, labels) fetched by index array.
 
 Classifier and regression items stack into one tensor; causal-lm items are token ids of any
-length, right-padded per batch into `{"input_ids", "attention_mask"}` (the contract in
-docs/ARCHITECTURE.md), and `forward_tokens` hands them to a model.
+length (a 1-D integer array, or a dict with `input_ids` and an optional 0/1 `attention_mask`),
+right-padded per batch into `{"input_ids", "attention_mask"}`, and `forward_tokens` hands those to
+a model.
 """
 
 from __future__ import annotations

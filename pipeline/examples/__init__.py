@@ -5,4 +5,9 @@
   generated locally with ``mnist1d.data.make_dataset`` and cached on disk.
 - :mod:`kdcache.pipeline.examples.models` -- ``TeacherCNN`` (hookable ``features``), and the students
   ``StudentMLP`` (hookable ``hidden``) and ``StudentCNN`` (hookable ``features``).
+- :mod:`kdcache.pipeline.examples.text` -- ``TextBlocks``: fixed-length token blocks of the Python
+  sources of the pinned torch (``train`` / ``validation`` by file), tokenized with a byte-level BPE
+  trained offline on the train split and cached on disk.
+- :mod:`kdcache.pipeline.examples.lm` -- causal LMs: ``gpt2`` (a ``transformers`` GPT-2 from a
+  config, seeded), ``from_folder`` (a saved causal LM, local files only) and ``TinyCausalLM``.
 """

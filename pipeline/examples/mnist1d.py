@@ -44,11 +44,26 @@ _CACHE_FORMAT = 1
 _GENERATE_LOCK = threading.Lock()
 
 
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+def default_cache_dir(cache_dir: str | os.PathLike | None = None, name: str = "mnist1d") -> Path:
     """Resolve the cache directory: argument, then ``$KDCACHE_DATA_DIR``, then ~/.cache."""
     if cache_dir is None:
-        cache_dir = os.environ.get("KDCACHE_DATA_DIR") or "~/.cache/kdcache/mnist1d"
+        cache_dir = os.environ.get("KDCACHE_DATA_DIR") or f"~/.cache/kdcache/{name}"
     return Path(cache_dir).expanduser()
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(file)` into a unique temp file beside `path`, then rename: concurrent runs each
+    produce a complete file and the last rename wins, so readers never see a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache dir needs readable files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # MNIST-1D's standard generation settings (`mnist1d.data.get_dataset_args()`, without the URL of
@@ -122,18 +137,7 @@ def load_or_generate(
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable (e.g. truncated by a full disk): regenerate and overwrite below
     arrays = _generate(args)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Write to a unique temp file in the same directory, then rename: concurrent runs each
-    # produce a complete file and the last rename wins, so readers never see a partial one.
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache dir needs readable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return arrays
 
 
