@@ -198,19 +198,22 @@ class ToyCausalLM(nn.Module):
         seed: int = 0,
         scale: float = 2.0,
         sleep: float = 0,
+        use_prev: bool = True,
     ):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(vocab_size, dim)
         self.body = nn.Linear(2 * dim, dim)
         self.head = nn.Linear(dim, vocab_size)
-        self.scale, self.sleep = scale, sleep
+        self.scale, self.sleep, self.use_prev = scale, sleep, use_prev
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.sleep:
             time.sleep(self.sleep)
         e = self.embed(input_ids)
         prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
+        if not self.use_prev:  # the next token depends on this one only (a bigram teacher)
+            prev = torch.zeros_like(prev)
         return self.head(torch.tanh(self.body(torch.cat([e, prev], -1)))) * self.scale
 
 

@@ -1,15 +1,13 @@
 """Stage two for causal-lm: next-token CE, per-token metrics and agreement, the mask, and training
 steps on hand-built packed batches whose loss equals a direct computation.
 
-The store's stream and the token data set's `get_batch(..., task="causal-lm")` / `forward_tokens`
-are written elsewhere; until they exist here, `contract_stand_ins` supplies minimal stand-ins that
-follow docs' shared contract (issue 10), and `PackedStream` / `FakeReader` play the store.
+`PackedStream` / `FakeReader` play a store with exactly known contents (a known bigram teacher's
+codec columns); tests/stages/test_lm_cli.py runs the real store end to end.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 
@@ -79,28 +77,6 @@ def _pad(items, ids) -> dict:
     for b, r in enumerate(rows):
         input_ids[b, : len(r)], mask[b, : len(r)] = r, 1
     return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def stand_in_get_batch(real):
-    def get_batch(ds, ids, spec="data", task="classification"):
-        if task != "causal-lm":
-            return real(ds, ids, spec)
-        return _pad(ds, ids), np.full(len(ids), -1, np.int64)
-
-    return get_batch
-
-
-def stand_in_forward_tokens(model, inputs):
-    if "attention_mask" in inspect.signature(model.forward).parameters:
-        return model(inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    return model(inputs["input_ids"])
-
-
-@pytest.fixture(autouse=True)
-def contract_stand_ins(monkeypatch):
-    if not hasattr(data_module, "forward_tokens"):
-        monkeypatch.setattr(data_module, "forward_tokens", stand_in_forward_tokens, raising=False)
-        monkeypatch.setattr(data_module, "get_batch", stand_in_get_batch(data_module.get_batch))
 
 
 def codec_of(name: str, k: int = 3):
@@ -413,7 +389,7 @@ def test_evaluate_a_causal_lm_student():
     # Blocks of one length: the data fingerprint's stacking of the real get_batch takes them.
     ds, eval_ds, model = TokenData(lengths=(4,)), TokenData(seed=1), BigramLM(seed=2).eval()
     reader = FakeReader(ds, codec_of("topk"))
-    reader.num_rows, reader.data_fingerprint = len(ds), data_module.data_fingerprint(ds)
+    reader.num_rows, reader.data_fingerprint = len(ds), data_module.data_fingerprint(ds, lm.TASK)
     cfg = EvaluateConfig(checkpoint="unused", data="unused", batch_size=3)
     summary = {"name": "s", "student": "BigramLM", "settings": {"task": "causal-lm"}}
     got = evaluate(cfg, model, summary, eval_ds, torch.device("cpu"), reader, ds)
