@@ -37,6 +37,20 @@ STUDENTS_CONFIG ?= configs/students.toml
 DATA_DIR ?= $(RUNS)/data
 PRECOMPUTE_ARGS ?=
 TRAIN_ARGS ?=
+# The language-model job (make run-lm): sizes chosen to fit 2 CPU cores in minutes, not hours.
+LM_RUNS ?= $(RUNS)/lm
+LM_CONFIG ?= configs/lm
+LM_VOCAB ?= 4096
+LM_BLOCK ?= 64
+LM_TOKENS ?= 300000
+LM_EVAL_TOKENS ?= 40000
+LM_TOKENIZER_BYTES ?= 8000000
+LM_TEACHER ?= n_layer=3 n_embd=96 n_head=3
+LM_STUDENT ?= n_layer=1 n_embd=64 n_head=2
+LM_TEACHER_EPOCHS ?= 2
+LM_EPOCHS ?= 1
+LM_SAMPLES ?= 50
+LM_TOPK ?= 64
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -49,7 +63,24 @@ DATA_PY := from kdcache.pipeline.examples.mnist1d import MNIST1D; [print(MNIST1D
 KDCACHE := KDCACHE_DATA_DIR=$(DATA_DIR) $(if $(THREADS),OMP_NUM_THREADS=$(THREADS)) $(VENV)/bin/kdcache
 
 .PHONY: help setup data teacher precompute students report run test test-quick lint bench cron \
-	clean distclean
+	clean distclean run-lm lm-teacher lm-caches lm-students
+
+# --flag a --flag b ... from a list of k=v words
+kv = $(foreach a,$(2),$(1) $(a))
+GPT2 := kdcache.pipeline.examples.lm:gpt2
+LM_DATA := kdcache.pipeline.examples.text:TextBlocks
+LM_CACHE := $(LM_RUNS)/caches
+LM_TEXT := vocab=$(LM_VOCAB) block=$(LM_BLOCK) max_bytes=$(LM_TOKENIZER_BYTES)
+LM_DATA_ARGS := $(call kv,--data-arg,$(LM_TEXT) max_tokens=$(LM_TOKENS))
+LM_EVAL_ARGS := $(call kv,--eval-data-arg,$(LM_TEXT) max_tokens=$(LM_EVAL_TOKENS))
+LM_SIZE := vocab_size=$(LM_VOCAB) n_positions=$(LM_BLOCK)
+LM_TEACHER_MODEL := --teacher $(GPT2) $(call kv,--teacher-arg,$(LM_SIZE) $(LM_TEACHER)) \
+	--checkpoint $(LM_RUNS)/teacher/model.pt
+LM_PRECOMPUTE := $(KDCACHE) precompute --task causal-lm $(LM_TEACHER_MODEL) --data $(LM_DATA) \
+	$(LM_DATA_ARGS) --shard-rows 1024 --device $(DEVICE) $(PRECOMPUTE_ARGS)
+LM_TRAIN := $(KDCACHE) train --config $(LM_CONFIG)/students.toml --out $(LM_RUNS)/students \
+	$(call kv,--student-arg,$(LM_SIZE) $(LM_STUDENT)) $(LM_DATA_ARGS) $(LM_EVAL_ARGS) \
+	--epochs $(LM_EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)
 
 help: ## List the targets and the variables they take
 	@echo "kdcache: make TARGET [VAR=value ...]"
@@ -60,8 +91,33 @@ help: ## List the targets and the variables they take
 	@echo "  EPOCHS=$(EPOCHS) (empty: per-student epochs from $(STUDENTS_CONFIG)) DEVICE=$(DEVICE)"
 	@echo "  THREADS=$(THREADS) PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC=$(TORCH_SPEC)"
 
-run: setup data teacher precompute students report ## The whole job, stage after stage
+run: setup data teacher precompute students lm-students report ## Both jobs (MNIST-1D, then the language model), stage after stage
 	@echo "done: see $(RUNS)/report.md"
+
+run-lm: setup lm-students ## The language-model job alone (teacher, three caches, five students)
+	$(KDCACHE) report --runs $(RUNS) --out $(RUNS)/report.md
+	@echo "done: see $(RUNS)/report.md"
+
+lm-teacher: $(LM_RUNS)/teacher/model.pt ## Train the GPT teacher on the torch-sources corpus (skipped once done)
+
+$(LM_RUNS)/teacher/model.pt: | $(STAMP)
+	$(KDCACHE) train --config $(LM_CONFIG)/teacher.toml --out $(LM_RUNS)/teacher \
+		$(call kv,--student-arg,$(LM_SIZE) $(LM_TEACHER)) $(LM_DATA_ARGS) $(LM_EVAL_ARGS) \
+		--epochs $(LM_TEACHER_EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)
+
+lm-caches: lm-teacher ## Stage one x3: sampled (N draws), topk at the same bytes/token, topk k=LM_TOPK
+	$(LM_PRECOMPUTE) --out $(LM_CACHE)/sampled --codec sampled --samples $(LM_SAMPLES)
+	budget=$$($(KDCACHE) inspect $(LM_CACHE)/sampled --json | $(PY) -c \
+		'import json, sys; print(json.load(sys.stdin)["bytes_per_token"])'); \
+	$(LM_PRECOMPUTE) --out $(LM_CACHE)/topk-matched --codec topk --budget-bytes-per-token $$budget
+	$(LM_PRECOMPUTE) --out $(LM_CACHE)/topk-$(LM_TOPK) --codec topk --top-k $(LM_TOPK)
+
+lm-students: lm-caches ## Stage two: the same student five ways (hard, three caches, teacher online)
+	$(LM_TRAIN) --only hard
+	$(LM_TRAIN) --only kd-sampled --cache $(LM_CACHE)/sampled
+	$(LM_TRAIN) --only kd-topk-matched --cache $(LM_CACHE)/topk-matched
+	$(LM_TRAIN) --only kd-topk-large --cache $(LM_CACHE)/topk-$(LM_TOPK)
+	$(LM_TRAIN) --only kd-online $(subst --checkpoint,--teacher-checkpoint,$(LM_TEACHER_MODEL))
 
 setup: $(STAMP) ## Create .venv: CPU torch (TORCH_SPEC), then kdcache[dev,bench,lm] editable
 
