@@ -33,6 +33,7 @@ from kdcache.storage.reader import CacheReader
 
 TEACHER, DATA = "bench.lm_models:ZipfLM", "bench.lm_models:Blocks"
 ENTROPY, SAMPLES, ANCHOR_K, MAIN_V = 2.75, 50, 128, 32768
+SENSITIVITY = (1.5, 2.0, ENTROPY, 3.5)
 DENSE_WRITE_BYTES = 300 << 20
 # block length; rows for part 1 (per V), part 2 (and 3), part 4; the vocabularies.
 SIZES = {
@@ -54,13 +55,13 @@ def batch_rows(length: int, vocab: int) -> int:
 
 
 def store(work: Path, name: str, v: int, rows: int, length: int, exponent: float, codec: str,
-          **options) -> CacheReader:  # fmt: skip
+          budget: float | None = None, **options) -> CacheReader:  # fmt: skip
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     cfg = PrecomputeConfig(
         data=DATA, data_args={"n": rows, "length": length, "vocab": v}, teacher=TEACHER,
         teacher_args={"vocab_size": v, "exponent": exponent}, out=str(out), task="causal-lm",
-        codec=codec, codec_options=options, batch_size=batch_rows(length, v), device="cpu",
+        codec=codec, codec_options=options, budget_bytes_per_token=budget, batch_size=batch_rows(length, v), device="cpu",
         quiet=True,
     )  # fmt: skip
     assert precompute(cfg)["status"] == "done"
@@ -71,11 +72,11 @@ def parquet_bytes(url: str) -> int:
     return sum(p.stat().st_size for p in Path(url).rglob("*.parquet"))
 
 
-def teacher_stats(v: int, length: int) -> tuple[float, float]:
+def teacher_stats(v: int, length: int, target: float = ENTROPY) -> tuple[float, float]:
     """(calibrated exponent, mean entropy over the first block at it)."""
     model = ZipfLM(v).eval()
     probe = Blocks(1, length, v)[0][None]
-    exponent = calibrate(model, probe, ENTROPY)
+    exponent = calibrate(model, probe, target)
     with torch.inference_mode():
         return exponent, float(entropy(model(probe)).mean())
 
@@ -122,6 +123,27 @@ def bytes_table(report: Report, work: Path, sizes, length: int, rows: int) -> di
     for row in ANCHORS:
         a.add(*row)
     return exps
+
+
+def entropy_table(report: Report, work: Path, length: int, rows: int) -> None:
+    """Not a target: how the sampled codec's size follows the teacher's entropy, and what N the
+    codec's own budget search picks for 40 bytes/token."""
+    t = report.table(
+        f"sampled codec vs the teacher's mean entropy at V = {MAIN_V:,} (sensitivity; the target "
+        f"above is at {ENTROPY} nats)",
+        ["teacher entropy nats", "N", "unique ids/token", "bytes/token (manifest)", "mean TV"],
+    )
+    for target in SENSITIVITY:
+        exponent, ent = teacher_stats(MAIN_V, length, target)
+        runs = [("50", {"samples": SAMPLES}, None)]
+        if target == ENTROPY:
+            runs.append(("--budget-bytes-per-token 40", {}, 40))
+        for label, options, budget in runs:
+            r = store(work, "sens", MAIN_V, rows, length, exponent, "sampled", budget, **options)
+            st = r.manifest["stats"]
+            n = f"{r.codec.n} ({label})" if budget else label
+            t.add(ent, n, st["mean_unique"], st["bytes_per_token"], st["mean_tv"])
+            shutil.rmtree(r.url, ignore_errors=True)
 
 
 def precompute_table(report: Report, work: Path, length: int, rows: int, exponent: float,
@@ -173,6 +195,7 @@ def main(argv: list[str] | None = None) -> Report:
     report = Report("language-model soft labels: bytes/token, precompute, step, reader",
                     quick=args.quick)  # fmt: skip
     exps = bytes_table(report, work, vocabs, length, rows1)
+    entropy_table(report, work, length, rows1)
     url = precompute_table(report, work, length, rows2, exps[MAIN_V], repeat)
     step_contenders(report, url, repeat)
     reader_contenders(report, url, work, rows4, repeat)
