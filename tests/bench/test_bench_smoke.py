@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BENCHES = ("bench_precompute", "bench_reader", "bench_train")
+BENCHES = ("bench_precompute", "bench_reader", "bench_train", "bench_lm")
 
 
 @pytest.fixture(scope="module")
