@@ -51,6 +51,8 @@ LM_TEACHER_EPOCHS ?= 2
 LM_EPOCHS ?= 1
 LM_SAMPLES ?= 50
 LM_TOPK ?= 64
+# The LM job's models are big enough for both cores to pay off (MNIST-1D's are not: THREADS=1).
+LM_THREADS ?= 2
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -76,9 +78,10 @@ LM_EVAL_ARGS := $(call kv,--eval-data-arg,$(LM_TEXT) max_tokens=$(LM_EVAL_TOKENS
 LM_SIZE := vocab_size=$(LM_VOCAB) n_positions=$(LM_BLOCK)
 LM_TEACHER_MODEL := --teacher $(GPT2) $(call kv,--teacher-arg,$(LM_SIZE) $(LM_TEACHER)) \
 	--checkpoint $(LM_RUNS)/teacher/model.pt
-LM_PRECOMPUTE := $(KDCACHE) precompute --task causal-lm $(LM_TEACHER_MODEL) --data $(LM_DATA) \
+LM_KDCACHE := $(subst OMP_NUM_THREADS=$(THREADS),OMP_NUM_THREADS=$(LM_THREADS),$(KDCACHE))
+LM_PRECOMPUTE := $(LM_KDCACHE) precompute --task causal-lm $(LM_TEACHER_MODEL) --data $(LM_DATA) \
 	$(LM_DATA_ARGS) --shard-rows 1024 --device $(DEVICE) $(PRECOMPUTE_ARGS)
-LM_TRAIN := $(KDCACHE) train --config $(LM_CONFIG)/students.toml --out $(LM_RUNS)/students \
+LM_TRAIN := $(LM_KDCACHE) train --config $(LM_CONFIG)/students.toml --out $(LM_RUNS)/students \
 	$(call kv,--student-arg,$(LM_SIZE) $(LM_STUDENT)) $(LM_DATA_ARGS) $(LM_EVAL_ARGS) \
 	--epochs $(LM_EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)
 
@@ -101,7 +104,7 @@ run-lm: setup lm-students ## The language-model job alone (teacher, three caches
 lm-teacher: $(LM_RUNS)/teacher/model.pt ## Train the GPT teacher on the torch-sources corpus (skipped once done)
 
 $(LM_RUNS)/teacher/model.pt: | $(STAMP)
-	$(KDCACHE) train --config $(LM_CONFIG)/teacher.toml --out $(LM_RUNS)/teacher \
+	$(LM_KDCACHE) train --config $(LM_CONFIG)/teacher.toml --out $(LM_RUNS)/teacher \
 		$(call kv,--student-arg,$(LM_SIZE) $(LM_TEACHER)) $(LM_DATA_ARGS) $(LM_EVAL_ARGS) \
 		--epochs $(LM_TEACHER_EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)
 

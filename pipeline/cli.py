@@ -68,7 +68,8 @@ def precompute(**options) -> None:
         emit(
             log_json,
             f"wrote {m['num_rows']} rows in {len(m['shards'])} shards to {cfg.out} "
-            f"in {result['seconds']:.1f}s ({s['bytes_per_sample']:.0f} bytes/sample)",
+            f"in {result['seconds']:.1f}s ({s['bytes_per_sample']:.0f} bytes/sample"
+            + (f", {s['bytes_per_token']:.1f} bytes/token)" if "tokens" in s else ")"),
             status="done",
             url=cfg.out,
             fingerprint=m["fingerprint"],

@@ -26,6 +26,10 @@ class Parked:
         self.lock = threading.Lock()  # pieces are parked by the prefetch thread
         self.next = 0
 
+    def pieces_of(self, pid: int) -> dict[str, np.ndarray]:
+        with self.lock:
+            return self.pieces[pid]
+
     def park(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A decoded piece -> its row columns plus the references to its parked entries."""
         counts = self.codec.group_counts(cols, cols["length"])
@@ -46,15 +50,21 @@ class Parked:
         """A batch of row columns -> the same rows with their entries packed in row order."""
         pids = cols.pop(PIECE)
         with self.lock:
-            stores = [self.pieces[p] for p in pids.tolist()]
+            stores = [self.pieces[p] for p in np.unique(pids).tolist()]
         for j, names in enumerate(self.groups):
             starts, lens = cols.pop(f"_g{j}_start"), cols.pop(f"_g{j}_len")
+            # One index array per piece (rows of a piece are usually most of a batch): entry k of
+            # the batch is entry starts[r] + (k - first entry of row r) of its row's piece.
+            first = np.concatenate([[0], np.cumsum(lens)[:-1]])
+            within = np.arange(int(lens.sum())) - np.repeat(first - starts, lens)
+            owner = np.repeat(pids, lens)
             for name in names:
-                parts = [
-                    s[name][a : a + n]
-                    for s, a, n in zip(stores, starts.tolist(), lens.tolist(), strict=True)
-                ]
-                cols[name] = np.concatenate(parts) if parts else stores[0][name][:0]
+                sample = stores[0][name]
+                out = np.empty((len(within), *sample.shape[1:]), sample.dtype)
+                for p in np.unique(pids).tolist():
+                    at = owner == p
+                    out[at] = self.pieces_of(p)[name][within[at]]
+                cols[name] = out
         with self.lock:
             for p, n in zip(*np.unique(pids, return_counts=True), strict=True):
                 self.left[int(p)] -= int(n)
