@@ -9,18 +9,30 @@ import torch
 
 from kdcache.storage.errors import UsageError
 
-POOLS = ("avg", "token-mean", "cls", "flatten")
+POOLS = ("avg", "token-mean", "cls", "last", "flatten")
 
 
-def pool(t: torch.Tensor, mode: str) -> torch.Tensor:
+def pool(t: torch.Tensor, mode: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """avg: mean over every dim after 1 (conv N,C,...); token-mean: mean over dim 1 (N,T,D);
-    cls: index 0 of dim 1; flatten: everything after the batch dim."""
+    cls: index 0 of dim 1; last: the last token; flatten: everything after the batch dim.
+
+    With an attention `mask` (N, T) (token inputs), token-mean and last see real tokens only, so
+    a block's features do not depend on how much padding its batch needed."""
+    tokens = t.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(t.shape[:2])
     if mode == "avg":
         return t.flatten(2).mean(-1) if t.dim() > 2 else t
     if mode == "token-mean":
+        if tokens:
+            m = mask.to(t.dtype).unsqueeze(-1)
+            return (t * m).sum(1) / m.sum(1).clamp_min(1)
         return t.mean(1) if t.dim() > 2 else t
     if mode == "cls":
         return t[:, 0] if t.dim() > 2 else t
+    if mode == "last":
+        if tokens:
+            last = (mask.long().sum(1) - 1).clamp_min(0)
+            return t[torch.arange(len(t), device=t.device), last.to(t.device)]
+        return t[:, -1] if t.dim() > 2 else t
     if mode == "flatten":
         return t.flatten(1)
     raise UsageError(f"--pool {mode!r} is not one of {', '.join(POOLS)}")
@@ -45,6 +57,7 @@ class FeatureTap:
         self.mode = mode
         self.name = name
         self.value: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # the batch's attention mask, for token inputs
         self._handle = None
 
     def _hook(self, module, inputs, output) -> None:
@@ -55,7 +68,7 @@ class FeatureTap:
                 f"feature layer {self.name!r} returned {type(output).__name__}"
                 f"{getattr(output, 'shape', '')}: it needs a (batch, ...) tensor"
             )
-        self.value = pool(output, self.mode)
+        self.value = pool(output, self.mode, self.mask)
 
     def __enter__(self) -> FeatureTap:
         self._handle = self.module.register_forward_hook(self._hook)

@@ -83,6 +83,7 @@ def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict
 def _forward(model, x, device, cfg, tap):
     if tap is not None:
         tap.value = None  # never hand on the last batch's features if the layer did not run
+        tap.mask = x["attention_mask"].to(device) if isinstance(x, dict) else None
     try:
         with torch.inference_mode(), autocast(device, cfg.precision):
             if isinstance(x, dict):  # token inputs: input_ids and attention_mask

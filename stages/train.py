@@ -59,6 +59,8 @@ class Distillee(nn.Module):
         self.student, self.projector, self.tap, self.task = student, projector, tap, task
 
     def forward(self, x):
+        if self.tap is not None and isinstance(x, dict):
+            self.tap.mask = x["attention_mask"]
         z = lm.logits(self.student, x, self.task)
         if self.tap is None:
             return z, None

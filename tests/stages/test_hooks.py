@@ -76,3 +76,12 @@ def test_tap_unknown_layer_suggests_close_names():
 def test_tap_rejects_bad_pool():
     with pytest.raises(UsageError, match="--pool 'sum'"):
         FeatureTap(Net(), "block", "sum")
+
+
+def test_token_pools_see_real_tokens_only():
+    t = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert torch.allclose(pool(t, "token-mean", mask)[0], t[0, :3].mean(0))
+    assert torch.allclose(pool(t, "token-mean", mask)[1], t[1].mean(0))
+    assert torch.equal(pool(t, "last", mask), torch.stack([t[0, 2], t[1, 4]]))
+    assert torch.equal(pool(t, "last"), t[:, -1])

@@ -93,3 +93,38 @@ def test_sampled_student_gets_closer_to_the_teacher_than_topk_of_the_same_bytes(
                 per.append(float((lp.exp() * (lp - lq)).sum(-1).mean()))
         kl[name] = sum(per) / len(per)
     assert kl["s"] < 0.75 * kl["k"], kl
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "last"])
+def test_pooled_token_features_with_the_feature_loss(tmp_path, cli, mode):
+    """Features of the teacher's `body` (B, L, D) pooled over each block's real tokens: equal to
+    pooling the item alone (no padding leaks in), then a student trains with beta > 0."""
+    store = tmp_path / "s"
+    res = cli(
+        "precompute", "--task", "causal-lm", "--teacher", "tests.toy_models:ToyCausalLM",
+        "--data", DATA, "--data-arg", "n=12", "--out", store, "--features", "body",
+        "--pool", mode, "--feature-dtype", "float32", "--batch-size", "4", "--device", "cpu",
+        "--quiet",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    r = CacheReader(str(store))
+    feats = r.read_shard(0)["features"]
+    model, data = toy_models.ToyCausalLM().eval(), toy_models.ToyTokens(12)
+    with torch.no_grad():
+        for i in range(12):
+            x = data[i][None]
+            e = model.embed(x)
+            prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
+            body = model.body(torch.cat([e, prev], -1))[0]
+            want = body.mean(0) if mode == "token-mean" else body[-1]
+            assert torch.allclose(torch.from_numpy(feats[i]), want, atol=1e-5), i
+    res = cli(
+        "train", "--cache", store, "--student", "tests.toy_models:ToyCausalLM",
+        "--student-arg", "seed=3", "--student-arg", "dim=8", "--data", DATA, "--data-arg", "n=12",
+        "--beta", "1.0", "--student-features", "body", "--pool", mode, "--epochs", "1",
+        "--out", tmp_path / "student", "--device", "cpu", "--quiet",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    rows = (tmp_path / "student" / "metrics.csv").read_text().splitlines()
+    header, first = rows[0].split(","), rows[1].split(",")
+    assert float(first[header.index("feature_loss")]) > 0
