@@ -128,3 +128,23 @@ def test_pooled_token_features_with_the_feature_loss(tmp_path, cli, mode):
     rows = (tmp_path / "student" / "metrics.csv").read_text().splitlines()
     header, first = rows[0].split(","), rows[1].split(",")
     assert float(first[header.index("feature_loss")]) > 0
+
+
+def test_lm_store_and_student_on_memory_urls(cli, memory_url):
+    """The causal-lm store and the student's run folder on an fsspec URL, resumed after a stop."""
+    store, out = memory_url + "/store", memory_url + "/student"
+    res = cli(
+        "precompute", "--task", "causal-lm", "--teacher", "tests.toy_models:ToyCausalLM",
+        "--data", DATA, "--data-arg", "n=16", "--out", store, "--codec", "topk", "--device",
+        "cpu", "--quiet",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    args = [
+        "train", "--cache", store, "--student", "tests.toy_models:ToyCausalLM", "--data", DATA,
+        "--data-arg", "n=16", "--eval-data", DATA, "--eval-data-arg", "n=4", "--batch-size", "4",
+        "--out", out, "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    assert cli(*args, "--epochs", "3").exit_code == 0
+    again = cli(*args, "--epochs", "3")
+    assert again.exit_code == 0 and "already trained" in again.stdout
+    assert cli("evaluate", "--checkpoint", out, "--data", DATA, "--data-arg", "n=4").exit_code == 0
