@@ -177,3 +177,15 @@ def test_online_and_hard_students_through_the_cli(tmp_path, cli):
     )  # fmt: skip
     assert res.exit_code == 2
     assert_one_line_error(res.stderr, "--teacher", "--cache")
+
+
+def test_teacher_checkpoint_weights_are_the_teacher(tmp_path):
+    weights = tmp_path / "teacher.pt"
+    torch.save(ToyNet(seed=3).state_dict(), weights)
+    trainer = build(config(tmp_path / "o", teacher_checkpoint=str(weights)))
+    batch, z = first_batch(trainer)
+    with torch.no_grad():
+        want = dense_kl(ToyNet(seed=3).eval()(batch["input"]), z, 4.0)
+    assert float(trainer.loss_terms(z, None, batch)["soft_loss"]) == pytest.approx(want, abs=1e-6)
+    assert trainer.online.identity["checkpoint"] == str(weights)
+    assert trainer.online.identity["weights_sha256"]
