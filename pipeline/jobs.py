@@ -59,10 +59,17 @@ def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Train
 
     data = dataset(cfg.data, cfg.data_args)
     eval_data = dataset(cfg.eval_data, cfg.eval_data_args) if cfg.eval_data else None
+    teacher = None
+    if cfg.online:
+        # Built before the student's seed is set: a seeded teacher factory leaves the student's
+        # initial weights and data order those of the same run from a cache.
+        teacher = load_model(
+            cfg.teacher, cfg.teacher_args, cfg.teacher_checkpoint, cfg.storage_options
+        )
     # The student's initial weights are part of the run: seeded right before it is built.
     torch.manual_seed(cfg.seed)
     student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
-    return Trainer(cfg, dist, device, reader, folder, data, eval_data, student)
+    return Trainer(cfg, dist, device, reader, folder, data, eval_data, student, teacher)
 
 
 def done_before(summary: dict) -> dict:

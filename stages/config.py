@@ -23,6 +23,12 @@ QUIET_HELP = "No progress bar or info logs."
 STORAGE_HELP = "k=v fsspec storage option (repeatable)."
 
 
+def default_temperature(task: str) -> float:
+    """T when none is given: a language model's own distribution (T = 1) is what its students
+    usually match; classifiers' soft labels are tempered (T = 4)."""
+    return 1.0 if task == "causal-lm" else 4.0
+
+
 @dataclass(kw_only=True)
 class PrecomputeConfig:
     teacher: str | None = option(None, "Teacher spec package.module:attr (class or factory).")
@@ -89,8 +95,7 @@ class PrecomputeConfig:
         if self.task == "regression":
             self.temperature = 1.0  # raw outputs are stored; there is nothing to temper
         elif self.temperature is None:
-            # A language model's own distribution (T = 1) is what its students usually match.
-            self.temperature = 1.0 if self.task == "causal-lm" else 4.0
+            self.temperature = default_temperature(self.task)
         validate_options(self)
         kind = codecs.codec_class(self.codec)
         if self.task not in kind.tasks:
@@ -113,7 +118,15 @@ class PrecomputeConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     cache: str | None = option(
-        None, "Store URL from `kdcache precompute`; omit to train on hard labels."
+        None, "Store URL from `kdcache precompute`; omit to train on hard labels or with --teacher."
+    )
+    # Online KD: the exact full-KD reference that cached students are compared with.
+    teacher: str | None = option(None, "Teacher spec run online on every batch (no --cache).")
+    teacher_args: dict = option(
+        {}, "k=v keyword for the online teacher (repeatable).", flag_name="--teacher-arg"
+    )
+    teacher_checkpoint: str | None = option(
+        None, "The online teacher's state dict, TorchScript or torch.export file (path or URL)."
     )
     student: str = option(help="Student spec package.module:attr (class or factory).")
     student_args: dict = option(
@@ -135,7 +148,9 @@ class TrainConfig:
     )
     out: str = option(help="Output folder or URL (metrics.csv, checkpoints, model.pt, summary).")
     name: str | None = option(None, "Run name (default: the last part of --out).", cli=False)
-    temperature: float | None = option(None, "Distillation T (default: the cache's T).", above=0)
+    temperature: float | None = option(
+        None, "Distillation T (default: the cache's; online 4, or 1 for causal-lm).", above=0
+    )
     alpha: float = option(0.9, "Weight of the soft loss.", minimum=0, maximum=1)
     beta: float = option(0.0, "Weight of the feature loss.", minimum=0)
     student_features: str | None = option(
@@ -169,6 +184,16 @@ class TrainConfig:
     def validate(self) -> None:
         """Checks that need neither the cache nor the student (those follow in `_setup`)."""
         validate_options(self)
+        if self.online and self.cache:
+            raise UsageError(
+                "--teacher runs the teacher online and --cache reads it from a store: "
+                "give one of them, not both"
+            )
+        if self.online and self.beta > 0:
+            raise UsageError(
+                f"--beta {self.beta}: an online teacher gives no stored features to match: use "
+                "--beta 0, or a --cache precomputed with --features"
+            )
         if self.beta > 0 and not self.cache:
             raise UsageError("--beta > 0 needs --cache with stored teacher features")
         if self.task == "regression" and not self.cache:
@@ -176,6 +201,11 @@ class TrainConfig:
         if self.beta > 0 and not self.student_features:
             raise UsageError("--beta > 0 needs --student-features NAME (a student submodule)")
         self.name = self.name or self.out.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def online(self) -> bool:
+        """Distilling from a teacher run on every batch (`--teacher` and/or its checkpoint)."""
+        return self.teacher is not None or self.teacher_checkpoint is not None
 
 
 # Execution settings change speed or logging, not what a finished run computed: a rerun that

@@ -66,7 +66,8 @@ class LabelStream(EpochStream):
 
     Same contract (seeded per-epoch order, exactly once across ranks x workers); the ids are a
     small int array, so the whole epoch is one permutation and no buffer is needed. Every row of
-    a causal-lm data set is used (its labels are its next tokens).
+    a causal-lm data set is used (its labels are its next tokens), and with `every_row` (online
+    KD, where the teacher labels each row) every row of a classification data set too.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class LabelStream(EpochStream):
         num_workers: int = 0,
         chunk: int = 8192,
         task: str = "classification",
+        every_row: bool = False,
     ):
         super().__init__(batch_size, shuffle, seed, rank, world_size, num_workers)
         self.data, self.task = data, task
@@ -92,7 +94,7 @@ class LabelStream(EpochStream):
             for a in range(0, len(data), chunk)
         ]
         self.labels = np.concatenate(labels)
-        self.ids = np.flatnonzero(self.labels >= 0).astype(np.int64)
+        self.ids = np.flatnonzero(every_row | (self.labels >= 0)).astype(np.int64)
         if not len(self.ids):
             raise UsageError("--data has no labeled rows: without --cache the student needs labels")
 

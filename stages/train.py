@@ -1,11 +1,12 @@
 """Stage two: train a student from a cache (or from hard labels alone), in one readable loop.
 
 Loss per batch (formulas in stages/losses.py): ``alpha * soft + (1 - alpha) * hard + beta *
-feature``; without ``--cache`` only the hard term; a regression cache trains on MSE to the stored
+feature``; without ``--cache`` only the hard term, or with ``--teacher`` the dense soft term
+against the teacher run online on the same batch (stages/online.py); a regression cache trains on MSE to the stored
 targets (plus ``beta * feature``). A causal-lm student's hard term is the next-token cross-entropy
 and its soft term is taken on the logits of the valid positions (stages/lm.py); its loss means and
 metrics are per token. AdamW with linear warmup then cosine decay, stepped per batch.
-The student never sees the teacher: only the cache's manifest and shards are read.
+With a cache the student never sees the teacher: only the cache's manifest and shards are read.
 
 Resume: after every epoch rank 0 writes ``checkpoint-{epoch}.pt`` (model, projector, optimizer,
 scheduler, RNG states). The loader position saved is the epoch boundary, so a run killed mid-epoch
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdcache.stages import checkpoint, lm, losses
-from kdcache.stages.config import EXECUTION, TrainConfig
+from kdcache.stages.config import EXECUTION, TrainConfig, default_temperature
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.evaluate import (
     AgreementSet,
@@ -43,9 +44,11 @@ from kdcache.stages.evaluate import (
 from kdcache.stages.hooks import FeatureTap
 from kdcache.stages.loader import JoinedStream, LabelStream, check_data
 from kdcache.stages.metrics import epoch_line, run_totals, summarise
+from kdcache.stages.online import OnlineTeacher
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 from kdcache.storage.manifest import diff
+from kdcache.storage.options import options_of
 from kdcache.storage.reader import CacheReader
 
 log = logging.getLogger("kdcache.train")
@@ -81,20 +84,30 @@ def schedule(total: int, warmup: float):
     return factor
 
 
+DEFAULTS = {o.name: o.default for o in options_of(TrainConfig)}
+
+
 def _settings_diff(old: dict, new: dict) -> list[str]:
+    # A setting added after `old` was recorded counts at its default: old runs stay finished.
+    old = {k: DEFAULTS[k] for k in new if k not in old and k in DEFAULTS} | old
     keep = lambda d: {k: v for k, v in d.items() if k not in EXECUTION}  # noqa: E731
     return diff(keep(old), keep(new))
 
 
-def _probe(student, data, tap, device, task) -> tuple[int, int | None]:
+def _probe(model, data, tap, device, task, what="--student") -> tuple[int, int | None]:
     """(output width, pooled feature width) from a two-row forward, in eval mode (BN untouched);
-    a causal-lm student's width is its vocabulary."""
+    a causal-lm model's width is its vocabulary."""
     x = lm.inputs(data, np.arange(min(2, len(data))), task)
-    student.eval()
+    model.eval()
     with torch.no_grad():
-        z = lm.logits(student, to_device(x, device), task)
+        z = lm.logits(model, to_device(x, device), task)
     if z.dim() == 1:
         z = z[:, None]
+    if task != lm.TASK and z.dim() > 2:
+        raise UsageError(
+            f"{what} outputs logits of shape {tuple(z.shape)}, not one row per sample: "
+            "for a language model pass --task causal-lm"
+        )
     dim = None if tap is None or tap.value is None else int(tap.value[0].numel())
     return int(z.shape[-1] if task == lm.TASK else z.shape[1]), dim
 
@@ -102,14 +115,14 @@ def _probe(student, data, tap, device, task) -> tuple[int, int | None]:
 def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
     """The settings a run records (cfg with the cache's defaults), after the checks that need the
     cache but neither the data nor the student."""
-    if reader and cfg.temperature is None:
-        cfg.temperature = reader.temperature
     if reader and cfg.task not in (None, reader.task):
         raise UsageError(
             f"--task {cfg.task} but the cache {reader.url} holds a {reader.task} teacher: "
             "drop --task (a cache's task is the store's)"
         )
     cfg.task = reader.task if reader else cfg.task or "classification"
+    if cfg.temperature is None and (reader or cfg.online):
+        cfg.temperature = reader.temperature if reader else default_temperature(cfg.task)
     if reader and cfg.beta > 0 and not reader.has_features:
         raise UsageError(
             f"--beta {cfg.beta} needs teacher features but the cache {reader.url} stores none: "
@@ -137,13 +150,16 @@ class Trainer:
     """One student's run: built (and checked) once, then setup -> train -> cleanup.
 
     It is given what the pipeline built: the process group `dist`, the `device`, the cache's
-    reader (or None), the run folder, the data sets and the freshly seeded student. Building it
+    reader (or None), the run folder, the data sets, the freshly seeded student and, for online
+    KD, the teacher as (model, identity). Building it
     makes every check those allow (eval labels, data fingerprint, output width, feature layer),
     so a list of students fails on a bad one before the first of them trains. Use it as a context
     manager: leaving it removes the feature hook and closes TensorBoard.
     """
 
-    def __init__(self, cfg, dist, device, reader, folder, data, eval_data, student: nn.Module):
+    def __init__(
+        self, cfg, dist, device, reader, folder, data, eval_data, student: nn.Module, teacher=None
+    ):
         self.cfg, self.dist, self.device, self.reader, self.folder = (
             cfg,
             dist,
@@ -156,12 +172,12 @@ class Trainer:
         self.task = cfg.task
         self.cleanup_stack = contextlib.ExitStack()
         try:
-            self._build(student)
+            self._build(student, teacher)
         except BaseException:
             self.cleanup()
             raise
 
-    def _build(self, student: nn.Module) -> None:
+    def _build(self, student: nn.Module, teacher: tuple | None) -> None:
         cfg, r = self.cfg, self.reader
         if self.eval_data is not None and self.task == "classification":
             has_labels(self.eval_data)
@@ -177,6 +193,15 @@ class Trainer:
                 f"--student {cfg.student} outputs {width} values per sample but the cache has "
                 f"{r.num_classes} classes: pass --student-arg num_classes={r.num_classes} or so"
             )
+        self.online = None
+        if teacher is not None:
+            self.online = OnlineTeacher(*teacher, self.task)
+            tw, _ = _probe(teacher[0], self.data, None, torch.device("cpu"), self.task, "--teacher")
+            if tw != width:
+                raise UsageError(
+                    f"--teacher {cfg.teacher} outputs {tw} values per sample but --student "
+                    f"{cfg.student} {width}: give the student the teacher's classes (vocabulary)"
+                )
         self.student = student
         self.num_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
         projector: nn.Module = nn.Identity()
@@ -210,11 +235,16 @@ class Trainer:
                 r, self.data, cfg.batch_size, ignore_fingerprint=cfg.ignore_fingerprint, **common
             )
         else:
-            self.stream = LabelStream(self.data, cfg.batch_size, task=self.task, **common)
+            # Online KD sees every row, as a cache's student does; hard labels only the labeled.
+            self.stream = LabelStream(
+                self.data, cfg.batch_size, task=self.task, every_row=cfg.online, **common
+            )
         checkpoint.set_rng_state(self.rng)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
         self.model.to(self.device).train()
+        if self.online:
+            self.online.place(self.device, cfg.precision)
         self.ddp = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -245,9 +275,11 @@ class Trainer:
         if r:
             stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
             soft = r.codec.soft_loss(z, stored, r.temperature, cfg.temperature)
+        elif self.online:
+            soft = self.online.soft_loss(z, to_device(batch["input"], dev), cfg.temperature)
         if proj is not None:
             feat = losses.feature_loss(proj, to_device(batch["features"], dev))
-        if not r:
+        if not (r or self.online):
             total = hard
         elif self.task == "regression":
             total = soft + cfg.beta * feat
@@ -307,10 +339,14 @@ class Trainer:
         sums = reduce_sums(sums, self.dist.enabled).cpu()
         rows, tokens = int(sums[-2]), int(sums[-1])
         n = max(1.0, float(tokens or rows))
-        return {k: float(sums[i]) / n for i, k in enumerate(names)} | {
+        out = {k: float(sums[i]) / n for i, k in enumerate(names)} | {
             "rows": rows,
             "tokens": tokens,
         }
+        if self.online:
+            # This rank's forward time, as precompute records its own rank's.
+            out["teacher_seconds"] = self.online.take_seconds()
+        return out
 
     def evaluate(self) -> dict:
         cfg, world, rank, task = self.cfg, self.dist.world_size, self.dist.rank, self.task
@@ -370,6 +406,11 @@ class Trainer:
             "epochs": rows[-1]["epoch"],
             "wall_seconds": wall,
             **run_totals(rows),
+            # What the cache saves: the online teacher's forward time over all epochs.
+            "online_teacher": self.online.identity if self.online else None,
+            "teacher_seconds": (
+                sum(row["teacher_seconds"] for row in rows) if self.online else None
+            ),
         }
 
     # ----------------------------------------------------------------- the run

@@ -248,6 +248,24 @@ def test_ddp_training_writes_on_rank_0_only_and_resumes_after_sigterm(tmp_path):
     assert any("summary.json" in w for w in writes["0"])
 
 
+def test_ddp_online_kd_runs_a_teacher_per_rank(tmp_path):
+    """Online KD under two DDP ranks: each rank runs its own copy of the teacher (not wrapped in
+    DDP: only the student trains); rank 0 records its forward time."""
+    out = tmp_path / "student"
+    args = [
+        "train", "--teacher", TEACHER, "--student", TEACHER, "--student-arg", "seed=5",
+        "--data", DATA, "--data-arg", f"n={N}", "--batch-size", "10", "--epochs", "2",
+        "--device", "cpu", "--out", out, "--log-json",
+    ]  # fmt: skip
+    res = run_proc(torchrun(2, *args))
+    assert res.returncode == 0, res.stderr[-3000:]
+    [report] = [json.loads(line) for line in res.stdout.splitlines()]
+    assert report["status"] == "done" and report["final"]["epoch"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_seconds"] > 0 and summary["online_teacher"]["spec"] == TEACHER
+    assert summary["settings"]["temperature"] == 4.0 and summary["cache"] is None
+
+
 MNIST = "kdcache.pipeline.examples.mnist1d:MNIST1D"
 STUDENT = "kdcache.pipeline.examples.models:StudentCNN"
 # 2 ranks x 64 rows per step = the 128 rows of the single process: same global batch, same steps.
