@@ -50,11 +50,12 @@ def _check(cfg: ReportConfig) -> None:
     cfg.out = cfg.out or f"{root}/report.md"
     cfg.teacher = cfg.teacher or f"{root}/teacher"
     cfg.students = cfg.students or f"{root}/students"
-    if not open_location(cfg.students).is_dir():
+    cfg.lm = cfg.lm or f"{root}/lm"
+    if not open_location(cfg.students).is_dir() and not open_location(cfg.lm).is_dir():
         raise UsageError(f"--students {cfg.students}: no such folder; train students first")
 
 
-def _load_run(folder: RunFolder) -> dict | None:
+def load_run(folder: RunFolder) -> dict | None:
     """summary.json (+ parsed metrics.csv) of a finished run, None when it has not finished."""
     summary = folder.summary()
     if summary is None:
@@ -62,6 +63,17 @@ def _load_run(folder: RunFolder) -> dict | None:
     summary["_rows"], summary["_folder"] = folder.rows(), folder.url
     summary["_finished_at"] = folder.finished_at()
     return summary
+
+
+def load_runs(url: str) -> tuple[list[dict], list[str]]:
+    """(the finished runs in the folders under `url`, in training order; the unfinished names).
+    Training order (summary.json is written last), so a table follows the job file."""
+    parent = open_location(url)
+    names = [n for n in parent.listdir() if parent.is_dir(n)] if parent.is_dir() else []
+    runs = [(n, load_run(RunFolder(f"{parent.url.rstrip('/')}/{n}"))) for n in names]
+    finished = [s for _, s in runs if s is not None]
+    finished.sort(key=lambda s: (s["_finished_at"], s["name"]))
+    return finished, [n for n, s in runs if s is None]
 
 
 def _kind(s: dict) -> str:
@@ -113,8 +125,9 @@ def _predictions(model, data) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def _agreements(teacher: dict, students: list[dict], build) -> None:
-    """Fill each student's `agreement`: share of eval rows where its top-1 is the teacher's."""
+def agreements(teacher: dict, students: list[dict], build, predictions=_predictions) -> None:
+    """Fill each student's `agreement`: the share of its eval data's predictions (rows, or tokens
+    with the LM's `predictions`) where its top-1 is the teacher's."""
     t_model = build.student(teacher["folder"])
     cached: dict[str, tuple] = {}
     for e in students:
@@ -124,10 +137,10 @@ def _agreements(teacher: dict, students: list[dict], build) -> None:
         key = json.dumps([spec, args], sort_keys=True)
         if key not in cached:
             data = build.dataset(spec, args)
-            cached[key] = (data, _predictions(t_model, data))
+            cached[key] = (data, predictions(t_model, data))
         data, t_pred = cached[key]
         s_model = build.student(e["folder"])
-        e["agreement"] = float((_predictions(s_model, data) == t_pred).mean())
+        e["agreement"] = float((predictions(s_model, data) == t_pred).mean())
 
 
 def _cache_info(url: str, students: list[dict]) -> dict:
@@ -205,33 +218,34 @@ def _headline(report: dict) -> dict:
 
 def collect(cfg: ReportConfig, build) -> dict:
     """The report as a dict (what report.json holds)."""
+    from kdcache.stages.report_lm import collect_lm
+
     _check(cfg)
-    teacher_run = _load_run(RunFolder(cfg.teacher))
-    parent = open_location(cfg.students)
-    names = [n for n in parent.listdir() if parent.is_dir(n)]
-    runs = [(n, _load_run(RunFolder(f"{parent.url.rstrip('/')}/{n}"))) for n in names]
-    finished = [s for _, s in runs if s is not None]
-    if not finished:
+    lm = collect_lm(cfg, build)
+    finished, unfinished = load_runs(cfg.students)
+    if not finished and lm is None:
         raise UsageError(
             f"--students {cfg.students}: no finished student (no */summary.json); "
             "run `make students` (or rerun its `kdcache train` command to finish)"
         )
-    # Training order (summary.json is written last), so the table follows the job file.
-    finished.sort(key=lambda s: (s["_finished_at"], s["name"]))
     students = [_entry(s, "student") for s in finished]
+    # Without classifier students (the LM job alone) the classifier's teacher is not reported.
+    teacher_run = load_run(RunFolder(cfg.teacher)) if finished else None
     teacher = _entry(teacher_run, "teacher") if teacher_run else None
     if teacher and cfg.agreement:
-        _agreements(teacher, students, build)
+        agreements(teacher, students, build)
     caches = sorted({e["cache"] for e in students if e["cache"]})
     report = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": cfg.runs,
         "teacher": teacher,
         "students": students,
-        "unfinished": [n for n, s in runs if s is None],
+        "unfinished": unfinished,
         "caches": [_cache_info(url, students) for url in caches],
     }
     report.update(_headline(report))
+    if lm is not None:
+        report["lm"] = lm
     return report
 
 
@@ -247,14 +261,23 @@ def run(cfg: ReportConfig, build) -> dict:
     written = []
     if cfg.plots:
         try:
-            from kdcache.stages.report_plots import plot_bars, plot_curves
+            from kdcache.stages import report_plots as rp
         except ImportError as exc:
             log.warning("no plots: %s (pip install 'kdcache[report]' for matplotlib)", exc)
         else:
-            for png, plot in zip(PLOTS, (plot_curves, plot_bars), strict=True):
-                loc.write_bytes(plot(report), png)
-                written.append(png)
-    report["plots"] = list(written)
+            jobs = [(report, PLOTS, (rp.plot_curves, rp.plot_bars))] if report["students"] else []
+            if "lm" in report:
+                jobs.append(
+                    (report["lm"], rp.LM_PLOTS, (rp.plot_lm_loss_vs_bytes, rp.plot_lm_curves))
+                )
+            for part, names, plots in jobs:
+                for png, plot in zip(names, plots, strict=True):
+                    loc.write_bytes(plot(part), png)
+                    written.append(png)
+    # Each section lists its own plots: report.md shows the LM ones in the LM section.
+    report["plots"] = [p for p in written if p in PLOTS]
+    if "lm" in report:
+        report["lm"]["plots"] = [p for p in written if p not in PLOTS]
     json_name = os.path.splitext(name)[0] + ".json"
     loc.write_bytes((json.dumps(report, indent=2) + "\n").encode(), json_name)
     loc.write_bytes(markdown(report).encode(), name)
