@@ -97,7 +97,7 @@ def _cache_info(url: str, users: list[dict], online: dict | None) -> dict:
         codec=codec.name,
         codec_label=codec.label(),
         # What a plot can print beside a point: the codec and its size option (N or k).
-        short_label=codec.name + (f" {first}={codec.settings.get(first)}" if first else ""),
+        short_label=codec.name + (f" ({first}={codec.settings.get(first)})" if first else ""),
         codec_error=codec.error_text(stats),
         **codec.describe(stats),
         soft_labels=r.manifest.get("soft_labels"),

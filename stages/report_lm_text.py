@@ -51,8 +51,13 @@ def students_table(lm: dict) -> str:
             _num(e["epochs"]),
             _seconds(e["train_seconds"]),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return "\n".join(lines)
+
+
+def _row(cells: list[str]) -> str:
+    # A codec's words may hold "|" (KL(p || q)): escaped, or it would split the cell.
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 def caches_table(lm: dict) -> str:
@@ -63,7 +68,7 @@ def caches_table(lm: dict) -> str:
     lines = [head, "|" + "---|" * 9]
     for c in lm["caches"]:
         if "error" in c:
-            lines.append(f"| `{c['url']}` | could not open it: {c['error']} |" + " |" * 7)
+            lines.append(_row([f"`{c['url']}`", f"could not open it: {c['error']}"] + ["-"] * 7))
             continue
         cells = [
             f"`{c['url']}`",
@@ -76,7 +81,7 @@ def caches_table(lm: dict) -> str:
             _seconds(c["online_measured_seconds"]),
             _seconds(c["saved_seconds"]),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return "\n".join(lines)
 
 

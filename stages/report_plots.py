@@ -10,11 +10,12 @@ import io
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 COLORS = {"hard labels": "#7f7f7f", "KD": "#1f77b4", "KD + features": "#2ca02c"}
 TEACHER = "#d62728"
 LM_PLOTS = ("lm_loss_vs_bytes.png", "lm_loss_curves.png")
-LM_LINES = {"teacher online": "#1f77b4", "hard labels": "#7f7f7f"}
+LM_LINES = {"teacher online": "#9467bd", "hard labels": "#7f7f7f"}
 
 
 def _png(fig: Figure) -> bytes:
@@ -148,6 +149,9 @@ def plot_lm_loss_vs_bytes(lm: dict) -> bytes:
                 label=f"{e['name']} ({e['taught']}): {e['eval_loss']:.3f}",
             )
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 40 rather than 2 x 10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     if points:  # room for the labels right of the last point
         sizes = [e["bytes_per_token"] for e in points]
         ax.set_xlim(min(sizes) / 1.5, max(sizes) * 3)

@@ -5,6 +5,7 @@ student whose summary.json is written by hand (the online trainer lives on anoth
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import matplotlib.image
@@ -78,6 +79,7 @@ def lm_job(tmp_path_factory):
     }
     summary["teacher_seconds"] = ONLINE_TEACHER_SECONDS
     summary["final"]["eval_loss"] -= 0.01
+    summary["final"]["eval_perplexity"] = math.exp(summary["final"]["eval_loss"])
     (students / "online" / "summary.json").write_text(json.dumps(summary))
     return root
 
@@ -128,6 +130,7 @@ def test_students_table_matches_the_runs(lm_job):
         row = next(line for line in rows if line.startswith(f"| {e['name']} |"))
         assert f"{e['eval_loss']:.4f}" in row and f"{e['eval_perplexity']:.2f}" in row
     assert "teacher online (tests.toy_models:ToyCausalLM)" in md
+    assert "KL(teacher \\|\\| top-k + residual)" in md  # a "|" inside a cell is escaped
     assert "| hard |" in result.output and "Sampled-cache student sampled" in result.output
 
 
@@ -228,3 +231,22 @@ def test_one_report_for_both_jobs(job, lm_job, tmp_path):  # noqa: F811 - the im
     assert result.exit_code == 0, result.output
     assert "lm" not in json.loads((root / "report.json").read_text())
     assert "Language model" not in (root / "report.md").read_text()
+
+
+def test_a_moved_cache_is_reported_not_fatal(lm_job, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(lm_job, root)
+    path = root / "lm" / "students" / "topk" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["cache"] = str(tmp_path / "moved")
+    path.write_text(json.dumps(summary))
+    result = CliRunner().invoke(main, ["report", "--runs", str(root), "--no-agreement"])
+    assert result.exit_code == 0, result.output
+    lm = json.loads((root / "report.json").read_text())["lm"]
+    topk = lm["caches"][1]
+    assert topk["students"] == ["topk"] and "FormatError" in topk["error"]
+    # Its student has no bytes/token, so there is no top-k student to match the sampled one.
+    assert lm["headline"]["matched_topk_student"] is None
+    assert lm["headline"]["targets"]["sampled better than matched topk"] is None
+    md = (root / "report.md").read_text()
+    assert "could not open it" in md and "no topk student to compare with" in md
