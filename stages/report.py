@@ -3,7 +3,11 @@
 `run` reads finished `kdcache train` folders (RUNS/teacher and RUNS/students/*: summary.json and
 metrics.csv, on any fsspec URL) plus the store the students trained from, and writes report.md,
 report.json and two PNGs beside `out`. The models and data sets it needs for agreement come from
-`build`, which the pipeline supplies: `build.student(folder_url)` and `build.dataset(spec, args)`. Accuracy is each run's *final* epoch on its --eval-data, not its best epoch:
+`build`, which the pipeline supplies: `build.student(folder_url)` and `build.dataset(spec, args)`.
+When the language-model job's runs exist (`--lm`, default RUNS/lm), the same files gain its section
+(stages/report_lm.py: report.json's `lm`, two more PNGs); either job alone makes a report.
+
+Accuracy is each run's *final* epoch on its --eval-data, not its best epoch:
 picking the best epoch on the test set would flatter every model. Teacher agreement is recomputed
 here on that same eval data (student top-1 == teacher top-1), because the trainer's own figure is
 measured on the first cached rows, most of which are the teacher's training rows.
@@ -25,12 +29,8 @@ import logging
 import os
 import time
 
-import numpy as np
-import torch
-
 from kdcache.stages.config import ReportConfig
-from kdcache.stages.evaluate import dataset_batches
-from kdcache.stages.hooks import logits_of
+from kdcache.stages.report_runs import agreements, load_run, load_runs
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
@@ -53,27 +53,6 @@ def _check(cfg: ReportConfig) -> None:
     cfg.lm = cfg.lm or f"{root}/lm"
     if not open_location(cfg.students).is_dir() and not open_location(cfg.lm).is_dir():
         raise UsageError(f"--students {cfg.students}: no such folder; train students first")
-
-
-def load_run(folder: RunFolder) -> dict | None:
-    """summary.json (+ parsed metrics.csv) of a finished run, None when it has not finished."""
-    summary = folder.summary()
-    if summary is None:
-        return None
-    summary["_rows"], summary["_folder"] = folder.rows(), folder.url
-    summary["_finished_at"] = folder.finished_at()
-    return summary
-
-
-def load_runs(url: str) -> tuple[list[dict], list[str]]:
-    """(the finished runs in the folders under `url`, in training order; the unfinished names).
-    Training order (summary.json is written last), so a table follows the job file."""
-    parent = open_location(url)
-    names = [n for n in parent.listdir() if parent.is_dir(n)] if parent.is_dir() else []
-    runs = [(n, load_run(RunFolder(f"{parent.url.rstrip('/')}/{n}"))) for n in names]
-    finished = [s for _, s in runs if s is not None]
-    finished.sort(key=lambda s: (s["_finished_at"], s["name"]))
-    return finished, [n for n, s in runs if s is None]
 
 
 def _kind(s: dict) -> str:
@@ -116,31 +95,6 @@ def _entry(s: dict, role: str) -> dict:
         ],
         "folder": s["_folder"],
     }
-
-
-@torch.no_grad()
-def _predictions(model, data) -> np.ndarray:
-    model.eval()
-    out = [logits_of(model(x)).argmax(-1) for x, _ in dataset_batches(data, 1024)]
-    return torch.cat(out).numpy()
-
-
-def agreements(teacher: dict, students: list[dict], build, predictions=_predictions) -> None:
-    """Fill each student's `agreement`: the share of its eval data's predictions (rows, or tokens
-    with the LM's `predictions`) where its top-1 is the teacher's."""
-    t_model = build.student(teacher["folder"])
-    cached: dict[str, tuple] = {}
-    for e in students:
-        spec, args = e["eval_data"]
-        if not spec:
-            continue
-        key = json.dumps([spec, args], sort_keys=True)
-        if key not in cached:
-            data = build.dataset(spec, args)
-            cached[key] = (data, predictions(t_model, data))
-        data, t_pred = cached[key]
-        s_model = build.student(e["folder"])
-        e["agreement"] = float((predictions(s_model, data) == t_pred).mean())
 
 
 def _cache_info(url: str, students: list[dict]) -> dict:

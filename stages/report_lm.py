@@ -23,7 +23,7 @@ import torch
 
 from kdcache.stages import lm
 from kdcache.stages.evaluate import dataset_batches
-from kdcache.stages.report import agreements, load_run, load_runs
+from kdcache.stages.report_runs import agreements, load_run, load_runs
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
