@@ -237,6 +237,7 @@ class ReportConfig:
         # Either job alone makes a report: the classifier job's students or the LM job's runs.
         if not Path(self.students).is_dir() and not Path(self.lm).is_dir():
             raise UsageError(
-                f"--students {self.students}: no such folder; train students first "
+                f"--students {self.students}: no such folder (nor --lm {self.lm}); "
+                "train students first "
                 "(`make students` or `kdcache train --config ... --out FOLDER`)"
             )

@@ -52,7 +52,9 @@ def _check(cfg: ReportConfig) -> None:
     cfg.students = cfg.students or f"{root}/students"
     cfg.lm = cfg.lm or f"{root}/lm"
     if not open_location(cfg.students).is_dir() and not open_location(cfg.lm).is_dir():
-        raise UsageError(f"--students {cfg.students}: no such folder; train students first")
+        raise UsageError(
+            f"--students {cfg.students}: no such folder (nor --lm {cfg.lm}); train students first"
+        )
 
 
 def _kind(s: dict) -> str:
@@ -177,9 +179,11 @@ def collect(cfg: ReportConfig, build) -> dict:
     _check(cfg)
     lm = collect_lm(cfg, build)
     finished, unfinished = load_runs(cfg.students)
-    if not finished and lm is None:
+    if not finished and not (lm and lm["students"]):
         raise UsageError(
-            f"--students {cfg.students}: no finished student (no */summary.json); "
+            f"--students {cfg.students}: no finished student (no */summary.json"
+            + (f", nor in {cfg.lm}/students" if lm else "")
+            + "); "
             "run `make students` (or rerun its `kdcache train` command to finish)"
         )
     students = [_entry(s, "student") for s in finished]

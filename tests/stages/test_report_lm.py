@@ -250,3 +250,12 @@ def test_a_moved_cache_is_reported_not_fatal(lm_job, tmp_path):
     assert lm["headline"]["targets"]["sampled better than matched topk"] is None
     md = (root / "report.md").read_text()
     assert "could not open it" in md and "no topk student to compare with" in md
+
+
+def test_no_finished_student_in_either_job_is_a_usage_error(tmp_path):
+    (tmp_path / "lm" / "students" / "half-done").mkdir(parents=True)
+    result = CliRunner().invoke(main, ["report", "--runs", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no finished student" in result.output and f"{tmp_path}/lm/students" in result.output
+    result = CliRunner().invoke(main, ["report", "--runs", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "nor --lm" in result.output
