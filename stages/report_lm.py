@@ -29,8 +29,10 @@ from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
 
 HARD, CACHE, ONLINE = "hard labels", "cache", "teacher online"
-# Targets of the issue, reported whatever they turn out to be (nats/token).
+# Targets of the issue, reported whatever they turn out to be (nats/token). They name two codecs:
+# the headline is the one place here that picks students by codec (tables and plots never do).
 NEAR_ONLINE, OVER_HARD = 0.02, 0.05
+SAMPLED, TOPK = "sampled", "topk"
 
 
 @torch.no_grad()
@@ -133,8 +135,8 @@ def headline(students: list[dict]) -> dict:
     cached = [e for e in scored if e["taught"] == CACHE]
     pick = lambda rows: min(rows, key=lambda e: e["eval_loss"]) if rows else None  # noqa: E731
     first = lambda taught: next((e for e in scored if e["taught"] == taught), None)  # noqa: E731
-    sampled = pick([e for e in cached if e.get("codec") == "sampled"])
-    topk = [e for e in cached if e.get("codec") == "topk" and e.get("bytes_per_token")]
+    sampled = pick([e for e in cached if e.get("codec") == SAMPLED])
+    topk = [e for e in cached if e.get("codec") == TOPK and e.get("bytes_per_token")]
     matched = None
     if sampled and sampled.get("bytes_per_token") and topk:
         size = sampled["bytes_per_token"]
