@@ -22,18 +22,30 @@ from kdcache.stages.config import ReportConfig
 def report(**options) -> None:
     """Write report.md, report.json and accuracy plots for a finished job."""
     from kdcache.pipeline.jobs import report as run
+    from kdcache.stages import report_lm_text as lm_text
     from kdcache.stages.report import ReportConfig
     from kdcache.stages.report_text import headline, table
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     cfg = build_config(ReportConfig, None, options)
     result = run(cfg)
+    lm = result.get("lm")
     if options.get("log_json"):
         keys = ("baseline", "baseline_accuracy", "best_student", "best_accuracy", "gain_points")
-        emit(True, "report written", written=result["written"], **{k: result[k] for k in keys})
+        extra = {"lm": lm["headline"]} if lm else {}
+        emit(
+            True,
+            "report written",
+            written=result["written"],
+            **{k: result[k] for k in keys},
+            **extra,
+        )
         return
-    if not options.get("quiet"):
-        click.echo(table(result).replace("**", ""))
-        click.echo()
-    click.echo(headline(result).replace("**", ""))  # markdown bold is noise on a terminal
+    parts = [(table(result), headline(result))] if result["students"] else []
+    parts += [(lm_text.students_table(lm), lm_text.headline(lm))] if lm else []
+    for tab, line in parts:
+        if not options.get("quiet"):
+            click.echo(tab.replace("**", ""))
+            click.echo()
+        click.echo(line.replace("**", ""))  # markdown bold is noise on a terminal
     click.echo("wrote " + ", ".join(result["written"]))

@@ -246,6 +246,11 @@ class ReportConfig:
     students: str | None = option(
         None, "Folder with one folder per student (default RUNS/students)."
     )
+    lm: str | None = option(
+        None,
+        "The language-model job's runs: teacher/ and students/ (default RUNS/lm; skipped when "
+        "absent).",
+    )
     plots: bool = option(True, "Skip the PNGs (no matplotlib needed).", flag_name="--no-plots")
     # Recomputing teacher agreement on the eval data loads the models.
     agreement: bool = option(
@@ -258,8 +263,11 @@ class ReportConfig:
         self.out = self.out or str(root / "report.md")
         self.teacher = self.teacher or str(root / "teacher")
         self.students = self.students or str(root / "students")
-        if not Path(self.students).is_dir():
+        self.lm = self.lm or str(root / "lm")
+        # Either job alone makes a report: the classifier job's students or the LM job's runs.
+        if not Path(self.students).is_dir() and not Path(self.lm).is_dir():
             raise UsageError(
-                f"--students {self.students}: no such folder; train students first "
+                f"--students {self.students}: no such folder (nor --lm {self.lm}); "
+                "train students first "
                 "(`make students` or `kdcache train --config ... --out FOLDER`)"
             )

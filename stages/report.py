@@ -3,7 +3,11 @@
 `run` reads finished `kdcache train` folders (RUNS/teacher and RUNS/students/*: summary.json and
 metrics.csv, on any fsspec URL) plus the store the students trained from, and writes report.md,
 report.json and two PNGs beside `out`. The models and data sets it needs for agreement come from
-`build`, which the pipeline supplies: `build.student(folder_url)` and `build.dataset(spec, args)`. Accuracy is each run's *final* epoch on its --eval-data, not its best epoch:
+`build`, which the pipeline supplies: `build.student(folder_url)` and `build.dataset(spec, args)`.
+When the language-model job's runs exist (`--lm`, default RUNS/lm), the same files gain its section
+(stages/report_lm.py: report.json's `lm`, two more PNGs); either job alone makes a report.
+
+Accuracy is each run's *final* epoch on its --eval-data, not its best epoch:
 picking the best epoch on the test set would flatter every model. Teacher agreement is recomputed
 here on that same eval data (student top-1 == teacher top-1), because the trainer's own figure is
 measured on the first cached rows, most of which are the teacher's training rows.
@@ -25,12 +29,8 @@ import logging
 import os
 import time
 
-import numpy as np
-import torch
-
 from kdcache.stages.config import ReportConfig
-from kdcache.stages.evaluate import dataset_batches
-from kdcache.stages.hooks import logits_of
+from kdcache.stages.report_runs import agreements, load_run, load_runs
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
@@ -50,18 +50,11 @@ def _check(cfg: ReportConfig) -> None:
     cfg.out = cfg.out or f"{root}/report.md"
     cfg.teacher = cfg.teacher or f"{root}/teacher"
     cfg.students = cfg.students or f"{root}/students"
-    if not open_location(cfg.students).is_dir():
-        raise UsageError(f"--students {cfg.students}: no such folder; train students first")
-
-
-def _load_run(folder: RunFolder) -> dict | None:
-    """summary.json (+ parsed metrics.csv) of a finished run, None when it has not finished."""
-    summary = folder.summary()
-    if summary is None:
-        return None
-    summary["_rows"], summary["_folder"] = folder.rows(), folder.url
-    summary["_finished_at"] = folder.finished_at()
-    return summary
+    cfg.lm = cfg.lm or f"{root}/lm"
+    if not open_location(cfg.students).is_dir() and not open_location(cfg.lm).is_dir():
+        raise UsageError(
+            f"--students {cfg.students}: no such folder (nor --lm {cfg.lm}); train students first"
+        )
 
 
 def _kind(s: dict) -> str:
@@ -104,30 +97,6 @@ def _entry(s: dict, role: str) -> dict:
         ],
         "folder": s["_folder"],
     }
-
-
-@torch.no_grad()
-def _predictions(model, data) -> np.ndarray:
-    model.eval()
-    out = [logits_of(model(x)).argmax(-1) for x, _ in dataset_batches(data, 1024)]
-    return torch.cat(out).numpy()
-
-
-def _agreements(teacher: dict, students: list[dict], build) -> None:
-    """Fill each student's `agreement`: share of eval rows where its top-1 is the teacher's."""
-    t_model = build.student(teacher["folder"])
-    cached: dict[str, tuple] = {}
-    for e in students:
-        spec, args = e["eval_data"]
-        if not spec:
-            continue
-        key = json.dumps([spec, args], sort_keys=True)
-        if key not in cached:
-            data = build.dataset(spec, args)
-            cached[key] = (data, _predictions(t_model, data))
-        data, t_pred = cached[key]
-        s_model = build.student(e["folder"])
-        e["agreement"] = float((_predictions(s_model, data) == t_pred).mean())
 
 
 def _cache_info(url: str, students: list[dict]) -> dict:
@@ -205,33 +174,36 @@ def _headline(report: dict) -> dict:
 
 def collect(cfg: ReportConfig, build) -> dict:
     """The report as a dict (what report.json holds)."""
+    from kdcache.stages.report_lm import collect_lm
+
     _check(cfg)
-    teacher_run = _load_run(RunFolder(cfg.teacher))
-    parent = open_location(cfg.students)
-    names = [n for n in parent.listdir() if parent.is_dir(n)]
-    runs = [(n, _load_run(RunFolder(f"{parent.url.rstrip('/')}/{n}"))) for n in names]
-    finished = [s for _, s in runs if s is not None]
-    if not finished:
+    lm = collect_lm(cfg, build)
+    finished, unfinished = load_runs(cfg.students)
+    if not finished and not (lm and lm["students"]):
         raise UsageError(
-            f"--students {cfg.students}: no finished student (no */summary.json); "
+            f"--students {cfg.students}: no finished student (no */summary.json"
+            + (f", nor in {cfg.lm}/students" if lm else "")
+            + "); "
             "run `make students` (or rerun its `kdcache train` command to finish)"
         )
-    # Training order (summary.json is written last), so the table follows the job file.
-    finished.sort(key=lambda s: (s["_finished_at"], s["name"]))
     students = [_entry(s, "student") for s in finished]
+    # Without classifier students (the LM job alone) the classifier's teacher is not reported.
+    teacher_run = load_run(RunFolder(cfg.teacher)) if finished else None
     teacher = _entry(teacher_run, "teacher") if teacher_run else None
     if teacher and cfg.agreement:
-        _agreements(teacher, students, build)
+        agreements(teacher, students, build)
     caches = sorted({e["cache"] for e in students if e["cache"]})
     report = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": cfg.runs,
         "teacher": teacher,
         "students": students,
-        "unfinished": [n for n, s in runs if s is None],
+        "unfinished": unfinished,
         "caches": [_cache_info(url, students) for url in caches],
     }
     report.update(_headline(report))
+    if lm is not None:
+        report["lm"] = lm
     return report
 
 
@@ -247,14 +219,23 @@ def run(cfg: ReportConfig, build) -> dict:
     written = []
     if cfg.plots:
         try:
-            from kdcache.stages.report_plots import plot_bars, plot_curves
+            from kdcache.stages import report_plots as rp
         except ImportError as exc:
             log.warning("no plots: %s (pip install 'kdcache[report]' for matplotlib)", exc)
         else:
-            for png, plot in zip(PLOTS, (plot_curves, plot_bars), strict=True):
-                loc.write_bytes(plot(report), png)
-                written.append(png)
-    report["plots"] = list(written)
+            jobs = [(report, PLOTS, (rp.plot_curves, rp.plot_bars))] if report["students"] else []
+            if "lm" in report:
+                jobs.append(
+                    (report["lm"], rp.LM_PLOTS, (rp.plot_lm_loss_vs_bytes, rp.plot_lm_curves))
+                )
+            for part, names, plots in jobs:
+                for png, plot in zip(names, plots, strict=True):
+                    loc.write_bytes(plot(part), png)
+                    written.append(png)
+    # Each section lists its own plots: report.md shows the LM ones in the LM section.
+    report["plots"] = [p for p in written if p in PLOTS]
+    if "lm" in report:
+        report["lm"]["plots"] = [p for p in written if p not in PLOTS]
     json_name = os.path.splitext(name)[0] + ".json"
     loc.write_bytes((json.dumps(report, indent=2) + "\n").encode(), json_name)
     loc.write_bytes(markdown(report).encode(), name)

@@ -1,4 +1,4 @@
-"""The report's two PNGs, drawn with matplotlib's Agg canvas.
+"""The report's PNGs (two for the classifier job, two for the language-model job), drawn with matplotlib's Agg canvas.
 
 `Figure` + `FigureCanvasAgg` rather than pyplot: no global backend switch, no display needed, and
 nothing leaks into a caller that uses pyplot itself.
@@ -10,9 +10,12 @@ import io
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 COLORS = {"hard labels": "#7f7f7f", "KD": "#1f77b4", "KD + features": "#2ca02c"}
 TEACHER = "#d62728"
+LM_PLOTS = ("lm_loss_vs_bytes.png", "lm_loss_curves.png")
+LM_LINES = {"teacher online": "#9467bd", "hard labels": "#7f7f7f"}
 
 
 def _png(fig: Figure) -> bytes:
@@ -120,3 +123,70 @@ def _patch(color: str, label: str):
     from matplotlib.patches import Patch
 
     return Patch(color=color, label=label)
+
+
+def plot_lm_loss_vs_bytes(lm: dict) -> bytes:
+    """Validation loss against the cache's bytes/token, one point per cache student labelled with
+    its codec; the online-KD and hard-label students (no cache to size) as horizontal lines."""
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    points = [e for e in lm["students"] if e["bytes_per_token"] and e["eval_loss"] is not None]
+    ax.scatter([e["bytes_per_token"] for e in points], [e["eval_loss"] for e in points], zorder=3)
+    for e in points:
+        ax.annotate(
+            f"{e['name']}: {e['short_label']}",
+            (e["bytes_per_token"], e["eval_loss"]),
+            xytext=(5, 4),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    for e in lm["students"]:
+        if e["taught"] in LM_LINES and e["eval_loss"] is not None:
+            ax.axhline(
+                e["eval_loss"],
+                color=LM_LINES[e["taught"]],
+                linestyle="--",
+                label=f"{e['name']} ({e['taught']}): {e['eval_loss']:.3f}",
+            )
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 40 rather than 2 x 10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    if points:  # room for the labels right of the last point
+        sizes = [e["bytes_per_token"] for e in points]
+        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 3)
+    ax.set_xlabel("cache bytes per token (log scale)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Language-model students: validation loss against the cache's size")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_lm_curves(lm: dict) -> bytes:
+    """Validation loss per epoch, one line per language-model student."""
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for i, e in enumerate(lm["students"]):
+        if not e["curve"]:
+            continue
+        what = e["short_label"] if e["taught"] == "cache" else e["taught"]
+        ax.plot(
+            [c[0] for c in e["curve"]],
+            [c[1] for c in e["curve"]],
+            ["-", "--", "-.", ":"][i % 4],
+            color=LM_LINES.get(e["taught"]),
+            marker="o",
+            markersize=3,
+            label=f"{e['name']} ({what}): {e['curve'][-1][1]:.3f}",
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Language-model students: validation loss per epoch")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)

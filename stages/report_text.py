@@ -123,11 +123,21 @@ def _cache(c: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
+    from kdcache.stages.report_lm_text import lm_markdown
+
     lines = [
         "# kdcache report",
         "",
         f"Runs in `{report['runs']}`, generated {report['generated']}.",
-        "",
+    ]
+    lines += [""] + _classifier(report) if report["students"] else [""]
+    if "lm" in report:
+        lines += lm_markdown(report["lm"])
+    return "\n".join(lines)
+
+
+def _classifier(report: dict) -> list[str]:
+    lines = [
         headline(report),
         "",
         table(report),
@@ -146,4 +156,4 @@ def markdown(report: dict) -> str:
             lines += _cache(c)
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in report["plots"]] + [""]
-    return "\n".join(lines)
+    return lines

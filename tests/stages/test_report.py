@@ -88,6 +88,9 @@ def test_report_files_and_headline(job):
     for name in ("teacher", "hard", "kd", "feat", "(n - 1) * t", "accuracy_bars.png"):
         assert name in md
     assert "wrote" in result.output and "| hard |" in result.output
+    # No RUNS/lm: no language-model section, key or plot.
+    assert "lm" not in doc and "Language model" not in md
+    assert doc["plots"] == ["accuracy_curves.png", "accuracy_bars.png"]
     for png in ("accuracy_curves.png", "accuracy_bars.png"):
         image = matplotlib.image.imread(str(job / png))
         assert image.shape[0] > 300 and image.shape[1] > 500  # a real picture, not an empty file

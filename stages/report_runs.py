@@ -1,0 +1,61 @@
+"""What both parts of the report share: the finished `kdcache train` runs under a folder, and the
+students' top-1 agreement with their teacher recomputed on their eval data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from kdcache.stages.evaluate import dataset_batches
+from kdcache.stages.hooks import logits_of
+from kdcache.stages.run_folder import RunFolder
+from kdcache.storage.fsio import open_location
+
+
+def load_run(folder: RunFolder) -> dict | None:
+    """summary.json (+ parsed metrics.csv) of a finished run, None when it has not finished."""
+    summary = folder.summary()
+    if summary is None:
+        return None
+    summary["_rows"], summary["_folder"] = folder.rows(), folder.url
+    summary["_finished_at"] = folder.finished_at()
+    return summary
+
+
+def load_runs(url: str) -> tuple[list[dict], list[str]]:
+    """(the finished runs in the folders under `url`, in training order; the unfinished names).
+    Training order (summary.json is written last), so a table follows the job file."""
+    parent = open_location(url)
+    names = [n for n in parent.listdir() if parent.is_dir(n)] if parent.is_dir() else []
+    runs = [(n, load_run(RunFolder(f"{parent.url.rstrip('/')}/{n}"))) for n in names]
+    finished = [s for _, s in runs if s is not None]
+    finished.sort(key=lambda s: (s["_finished_at"], s["name"]))
+    return finished, [n for n, s in runs if s is None]
+
+
+@torch.no_grad()
+def row_predictions(model, data) -> np.ndarray:
+    """The model's top-1 class for every row of a classifier's data."""
+    model.eval()
+    out = [logits_of(model(x)).argmax(-1) for x, _ in dataset_batches(data, 1024)]
+    return torch.cat(out).numpy()
+
+
+def agreements(teacher: dict, students: list[dict], build, predictions=row_predictions) -> None:
+    """Fill each student's `agreement`: the share of its eval data's predictions (rows, or tokens
+    with the LM's `predictions`) where its top-1 is the teacher's."""
+    t_model = build.student(teacher["folder"])
+    cached: dict[str, tuple] = {}
+    for e in students:
+        spec, args = e["eval_data"]
+        if not spec:
+            continue
+        key = json.dumps([spec, args], sort_keys=True)
+        if key not in cached:
+            data = build.dataset(spec, args)
+            cached[key] = (data, predictions(t_model, data))
+        data, t_pred = cached[key]
+        s_model = build.student(e["folder"])
+        e["agreement"] = float((predictions(s_model, data) == t_pred).mean())
