@@ -15,14 +15,17 @@ def check_token_logits(z: torch.Tensor, ids: np.ndarray, mask: torch.Tensor) -> 
             f"the teacher returned shape {tuple(z.shape)} for input_ids of shape "
             f"{tuple(mask.shape)}; a causal LM must return logits of shape (batch, length, vocab)"
         )
-    bad = ~(torch.isfinite(z).all(-1) | ~mask.to(z.device).bool()).all(-1)
+    _refuse_non_finite(~(torch.isfinite(z).all(-1) | ~mask.to(z.device).bool()).all(-1), ids)
+    return z
+
+
+def _refuse_non_finite(bad: torch.Tensor, ids: np.ndarray) -> None:
     if bad.any():
         where = ids[bad.cpu().numpy()][:5].tolist()
         raise UsageError(
-            f"the teacher produced NaN/Inf logits for sample_id {where}: check the checkpoint, "
+            f"the teacher produced NaN/Inf outputs for sample_id {where}: check the checkpoint, "
             "the inputs, or use --precision fp32 (fp16 can overflow)"
         )
-    return z
 
 
 def check_logits(z: torch.Tensor, ids: np.ndarray, batch: int, task: str) -> torch.Tensor:
@@ -33,13 +36,7 @@ def check_logits(z: torch.Tensor, ids: np.ndarray, batch: int, task: str) -> tor
             f"the teacher returned shape {tuple(z.shape)} for a batch of {batch}; "
             "it must return logits of shape (batch, num_classes)"
         )
-    bad = ~torch.isfinite(z).all(dim=1)
-    if bad.any():
-        where = ids[bad.cpu().numpy()][:5].tolist()
-        raise UsageError(
-            f"the teacher produced NaN/Inf outputs for sample_id {where}: check the checkpoint, "
-            "the inputs, or use --precision fp32 (fp16 can overflow)"
-        )
+    _refuse_non_finite(~torch.isfinite(z).all(dim=1), ids)
     return z
 
 
