@@ -1,7 +1,8 @@
-# kdcache: the MNIST-1D job end to end, and the developer chores.  `make help` lists the targets.
+# kdcache: two jobs end to end (MNIST-1D, a language model), and the developer chores.
+# `make help` lists the targets.
 #
-#   make run    set up .venv, train the teacher, run it once into a cache, train the students
-#               from that cache, write runs/report.md          (the README's first command)
+#   make run    set up .venv; for each job train the teacher, run it once into caches, train the
+#               students from them; write runs/report.md       (the README's first command)
 #   make test   set up .venv and run the test suite            (the README's second command)
 #
 # Every stage is idempotent: a finished stage is skipped (teacher: its model.pt exists) or is a
@@ -153,7 +154,7 @@ students: precompute ## Stage two: every student in STUDENTS_CONFIG from CACHE, 
 	$(KDCACHE) train --config $(STUDENTS_CONFIG) --cache $(CACHE) --out $(RUNS)/students \
 		--device $(DEVICE) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
-report: students ## RUNS/report.md + report.json + accuracy_curves.png + accuracy_bars.png
+report: students ## RUNS/report.md + report.json + the plots of both jobs (an absent job is left out)
 	$(KDCACHE) report --runs $(RUNS) --out $(RUNS)/report.md
 
 # CI runs `make test`: every test, the slow MNIST-1D ones included (about 5.5 min on 2 cores).
