@@ -107,7 +107,7 @@ def test_a_value_out_of_its_declared_bounds_is_one_line(tmp_path, cli, command, 
 @pytest.mark.parametrize(
     ("toml", "needle"),
     [
-        ('pool = "max"', "--pool 'max': use one of avg, token-mean, cls, flatten"),
+        ('pool = "max"', "--pool 'max': use one of avg, token-mean, cls, last, flatten"),
         ('epochs = "many"', "--epochs 'many': must be a number (int)"),
         ("alpha = 1.5", "--alpha 1.5 must be in [0, 1]"),
         ("agree_rows = 0", "agree_rows 0 must be >= 1"),  # a file-only setting names its key
