@@ -30,11 +30,10 @@ import os
 import time
 
 from kdcache.stages.config import ReportConfig
-from kdcache.stages.report_runs import agreements, load_run, load_runs
+from kdcache.stages.report_runs import agreements, load_run, load_runs, model_fields, open_cache
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
-from kdcache.storage.reader import CacheReader
 
 log = logging.getLogger("kdcache.report")
 PLOTS = ("accuracy_curves.png", "accuracy_bars.png")
@@ -72,16 +71,11 @@ def _entry(s: dict, role: str) -> dict:
         "name": s["name"] if role == "student" else "teacher",
         "role": role,
         "kind": kind,
-        "model": s["student"].rsplit(":", 1)[-1],
-        "spec": s["student"],
-        "model_args": s.get("student_args") or {},
-        "num_params": s.get("num_params"),
+        **model_fields(s),
         "test_accuracy": s.get("test_accuracy"),
         "best_accuracy": best.get("eval_accuracy"),
         "best_epoch": best.get("epoch"),
         "eval_ece": s.get("final", {}).get("eval_ece"),
-        "agreement": None,
-        "cache_agreement": s.get("final", {}).get("agreement"),
         "temperature": st.get("temperature") if distilled else None,
         "alpha": st.get("alpha") if distilled else None,
         "beta": st.get("beta") if distilled else None,
@@ -101,11 +95,8 @@ def _entry(s: dict, role: str) -> dict:
 
 def _cache_info(url: str, students: list[dict]) -> dict:
     users = [e for e in students if e["cache"] == url and e["kind"] != "hard labels"]
-    info: dict = {"url": url, "students": [e["name"] for e in users]}
-    try:
-        r = CacheReader(url)
-    except Exception as exc:  # noqa: BLE001 - a moved or deleted cache still deserves a report
-        info["error"] = f"{type(exc).__name__}: {exc}"
+    info, r = open_cache(url, users)
+    if r is None:
         return info
     stats = r.manifest.get("stats", {})
     t = stats.get("teacher_seconds")

@@ -23,10 +23,9 @@ import torch
 
 from kdcache.stages import lm
 from kdcache.stages.evaluate import dataset_batches
-from kdcache.stages.report_runs import agreements, load_run, load_runs
+from kdcache.stages.report_runs import agreements, load_run, load_runs, model_fields, open_cache
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.fsio import open_location
-from kdcache.storage.reader import CacheReader
 
 HARD, CACHE, ONLINE = "hard labels", "cache", "teacher online"
 # Targets of the issue, reported whatever they turn out to be (nats/token). They name two codecs:
@@ -66,14 +65,9 @@ def _entry(s: dict, role: str) -> dict:
         "cache": s.get("cache") if taught == CACHE else None,
         "cache_fingerprint": s.get("cache_fingerprint"),
         "online_teacher": s.get("online_teacher"),
-        "model": s["student"].rsplit(":", 1)[-1],
-        "spec": s["student"],
-        "model_args": s.get("student_args") or {},
-        "num_params": s.get("num_params"),
+        **model_fields(s),
         "eval_loss": final.get("eval_loss"),
         "eval_perplexity": final.get("eval_perplexity"),
-        "agreement": None,
-        "cache_agreement": final.get("agreement"),
         "epochs": s.get("epochs"),
         "train_seconds": train if train is not None else s.get("wall_seconds"),
         "wall_seconds": s.get("wall_seconds"),
@@ -86,11 +80,8 @@ def _entry(s: dict, role: str) -> dict:
 
 
 def _cache_info(url: str, users: list[dict], online: dict | None) -> dict:
-    info: dict = {"url": url, "students": [e["name"] for e in users]}
-    try:
-        r = CacheReader(url)
-    except Exception as exc:  # noqa: BLE001 - a moved or deleted cache still deserves a report
-        info["error"] = f"{type(exc).__name__}: {exc}"
+    info, r = open_cache(url, users)
+    if r is None:
         return info
     stats, codec = r.manifest.get("stats", {}), r.codec
     t, epochs = stats.get("teacher_seconds"), sum(e["epochs"] or 0 for e in users)

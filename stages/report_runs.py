@@ -12,6 +12,30 @@ from kdcache.stages.evaluate import dataset_batches
 from kdcache.stages.hooks import logits_of
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.fsio import open_location
+from kdcache.storage.reader import CacheReader
+
+
+def model_fields(s: dict) -> dict:
+    """What every report entry says of a run's model, whichever job the run belongs to."""
+    return {
+        "model": s["student"].rsplit(":", 1)[-1],
+        "spec": s["student"],
+        "model_args": s.get("student_args") or {},
+        "num_params": s.get("num_params"),
+        "agreement": None,  # recomputed on the eval data when the models are loaded
+        "cache_agreement": s.get("final", {}).get("agreement"),
+    }
+
+
+def open_cache(url: str, users: list[dict]) -> tuple[dict, CacheReader | None]:
+    """A cache's report entry so far and its reader; a moved or deleted cache still deserves a
+    report, so it becomes an entry with its error instead of a failure."""
+    info: dict = {"url": url, "students": [e["name"] for e in users]}
+    try:
+        return info, CacheReader(url)
+    except Exception as exc:  # noqa: BLE001 - any reason the cache cannot be read is reported
+        info["error"] = f"{type(exc).__name__}: {exc}"
+        return info, None
 
 
 def load_run(folder: RunFolder) -> dict | None:
