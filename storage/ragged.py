@@ -49,8 +49,6 @@ class Parked:
     def gather(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch of row columns -> the same rows with their entries packed in row order."""
         pids = cols.pop(PIECE)
-        with self.lock:
-            stores = [self.pieces[p] for p in np.unique(pids).tolist()]
         for j, names in enumerate(self.groups):
             starts, lens = cols.pop(f"_g{j}_start"), cols.pop(f"_g{j}_len")
             # One index array per piece (rows of a piece are usually most of a batch): entry k of
@@ -59,7 +57,7 @@ class Parked:
             within = np.arange(int(lens.sum())) - np.repeat(first - starts, lens)
             owner = np.repeat(pids, lens)
             for name in names:
-                sample = stores[0][name]
+                sample = self.pieces_of(int(pids[0]))[name]
                 out = np.empty((len(within), *sample.shape[1:]), sample.dtype)
                 for p in np.unique(pids).tolist():
                     at = owner == p

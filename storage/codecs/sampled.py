@@ -45,7 +45,7 @@ def draw(p: torch.Tensor, n: int, g: torch.Generator) -> tuple:
 
 def mean_uniques(s: torch.Tensor, n: int, seed: int = 0) -> float:
     """Expected unique ids per token at n draws, measured on probe logits `s`."""
-    ids, _, per = draw(torch.softmax(s.float(), -1), n, torch.Generator().manual_seed(seed))
+    _, _, per = draw(torch.softmax(s.float(), -1), n, torch.Generator().manual_seed(seed))
     return float(per.double().mean())
 
 
