@@ -67,8 +67,9 @@ def precompute(**options) -> None:
         s = m["stats"]
         emit(
             log_json,
-            f"wrote {m['num_rows']} rows in {len(m['shards'])} shards to {cfg.out} "
-            f"in {result['seconds']:.1f}s ({s['bytes_per_sample']:.0f} bytes/sample"
+            f"wrote {m['num_rows']} rows{_views_text(m)} in {len(m['shards'])} shards to "
+            f"{cfg.out} in {result['seconds']:.1f}s ({s['bytes_per_sample']:.0f} bytes/"
+            + ("view" if m.get("views") else "sample")
             + (f", {s['bytes_per_token']:.1f} bytes/token)" if "tokens" in s else ")"),
             status="done",
             url=cfg.out,
@@ -76,6 +77,11 @@ def precompute(**options) -> None:
             resumed_shards=result.get("resumed", 0),
             **s,
         )
+
+
+def _views_text(m: dict) -> str:
+    v = m.get("views")
+    return f" ({m['num_rows'] // v['count']} samples x {v['count']} views)" if v else ""
 
 
 def _summary(reader: CacheReader) -> dict:
@@ -90,6 +96,11 @@ def _summary(reader: CacheReader) -> dict:
         "codec": reader.codec.name,
         "soft_labels": reader.codec.label(),
         **reader.codec.describe(s),
+        **(
+            {"views": v["count"], "augment": v["augment"], "augment_args": v["augment_args"]}
+            if (v := reader.views)
+            else {}
+        ),
         "temperature": reader.temperature,
         "num_classes": reader.num_classes,
         "logit_dtype": reader.soft["dtype"],

@@ -17,9 +17,11 @@ import torch
 from kdcache.pipeline.data import load_dataset
 from kdcache.pipeline.models import load_model
 from kdcache.pipeline.runtime import Dist, process_group, resolve_device
+from kdcache.pipeline.specs import augmentation
 from kdcache.stages import evaluate as evaluate_stage
 from kdcache.stages import precompute as precompute_stage
 from kdcache.stages import report as report_stage
+from kdcache.stages import views
 from kdcache.stages.run_folder import RunFolder
 from kdcache.stages.train import TrainConfig, Trainer, finished
 from kdcache.storage.errors import UsageError
@@ -36,7 +38,10 @@ def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
         model, teacher_id = load_model(
             cfg.teacher, cfg.teacher_args, cfg.checkpoint, cfg.storage_options
         )
-        return precompute_stage.run(cfg, model.to(device), teacher_id, ds, dist, device, started)
+        augment = augmentation(cfg.augment, cfg.augment_args)
+        return precompute_stage.run(
+            cfg, model.to(device), teacher_id, ds, dist, device, started, augment
+        )
 
 
 def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Trainer | dict:
@@ -69,7 +74,11 @@ def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Train
     # The student's initial weights are part of the run: seeded right before it is built.
     torch.manual_seed(cfg.seed)
     student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
-    return Trainer(cfg, dist, device, reader, folder, data, eval_data, student, teacher)
+    views.settle(cfg, reader)  # a cache of views names its augmentation
+    augment = augmentation(cfg.augment, cfg.augment_args)
+    return Trainer(
+        cfg, dist, device, reader, folder, data, eval_data, student, teacher, augment=augment
+    )
 
 
 def done_before(summary: dict) -> dict:

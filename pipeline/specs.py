@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -53,6 +54,19 @@ def build(spec: str, kwargs: dict, what: str = "spec") -> Any:
         return target(**kwargs)
     except TypeError as exc:
         raise UsageError(f"{what} {spec!r} rejected its arguments {kwargs}: {exc}") from None
+
+
+def augmentation(spec: str | None, kwargs: dict, what: str = "--augment"):
+    """The callable `augment(x, generator)` a spec names: a class is built with the kwargs
+    (its instances are called), a function gets them bound as keywords."""
+    if spec is None:
+        return None
+    target = resolve(spec, what)
+    if isinstance(target, type):
+        return build(spec, kwargs, what)
+    if not callable(target):
+        raise UsageError(f"{what} {spec!r} is a {type(target).__name__}, not a callable")
+    return functools.partial(target, **kwargs)
 
 
 def parse_value(text: str) -> Any:

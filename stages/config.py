@@ -21,6 +21,17 @@ TRAIN_TASKS = ("classification", "regression", "causal-lm")
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
 QUIET_HELP = "No progress bar or info logs."
 STORAGE_HELP = "k=v fsspec storage option (repeatable)."
+AUGMENT_HELP = "Augmentation spec package.module:attr, called as augment(x, generator)."
+AUGMENT_ARG_HELP = "k=v keyword for the augmentation (repeatable)."
+
+
+def check_augment(augment: str | None, args: dict, task: str | None, views: int = 1) -> None:
+    """What an augmentation needs of the other options, before anything is built."""
+    if augment is None and (views > 1 or args):
+        what = f"--views {views}" if views > 1 else "--augment-arg"
+        raise UsageError(f"{what} needs --augment SPEC (the seeded augmentation of each view)")
+    if augment is not None and task == "causal-lm":
+        raise UsageError("--augment: views of token blocks are not supported; drop --augment")
 
 
 def default_temperature(task: str) -> float:
@@ -69,6 +80,13 @@ class PrecomputeConfig:
         "Zarr codec for features (none: ~2x faster reads, ~12% larger).",
         choices=("none", "zstd"),
     )
+    # Augmented views (stages/views.py): V rows per sample, each the teacher on a seeded view.
+    views: int = option(
+        1, "Views per sample, each a seeded --augment of it (1: one row).", minimum=1
+    )
+    augment: str | None = option(None, AUGMENT_HELP)
+    augment_args: dict = option({}, AUGMENT_ARG_HELP, flag_name="--augment-arg")
+    seed: int = option(0, "Seed of the views' generators, with sample_id and view.", minimum=0)
     batch_size: int = option(256, "Teacher batch size.", minimum=1)
     shard_rows: int = option(65536, "Rows per shard.", minimum=1)
     num_workers: int = option(0, "DataLoader workers.", minimum=0, execution=True)
@@ -113,6 +131,7 @@ class PrecomputeConfig:
         self.codec_options = kind.configure(self.codec_options, self.task)
         if self.teacher is None and self.checkpoint is None:
             raise UsageError("--teacher SPEC (and/or --checkpoint FILE) is required")
+        check_augment(self.augment, self.augment_args, self.task, self.views)
 
 
 @dataclass(kw_only=True)
@@ -162,7 +181,14 @@ class TrainConfig:
     lr: float = option(1e-3, "Peak AdamW learning rate.", above=0)
     weight_decay: float = option(0.01, "AdamW weight decay.", minimum=0)
     warmup: float = option(0.05, "Warmup as a fraction of all steps.", minimum=0, below=1)
-    seed: int = option(0, "Seed of the student's init and the data order.")
+    seed: int = option(0, "Seed of the student's init, the data order and the views seen.")
+    # With a cache of views, the augmentation is the store's (a given one must match); otherwise
+    # it is applied on the fly, a fresh view per epoch the soft labels were not computed on.
+    augment: str | None = option(None, AUGMENT_HELP + " Default: the cache's views'.")
+    augment_args: dict = option({}, AUGMENT_ARG_HELP, flag_name="--augment-arg")
+    check_inputs: bool = option(
+        True, "Do not re-hash replayed views.", flag_name="--no-check-inputs", execution=True
+    )
     # num_workers is an execution setting although each worker streams its own slice of the epoch
     # (so the count shapes the row order): resuming with another count still sees every row once.
     num_workers: int = option(0, "DataLoader workers.", minimum=0, execution=True)
@@ -200,6 +226,7 @@ class TrainConfig:
             raise UsageError("--task regression needs --cache (a regression teacher's store)")
         if self.beta > 0 and not self.student_features:
             raise UsageError("--beta > 0 needs --student-features NAME (a student submodule)")
+        check_augment(self.augment, self.augment_args, self.task)
         self.name = self.name or self.out.rstrip("/").rsplit("/", 1)[-1]
 
     @property

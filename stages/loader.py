@@ -37,9 +37,10 @@ class JoinedStream(CacheStream):
 
 def check_data(reader: CacheReader, data, ignore_fingerprint: bool = False) -> None:
     """Refuse a `--data` that is not the one the cache was computed from."""
-    if len(data) < reader.num_rows:
+    if len(data) < reader.num_samples:
         raise UsageError(
-            f"--data has {len(data)} samples but the cache {reader.url} has {reader.num_rows} rows: "
+            f"--data has {len(data)} samples but the cache {reader.url} covers "
+            f"{reader.num_samples}: "
             "pass the data set the cache was computed from"
         )
     got, want = data_fingerprint(data, reader.task), reader.data_fingerprint

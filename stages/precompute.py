@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kdcache.stages import views
 from kdcache.stages.config import PrecomputeConfig
-from kdcache.stages.data import BatchView, data_fingerprint, forward_tokens
+from kdcache.stages.data import data_fingerprint, forward_tokens
 from kdcache.stages.device import autocast, to_device
 from kdcache.stages.encode import (
     add_stats,
@@ -36,7 +37,6 @@ from kdcache.storage.fsio import open_location
 from kdcache.storage.lock import StoreLock
 from kdcache.storage.manifest import (
     FORMAT,
-    balanced_shard_rows,
     kdcache_version,
     load_manifest,
     store_fingerprint,
@@ -71,11 +71,13 @@ def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict
             if cfg.features
             else None
         ),
-        "shard_rows": balanced_shard_rows(len(ds), cfg.shard_rows),
-        "num_rows": len(ds),
+        "shard_rows": views.shard_rows(len(ds), cfg.shard_rows, cfg.views),
+        "num_rows": len(ds) * cfg.views,
         "task": cfg.task,
         "precision": cfg.precision,
     }
+    if cfg.augment is not None:  # absent otherwise: such stores stay as they were before views
+        header["views"] = views.header(cfg)
     header["fingerprint"] = store_fingerprint(header)
     return header
 
@@ -108,10 +110,10 @@ def _forward(model, x, device, cfg, tap):
     return z, tap.value
 
 
-def _complete_header(header, model, ds, device, cfg) -> dict:
+def _complete_header(header, model, ds, device, cfg, augment=None) -> dict:
     """Probe one small batch for the derived sizes: num_classes and the feature dim."""
-    view = BatchView(ds, cfg.data, cfg.task)
-    ids, x, _ = view[np.arange(min(2, len(ds)))]
+    view = views.batches(ds, cfg, header.get("views"), augment)
+    ids, x, *_ = view[np.arange(min(2, len(ds)))]
     tap = FeatureTap(model, cfg.features, cfg.pool) if cfg.features else None
     with tap or contextlib.nullcontext():
         z, feats = _forward(model, x, device, cfg, tap)
@@ -211,7 +213,7 @@ class _WriterThread(threading.Thread):
             while (index := self._get()) is not None:
                 with self.store.shard(index) as shard:
                     while (payload := self._get()) is not None:
-                        z, labels, ids, feats, inputs = payload
+                        z, labels, ids, feats, inputs, keys = payload
                         if feats is not None:
                             # Cast per batch, in torch: numpy's float32 -> float16 at commit was
                             # most of a shard's commit time (no SIMD), a serial tail at the end.
@@ -225,6 +227,7 @@ class _WriterThread(threading.Thread):
                             columns, stats = encode_batch(
                                 z, labels, ids, self.store.codec, self.temperature
                             )
+                        columns.update(keys or {})  # a view's `view` and `input_hash`
                         add_stats(shard.stats, stats)
                         shard.add(columns, feats)
                 add_stats(self.totals, shard.stats)
@@ -232,7 +235,7 @@ class _WriterThread(threading.Thread):
             self.error = exc
 
 
-def _prepare_store(loc, header, cfg, model, ds, device) -> tuple:
+def _prepare_store(loc, header, cfg, model, ds, device, augment=None) -> tuple:
     """Rank 0: decide hit / fresh / resume, and make the store ready for the writers."""
     try:
         state = existing_state(loc, header)
@@ -245,7 +248,7 @@ def _prepare_store(loc, header, cfg, model, ds, device) -> tuple:
     if state == "complete" and not cfg.force:
         return ("hit", load_manifest(loc))
     # Probe the teacher before wiping anything, so that a bad option cannot cost the old store.
-    header = _complete_header(header, model, ds, device, cfg)
+    header = _complete_header(header, model, ds, device, cfg, augment)
     if state in ("replace", "complete"):
         log.warning("--force: replacing the store at %s", loc.url)
         wipe(loc)
@@ -287,10 +290,13 @@ def _publish(store: StoreWriter, seconds: dict) -> dict:
     return store.publish(stats, extra={"kdcache_version": kdcache_version()})
 
 
-def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, started=None) -> dict:
+def run(
+    cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, started=None, augment=None
+) -> dict:
     """Stage one with a built teacher (on `device`) and data set; returns {"status": "hit" |
     "done", "manifest": ..., ...}. `dist` is this process's place among the ranks (rank,
-    world_size, is_main, barrier, decide); `started` is when the job began (perf_counter)."""
+    world_size, is_main, barrier, decide); `started` is when the job began (perf_counter);
+    `augment` the callable `--augment` names (stages/views.py)."""
     started = time.perf_counter() if started is None else started
     loc = open_location(cfg.out, cfg.storage_options)
     header = _identity(cfg, teacher_id, ds, data_fingerprint(ds, cfg.task))
@@ -298,7 +304,7 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
 
     def prepare() -> tuple:
         _acquire(lock)
-        return _prepare_store(loc, header, cfg, model, ds, device)
+        return _prepare_store(loc, header, cfg, model, ds, device, augment)
 
     try:
         decision = dist.decide(prepare)
@@ -314,7 +320,7 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
         mine = [
             i for i in range(num_shards) if i % dist.world_size == dist.rank and i not in committed
         ]
-        teacher_seconds = _compute(store, mine, model, ds, device, cfg, dist.is_main)
+        teacher_seconds = _compute(store, mine, model, ds, device, cfg, dist.is_main, augment)
         dist.barrier()
         if not dist.is_main:
             return {"status": "done", "manifest": None, "seconds": time.perf_counter() - started}
@@ -327,14 +333,14 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
             lock.release()
 
 
-def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
+def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) -> float:
     """Teacher forward over this rank's shards, handing batches to the writer thread."""
     n = store.header["num_rows"]
     plan = _plan(n, store.header["shard_rows"], cfg.batch_size, shards)
     if not plan:
         return 0.0
     loader = torch.utils.data.DataLoader(
-        BatchView(ds, cfg.data, cfg.task),
+        views.batches(ds, cfg, store.header.get("views"), augment),
         sampler=[ids for _, ids in plan],
         batch_size=None,
         num_workers=cfg.num_workers,
@@ -353,7 +359,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
     current = None
     try:
         with tap or contextlib.nullcontext(), bar:
-            for (shard, _), (ids, x, y) in zip(plan, loader, strict=True):
+            for (shard, _), (ids, x, y, *keys) in zip(plan, loader, strict=True):
                 if shard != current:
                     if current is not None:
                         writer.put(None)
@@ -372,7 +378,8 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
                 else:
                     y_np = np.full_like(y_np, -1)  # regression targets are not class labels
                 busy += time.perf_counter() - t
-                writer.put((z, y_np, ids_np, feats, tokens))
+                keys = {k: v.numpy() for k, v in keys[0].items()} if keys else None
+                writer.put((z, y_np, ids_np, feats, tokens, keys))
                 bar.update(len(ids_np))
             writer.put(None)
             writer.put(None)

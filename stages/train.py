@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.stages import checkpoint, lm, losses
+from kdcache.stages import checkpoint, lm, losses, views
 from kdcache.stages.config import EXECUTION, TrainConfig, default_temperature
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.evaluate import (
@@ -42,7 +42,7 @@ from kdcache.stages.evaluate import (
     reduce_sums,
 )
 from kdcache.stages.hooks import FeatureTap
-from kdcache.stages.loader import JoinedStream, LabelStream, check_data
+from kdcache.stages.loader import LabelStream, check_data
 from kdcache.stages.metrics import epoch_line, run_totals, summarise
 from kdcache.stages.online import OnlineTeacher
 from kdcache.stages.run_folder import RunFolder
@@ -123,6 +123,7 @@ def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
     cfg.task = reader.task if reader else cfg.task or "classification"
     if cfg.temperature is None and (reader or cfg.online):
         cfg.temperature = reader.temperature if reader else default_temperature(cfg.task)
+    views.settle(cfg, reader)
     if reader and cfg.beta > 0 and not reader.has_features:
         raise UsageError(
             f"--beta {cfg.beta} needs teacher features but the cache {reader.url} stores none: "
@@ -158,7 +159,17 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg, dist, device, reader, folder, data, eval_data, student: nn.Module, teacher=None
+        self,
+        cfg,
+        dist,
+        device,
+        reader,
+        folder,
+        data,
+        eval_data,
+        student: nn.Module,
+        teacher=None,
+        augment=None,
     ):
         self.cfg, self.dist, self.device, self.reader, self.folder = (
             cfg,
@@ -167,7 +178,7 @@ class Trainer:
             reader,
             folder,
         )
-        self.data, self.eval_data = data, eval_data
+        self.data, self.eval_data, self.augment = data, eval_data, augment
         self.settings = run_settings(cfg, reader)
         self.task = cfg.task
         self.cleanup_stack = contextlib.ExitStack()
@@ -231,14 +242,13 @@ class Trainer:
         common = dict(seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
         if r:
             common.update(buffer_size=cfg.buffer_size, prefetch=cfg.prefetch, features=cfg.beta > 0)
-            self.stream = JoinedStream(
-                r, self.data, cfg.batch_size, ignore_fingerprint=cfg.ignore_fingerprint, **common
-            )
+            self.stream = views.cache_stream(r, self.data, cfg, self.augment, **common)
         else:
             # Online KD sees every row, as a cache's student does; hard labels only the labeled.
             self.stream = LabelStream(
                 self.data, cfg.batch_size, task=self.task, every_row=cfg.online, **common
             )
+        self.stream = views.on_the_fly(self.stream, self.augment, cfg)
         checkpoint.set_rng_state(self.rng)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)

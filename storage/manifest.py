@@ -124,12 +124,15 @@ FINGERPRINT_FIELDS = (
     "shard_rows",
     "task",
     "precision",
+    "views",
 )
 
 
 def store_fingerprint(header: dict) -> str:
     teacher = {k: v for k, v in header["teacher"].items() if k != "checkpoint"}
-    doc = {k: header.get(k) for k in FINGERPRINT_FIELDS}
+    # `views` only when present: a store without augmented views keeps the fingerprint it had
+    # before views existed (a cache hit, not a recompute).
+    doc = {k: header.get(k) for k in FINGERPRINT_FIELDS if k != "views" or header.get(k)}
     doc["teacher"] = teacher
     doc["data"] = {k: v for k, v in header["data"].items()}
     return hash_json(doc)

@@ -44,6 +44,8 @@ class CacheReader:
         self.num_rows: int = int(m["num_rows"])
         self.fingerprint: str = m["fingerprint"]
         self.data_fingerprint: str = m["data"]["fingerprint"]
+        # {"count", "augment", "augment_args", "seed", "hash"} for a store of augmented views.
+        self.views: dict | None = m.get("views")
         self._array = None
         self._raw: bool | None = None
         self._keys: tuple[np.ndarray, np.ndarray] | None = None
@@ -51,6 +53,11 @@ class CacheReader:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    @property
+    def num_samples(self) -> int:
+        """Samples of the data set the store covers: rows, or rows / V for V views each."""
+        return self.num_rows // (self.views["count"] if self.views else 1)
 
     @property
     def has_features(self) -> bool:
@@ -70,7 +77,7 @@ class CacheReader:
         return self._array
 
     def schema(self) -> pa.Schema:
-        return shard_schema(self.codec, self.format)
+        return shard_schema(self.codec, self.format, hashed=self.views is not None)
 
     def keys(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample_id, view) of every store row, in store order (shard by shard).

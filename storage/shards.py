@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.storage.manifest import FORMAT
+from kdcache.storage.views import HASH_COLUMN, HASH_FIELD
 
 KEYS_V1 = [pa.field("sample_id", pa.int64(), nullable=False), pa.field("label", pa.int64())]
 KEYS = [
@@ -26,15 +27,17 @@ KEYS = [
 LENGTH = pa.field("length", pa.int32(), nullable=False)
 
 
-def shard_schema(codec, version: str = FORMAT) -> pa.Schema:
+def shard_schema(codec, version: str = FORMAT, hashed: bool = False) -> pa.Schema:
     """The Parquet schema a shard of this codec must have in this format version. Rows of a
-    sequence codec also carry their `length` (tokens stored), so no padding is ever stored."""
+    sequence codec also carry their `length` (tokens stored), so no padding is ever stored; rows
+    of augmented views (`hashed`) the `input_hash` of the input the teacher saw."""
     keys = KEYS_V1 if version == "kdcache/1" else KEYS + ([LENGTH] if codec.sequence else [])
-    return pa.schema(keys + codec.fields())
+    return pa.schema(keys + ([HASH_FIELD] if hashed else []) + codec.fields())
 
 
 def encode_table(columns: dict[str, np.ndarray], codec) -> pa.Table:
-    """Numpy columns (labels use -1 for missing; ``view`` defaults to 0) -> a shard table."""
+    """Numpy columns (labels use -1 for missing; ``view`` defaults to 0; ``input_hash`` only in
+    stores of augmented views) -> a shard table."""
     ids = columns["sample_id"].astype(np.int64)
     labels = columns["label"].astype(np.int64)
     view = columns.get("view")
@@ -44,8 +47,11 @@ def encode_table(columns: dict[str, np.ndarray], codec) -> pa.Table:
     if codec.sequence:
         lengths = columns["length"].astype(np.int32)
         arrays.append(pa.array(lengths))
+    hashed = HASH_COLUMN in columns
+    if hashed:
+        arrays.append(pa.array(columns[HASH_COLUMN].astype(np.uint64)))
     arrays += codec.arrays(columns, lengths)
-    return pa.Table.from_arrays(arrays, schema=shard_schema(codec))
+    return pa.Table.from_arrays(arrays, schema=shard_schema(codec, hashed=hashed))
 
 
 def payload_bytes(table: pa.Table) -> int:
@@ -77,7 +83,8 @@ def decode_table(table: pa.Table, codec) -> dict[str, np.ndarray]:
     else:
         out["view"] = np.zeros(len(ids), np.int32)
     out["label"] = table.column("label").fill_null(-1).to_numpy().astype(np.int64, copy=False)
-    if "length" in table.column_names:
-        out["length"] = table.column("length").to_numpy()
+    for name in ("length", HASH_COLUMN):
+        if name in table.column_names:
+            out[name] = table.column(name).to_numpy()
     out.update(codec.decode(table))
     return out

@@ -255,6 +255,8 @@ class CacheStream(EpochStream):
         )
         self.buffer_size, self.prefetch = buffer_size, prefetch
         self.features = bool(features) and self.reader.has_features
+        # Rows per sample: an epoch counts samples, and a store of V views has V rows each.
+        self.per_sample = 1
         self._parked: Parked | None = None  # per iteration, for sequence stores
 
     def __getstate__(self) -> dict:
@@ -267,7 +269,7 @@ class CacheStream(EpochStream):
         return state
 
     def _rows(self) -> int:
-        return self.reader.num_rows
+        return self.reader.num_rows // self.per_sample
 
     def shard_order(self, epoch: int | None = None) -> list[int]:
         n = len(self.reader.shards)
@@ -277,10 +279,11 @@ class CacheStream(EpochStream):
         return np.random.default_rng([self.seed, epoch]).permutation(n).tolist()
 
     def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
-        """(shard, first, stop) row ranges, in epoch order, that cover global rows [lo, hi)."""
+        """(shard, first, stop) row ranges, in epoch order, that cover global rows [lo, hi)
+        (in samples: a range of a store of views stands for all V rows of its samples)."""
         out, offset = [], 0
         for i in self.shard_order():
-            rows = self.reader.shards[i]["rows"]
+            rows = self.reader.shards[i]["rows"] // self.per_sample
             a, b = max(lo, offset), min(hi, offset + rows)
             if a < b:
                 out.append((i, a - offset, b - offset))

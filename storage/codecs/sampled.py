@@ -14,8 +14,6 @@ empirical distribution from the teacher's.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -26,11 +24,7 @@ from kdcache.storage.codecs.base import Codec, id_type
 from kdcache.storage.codecs.losses import upcast
 from kdcache.storage.errors import UsageError
 from kdcache.storage.options import Option
-
-
-def row_generator(seed: int, sample_id: int, view: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}|{sample_id}|{view}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+from kdcache.storage.views import row_generator
 
 
 def draw(p: torch.Tensor, n: int, g: torch.Generator) -> tuple:
