@@ -28,6 +28,11 @@ RUNS ?= runs
 TEMPERATURE ?= 4
 TOPK ?= 8
 CACHE ?= $(RUNS)/cache/mnist1d-T$(TEMPERATURE)-k$(TOPK)
+# Augmentation-consistent soft labels: VIEWS seeded views of every sample, each through the teacher.
+VIEWS ?= 8
+VIEWS_CACHE ?= $(CACHE)-views$(VIEWS)
+AUGMENT ?= kdcache.pipeline.examples.augment:signal_1d
+VIEWS_CONFIG ?= configs/views.toml
 EPOCHS ?=
 DEVICE ?= auto
 # One intra-op thread per process: these models are tiny, and on a small shared machine extra
@@ -66,7 +71,7 @@ DATA_PY := from kdcache.pipeline.examples.mnist1d import MNIST1D; [print(MNIST1D
 KDCACHE := KDCACHE_DATA_DIR=$(DATA_DIR) $(if $(THREADS),OMP_NUM_THREADS=$(THREADS)) $(VENV)/bin/kdcache
 
 .PHONY: help setup data teacher precompute students report run test test-quick lint bench cron \
-	clean distclean run-lm lm-teacher lm-caches lm-students
+	clean distclean run-lm lm-teacher lm-caches lm-students views-cache views-students
 
 # --flag a --flag b ... from a list of k=v words
 kv = $(foreach a,$(2),$(1) $(a))
@@ -95,7 +100,7 @@ help: ## List the targets and the variables they take
 	@echo "  EPOCHS=$(EPOCHS) (empty: per-student epochs from $(STUDENTS_CONFIG)) DEVICE=$(DEVICE)"
 	@echo "  THREADS=$(THREADS) PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC=$(TORCH_SPEC)"
 
-run: setup data teacher precompute students lm-students report ## Both jobs (MNIST-1D, then the language model), stage after stage
+run: setup data teacher precompute students views-students lm-students report ## Both jobs (MNIST-1D, then the language model), stage after stage
 	@echo "done: see $(RUNS)/report.md"
 
 run-lm: setup lm-students ## The language-model job alone (teacher, three caches, five students)
@@ -154,7 +159,22 @@ students: precompute ## Stage two: every student in STUDENTS_CONFIG from CACHE, 
 	$(KDCACHE) train --config $(STUDENTS_CONFIG) --cache $(CACHE) --out $(RUNS)/students \
 		--device $(DEVICE) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
-report: students ## RUNS/report.md + report.json + the plots of both jobs (an absent job is left out)
+views-cache: teacher ## Stage one again: VIEWS augmented views (AUGMENT) per sample into VIEWS_CACHE
+	$(KDCACHE) precompute --teacher kdcache.pipeline.examples.models:TeacherCNN \
+		--checkpoint $(TEACHER_DIR)/model.pt --data $(MNIST1D) --data-arg split=train+transfer \
+		--out $(VIEWS_CACHE) --codec topk --top-k $(TOPK) --temperature $(TEMPERATURE) \
+		--views $(VIEWS) --augment $(AUGMENT) --shard-rows 4096 --device $(DEVICE) $(PRECOMPUTE_ARGS)
+
+# The students of VIEWS_CONFIG, trained with AUGMENT: views replayed from VIEWS_CACHE, and the
+# same student on CACHE's soft labels of the plain inputs (the naive pairing).
+views-students: views-cache precompute ## Stage two with augmentation: replayed views vs naive, into RUNS/students
+	$(KDCACHE) train --config $(VIEWS_CONFIG) --only mlp-kd-t4-views --cache $(VIEWS_CACHE) \
+		--out $(RUNS)/students --device $(DEVICE) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+	$(KDCACHE) train --config $(VIEWS_CONFIG) --only mlp-kd-t4-naive --cache $(CACHE) \
+		--augment $(AUGMENT) --out $(RUNS)/students --device $(DEVICE) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+
+report: students views-students ## RUNS/report.md + report.json + the plots of both jobs (an absent job is left out)
 	$(KDCACHE) report --runs $(RUNS) --out $(RUNS)/report.md
 
 # CI runs `make test`: every test, the slow MNIST-1D ones included (about 5.5 min on 2 cores).

@@ -31,6 +31,7 @@ import time
 
 from kdcache.stages.config import ReportConfig
 from kdcache.stages.report_runs import agreements, load_run, load_runs, model_fields, open_cache
+from kdcache.stages.report_views import collect_views
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
@@ -73,6 +74,7 @@ def _entry(s: dict, role: str) -> dict:
         "kind": kind,
         **model_fields(s),
         "test_accuracy": s.get("test_accuracy"),
+        "augment": st.get("augment"),
         "best_accuracy": best.get("eval_accuracy"),
         "best_epoch": best.get("epoch"),
         "eval_ece": s.get("final", {}).get("eval_ece"),
@@ -112,6 +114,7 @@ def _cache_info(url: str, students: list[dict]) -> dict:
         temperature=r.temperature,
         logit_dtype=r.soft["dtype"],
         features=r.features_info,
+        views=r.views,
         total_bytes=stats.get("total_bytes"),
         bytes_per_sample=stats.get("bytes_per_sample"),
         teacher_accuracy=stats.get("teacher_accuracy"),
@@ -193,6 +196,7 @@ def collect(cfg: ReportConfig, build) -> dict:
         "caches": [_cache_info(url, students) for url in caches],
     }
     report.update(_headline(report))
+    report["views"] = collect_views(report)
     if lm is not None:
         report["lm"] = lm
     return report

@@ -85,6 +85,14 @@ def headline(report: dict) -> str:
     return " ".join(parts)
 
 
+def _views(c: dict) -> str:
+    v = c.get("views")
+    if not v:
+        return ""
+    spec = v["augment"].rsplit(":", 1)[-1]
+    return f" ({c['rows'] // v['count']:,} samples x {v['count']} views of `{spec}`)"
+
+
 def _cache(c: dict) -> list[str]:
     lines = [f"### `{c['url']}`", ""]
     if "error" in c:
@@ -95,9 +103,11 @@ def _cache(c: dict) -> list[str]:
         f" + {f['dim']}-d features of `{f['layer']}` ({f['pool']} pool, {f['dtype']})" if f else ""
     )
     lines += [
-        f"- {c['rows']:,} rows in {c['shards']} shards: {soft} at T = {c['temperature']:g} "
+        f"- {c['rows']:,} rows{_views(c)} in {c['shards']} shards: {soft} at T = "
+        f"{c['temperature']:g} "
         f"({c['logit_dtype']}){feats}",
-        f"- size {_bytes(c['total_bytes'])}, {_num(c['bytes_per_sample'], '{:.0f}')} bytes/sample",
+        f"- size {_bytes(c['total_bytes'])}, {_num(c['bytes_per_sample'], '{:.0f}')} bytes/"
+        + ("view" if c.get("views") else "sample"),
         f"- teacher accuracy on the cache's labeled rows {_pct(c['teacher_accuracy'])}"
         + (f"; {c['codec_error']}" if c.get("codec_error") else ""),
         f"- teacher forward t = {_seconds(c['teacher_seconds'])} (precompute wall "
@@ -137,6 +147,8 @@ def markdown(report: dict) -> str:
 
 
 def _classifier(report: dict) -> list[str]:
+    from kdcache.stages.report_views import views_markdown
+
     lines = [
         headline(report),
         "",
@@ -154,6 +166,7 @@ def _classifier(report: dict) -> list[str]:
         lines += ["## The cache", ""]
         for c in report["caches"]:
             lines += _cache(c)
+    lines += views_markdown(report.get("views"))
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in report["plots"]] + [""]
     return lines
