@@ -58,7 +58,9 @@ def build(spec: str, kwargs: dict, what: str = "spec") -> Any:
 
 def augmentation(spec: str | None, kwargs: dict, what: str = "--augment"):
     """The callable `augment(x, generator)` a spec names: a class is built with the kwargs
-    (its instances are called), a function gets them bound as keywords."""
+    (its instances are called), a function gets them bound as keywords. A function's optional
+    `batch(x, generators, **kwargs)` attribute (the same views of a whole batch, faster) is bound
+    the same way."""
     if spec is None:
         return None
     target = resolve(spec, what)
@@ -66,7 +68,10 @@ def augmentation(spec: str | None, kwargs: dict, what: str = "--augment"):
         return build(spec, kwargs, what)
     if not callable(target):
         raise UsageError(f"{what} {spec!r} is a {type(target).__name__}, not a callable")
-    return functools.partial(target, **kwargs)
+    augment = functools.partial(target, **kwargs)
+    if callable(getattr(target, "batch", None)):
+        augment.batch = functools.partial(target.batch, **kwargs)
+    return augment
 
 
 def parse_value(text: str) -> Any:

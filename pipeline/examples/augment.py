@@ -6,7 +6,8 @@ two to re-create the exact view the teacher saw. Use them as
 `--augment kdcache.pipeline.examples.augment:signal_1d --augment-arg max_shift=4`.
 
 - `signal_1d`: 1-D signals `(L,)` or `(C, L)` such as MNIST-1D: a random shift (edge values
-  repeated), a random amplitude scale and Gaussian noise.
+  repeated), a random amplitude scale and Gaussian noise. It has a `batch(x, generators)`
+  attribute: the same views of a whole batch at once (see `kdcache.pipeline.specs.augmentation`).
 - `resized_crop_flip`: images `(C, H, W)`: a random resized crop (torchvision's
   RandomResizedCrop sampling, in torch ops, no torchvision) and a random horizontal flip, the pair
   FKD stores per crop.
@@ -16,12 +17,31 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def _signal_draws(generator: torch.Generator, shape) -> tuple[np.ndarray, np.ndarray]:
+    u = torch.rand(2, generator=generator, dtype=torch.float64).numpy()
+    return u, torch.randn(shape, generator=generator, dtype=torch.float32).numpy()
+
+
+def _signal_apply(a: np.ndarray, u: np.ndarray, eps: np.ndarray, max_shift, scale, noise):
+    """The signals `a` (..., L) with their draws `u` (..., 2) and `eps` (the shape of `a`)."""
+    length = a.shape[-1]
+    shift = np.minimum((u[..., 0] * (2 * max_shift + 1)).astype(np.int64), 2 * max_shift)
+    index = np.clip(np.arange(length) - (shift - max_shift)[..., None], 0, length - 1)
+    if a.ndim > index.ndim:  # channels: one shift for all of a sample's channels
+        index = np.broadcast_to(index[..., None, :], a.shape)
+    factor = (1.0 - scale + 2.0 * scale * u[..., 1]).astype(a.dtype)
+    factor = factor.reshape(factor.shape + (1,) * (a.ndim - factor.ndim))
+    shifted = np.take_along_axis(a, index, axis=-1)
+    return shifted * factor + a.dtype.type(noise) * eps.astype(a.dtype)
 
 
 def signal_1d(
@@ -33,12 +53,23 @@ def signal_1d(
 ) -> torch.Tensor:
     """Shift by an integer in [-max_shift, max_shift] (the edge values fill the gap), scale the
     amplitude by a factor in [1 - scale, 1 + scale], add N(0, noise^2) per value."""
-    length = x.shape[-1]
-    shift = int(torch.randint(-max_shift, max_shift + 1, (), generator=generator))
-    index = (torch.arange(length) - shift).clamp(0, length - 1)
-    factor = _uniform(generator, 1.0 - scale, 1.0 + scale)
-    eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype)
-    return x[..., index] * factor + noise * eps
+    u, eps = _signal_draws(generator, x.shape)
+    a = x.detach().cpu().numpy()
+    return torch.from_numpy(_signal_apply(a, u, eps, max_shift, scale, noise))
+
+
+def _signal_1d_batch(x: torch.Tensor, generators, max_shift=4, scale=0.15, noise=0.05):
+    """`signal_1d` of every row of `x` with its own generator, bit for bit, in one pass: the same
+    draws in the same order, the arithmetic vectorised (a 40-value signal costs less than the
+    calls, and stage two replays one view per sample every epoch)."""
+    draws = [_signal_draws(g, x.shape[1:]) for g in generators]
+    u = np.stack([d[0] for d in draws])
+    eps = np.stack([d[1] for d in draws])
+    a = x.detach().cpu().numpy()
+    return torch.from_numpy(_signal_apply(a, u, eps, max_shift, scale, noise))
+
+
+signal_1d.batch = _signal_1d_batch
 
 
 def crop_box(height: int, width: int, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):

@@ -83,3 +83,13 @@ def test_specs_bind_arguments_and_refuse_non_callables():
     assert augmentation(None, {}) is None
     with pytest.raises(UsageError, match="not a callable"):
         augmentation("kdcache.pipeline.examples.augment:__doc__", {})
+
+
+@pytest.mark.parametrize("shape", [(50, 40), (20, 3, 40)])
+def test_signal_1d_batch_is_the_same_bits_as_one_sample_at_a_time(shape):
+    fn = augmentation("kdcache.pipeline.examples.augment:signal_1d", {"max_shift": 6})
+    x = torch.randn(shape)
+    gens = lambda: [row_generator(4, i, 1) for i in range(shape[0])]  # noqa: E731
+    one_by_one = torch.stack([fn(x[j], g) for j, g in enumerate(gens())])
+    assert torch.equal(fn.batch(x, gens()), one_by_one)
+    assert not torch.equal(one_by_one[0], one_by_one[1])
