@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -136,6 +137,17 @@ def wait_for(done, proc: subprocess.Popen, timeout: float, what: str) -> None:
             pytest.fail(f"the process ended before {what}: {(err or b'').decode()[-3000:]}")
         assert time.time() < deadline, f"no {what} within {timeout:.0f} s"
         time.sleep(0.01)
+
+
+def kill_9_after_commits(args: list, out: Path, commits: int = 2) -> None:
+    """Run `kdcache ARGS` writing the store `out`, SIGKILL it once `commits` shards are
+    committed, and check it left no manifest (the store is unfinished)."""
+    proc = subprocess.Popen(kdcache_cmd(*args), cwd=REPO, stderr=subprocess.PIPE)
+    done = out / "_commits"
+    wait_for(lambda: done.exists() and len(list(done.iterdir())) >= commits, proc, 90, "commits")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
 
 
 @pytest.fixture

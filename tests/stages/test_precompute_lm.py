@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 
 import numpy as np
@@ -12,7 +10,13 @@ import torch
 
 from kdcache.storage.reader import CacheReader
 from tests import toy_models
-from tests.conftest import REPO, assert_one_line_error, files_under, kdcache_cmd, wait_for
+from tests.conftest import (
+    REPO,
+    assert_one_line_error,
+    files_under,
+    kdcache_cmd,
+    kill_9_after_commits,
+)
 
 TEACHER = "tests.toy_models:ToyCausalLM"
 DATA = "tests.toy_models:ToyTokens"
@@ -127,12 +131,7 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical(tmp_path):
     run, the sampled codec's draws included (seeded per row, not per run)."""
     out = tmp_path / "s"
     args = lm_args(out, "--teacher-arg", "sleep=0.05", n=40)
-    proc = subprocess.Popen(kdcache_cmd(*args), cwd=REPO, stderr=subprocess.PIPE)
-    commits = out / "_commits"
-    wait_for(lambda: commits.exists() and len(list(commits.iterdir())) >= 2, proc, 90, "2 commits")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists()
+    kill_9_after_commits(args, out)
     again = subprocess.run(kdcache_cmd(*args), cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     ref = tmp_path / "ref"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from collections import Counter
 
@@ -25,9 +23,9 @@ from tests.conftest import (
     cli_args,
     files_under,
     kdcache_cmd,
+    kill_9_after_commits,
     toy_config,
     toy_precompute,
-    wait_for,
 )
 from tests.stages.test_train import config
 from tests.toy_models import ToyData
@@ -240,12 +238,7 @@ def test_kill_9_mid_views_then_rerun_is_byte_identical(tmp_path):
     views_args = ("--views", "4", "--augment", SHIFT, "--features", "body")
     out = tmp_path / "s"
     args = cli_args(out, "--teacher-arg", "sleep=0.05", *views_args, n=40)
-    proc = subprocess.Popen(kdcache_cmd(*args), cwd=REPO, stderr=subprocess.PIPE)
-    commits = out / "_commits"
-    wait_for(lambda: commits.exists() and len(list(commits.iterdir())) >= 2, proc, 90, "2 commits")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists()
+    kill_9_after_commits(args, out)
     again = subprocess.run(kdcache_cmd(*args), cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     ref = tmp_path / "ref"
