@@ -23,6 +23,8 @@ TARGETS = [
     "teacher",
     "precompute",
     "students",
+    "views-cache",
+    "views-students",
     "report",
     "test",
     "test-quick",
@@ -67,6 +69,8 @@ def test_run_chains_the_stages_in_order(venv, tmp_path):
         "kdcache train --config configs/teacher.toml",
         "kdcache precompute --teacher kdcache.pipeline.examples.models:TeacherCNN",
         "kdcache train --config configs/students.toml",
+        "--views 8 --augment kdcache.pipeline.examples.augment:signal_1d",
+        "kdcache train --config configs/views.toml --only mlp-kd-t4-views",
         f"kdcache report --runs {tmp_path}/r --out {tmp_path}/r/report.md",
     ]
     where = [out.find(s) for s in steps]
@@ -138,3 +142,32 @@ def test_job_configs_hold_a_baseline_and_distilled_students():
     assert any(s.beta > 0 and s.student_features for s in students)
     assert {s.data_args["split"] for s in students} == {"train+transfer"}
     assert {s.eval_data_args["split"] for s in students} == {"test"}
+
+
+def test_views_targets_make_the_views_cache_and_its_students(venv, tmp_path):
+    r = f"{tmp_path}/r"
+    out = " ".join(make("views-students", f"VENV={venv}", f"RUNS={r}", "VIEWS=4", "TOPK=5").split())
+    shift = "kdcache.pipeline.examples.augment:signal_1d"
+    assert f"--out {r}/cache/mnist1d-T4-k5-views4 " in out and f"--views 4 --augment {shift}" in out
+    assert f"--only mlp-kd-t4-views --cache {r}/cache/mnist1d-T4-k5-views4 " in out
+    assert f"--only mlp-kd-t4-naive --cache {r}/cache/mnist1d-T4-k5 --augment {shift}" in out
+    assert "--features" in out  # the plain cache (the naive student's) is made too
+
+
+def test_views_students_are_mlp_kd_t4_with_augmentation():
+    """The comparison needs the same student: mlp-kd-t4 of students.toml is its no-augmentation
+    twin, so every setting but the cache and --augment must equal it."""
+    doc = tomllib.loads((REPO / "configs" / "students.toml").read_text())
+    shared = {k: v for k, v in doc.items() if k != "students"}
+    plain = [s for s in doc["students"] if s["name"] == "mlp-kd-t4"][0]
+    twin = _config({**shared, **plain}, cache="c")
+    views = tomllib.loads((REPO / "configs" / "views.toml").read_text())
+    shared = {k: v for k, v in views.items() if k != "students"}
+    names = [s["name"] for s in views["students"]]
+    assert names == ["mlp-kd-t4-views", "mlp-kd-t4-naive"]
+    for s in views["students"]:
+        cfg = _config({**shared, **s}, cache="c")
+        same = {"name", "out"}
+        assert {k: v for k, v in vars(cfg).items() if k not in same} == {
+            k: v for k, v in vars(twin).items() if k not in same
+        }
