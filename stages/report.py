@@ -20,6 +20,7 @@ Teacher time saved, counting the n students whose loss reads the cache (alpha > 
 with t the teacher's forward seconds recorded by `kdcache precompute`:
   one pass each: (n - 1) * t   each student would have run the teacher once over the data itself
   online KD:     (E - 1) * t   E = those students' epochs summed (a teacher forward every epoch)
+A cache of V views paid V forwards per sample: online KD is then (E / V - 1) * t.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def _cache_info(url: str, students: list[dict]) -> dict:
     stats = r.manifest.get("stats", {})
     t = stats.get("teacher_seconds")
     n, e_sum = len(users), sum(e["epochs"] or 0 for e in users)
+    v = r.views["count"] if r.views else 1  # forwards per sample the cache paid for
     info.update(
         rows=r.num_rows,
         shards=len(r.shards),
@@ -129,8 +131,9 @@ def _cache_info(url: str, students: list[dict]) -> dict:
             "students": n,
             "epochs": e_sum,
             "one_pass_each_seconds": (n - 1) * t,
-            "online_seconds": (e_sum - 1) * t,
-            "formula": "one pass each: (n - 1) * t; online KD: (E - 1) * t",
+            "views": v,
+            "online_seconds": (e_sum / v - 1) * t,
+            "formula": "one pass each: (n - 1) * t; online KD: (E / V - 1) * t",
         },
     )
     return info

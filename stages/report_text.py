@@ -126,8 +126,13 @@ def _cache(c: dict) -> list[str]:
             "",
             f"- each student running the teacher once itself: (n - 1) * t = {n - 1} * {t:.2f} s "
             f"= {_seconds(ts['one_pass_each_seconds'])}",
-            f"- online distillation, a teacher forward every epoch: (E - 1) * t with E = {e} "
-            f"epochs in all = {_seconds(ts['online_seconds'])}",
+            "- online distillation, a teacher forward every epoch: "
+            + (
+                f"(E / V - 1) * t with V = {ts['views']} views, "
+                if ts.get("views", 1) > 1
+                else "(E - 1) * t with "
+            )
+            + f"E = {e} epochs in all = {_seconds(ts['online_seconds'])}",
         ]
     return lines + [""]
 

@@ -64,6 +64,19 @@ def test_the_section_pairs_each_augmented_student_with_its_cache(job):
     assert views["best"] == {"none": "kd", "naive": "naive", "replayed": "views"}
 
 
+def test_online_kd_against_a_cache_of_views_pays_one_forward_per_sample_and_epoch(job):
+    cfg = ReportConfig(runs=str(job), agreement=False, plots=False)
+    caches = {c["url"].rsplit("/", 1)[-1]: c for c in collect_report(cfg)["caches"]}
+    saved = caches["views"]["time_saved"]
+    t = saved["teacher_seconds"]
+    # One student of 2 epochs; the cache ran 3 views of each sample: online KD would have
+    # cost 2 / 3 of it, so the cache saved nothing (a negative saving, reported as such).
+    assert saved["views"] == 3 and saved["online_seconds"] == pytest.approx((2 / 3 - 1) * t)
+    assert caches["plain"]["time_saved"]["online_seconds"] == pytest.approx(
+        (3 * 2 - 1) * caches["plain"]["teacher_seconds"]
+    )
+
+
 def test_report_md_has_the_table_and_the_comparison(job):
     cfg = ReportConfig(runs=str(job), agreement=False, plots=False)
     report(cfg)
