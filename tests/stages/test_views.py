@@ -245,3 +245,22 @@ def test_kill_9_mid_views_then_rerun_is_byte_identical(tmp_path):
     done = subprocess.run(kdcache_cmd(*cli_args(ref, *views_args, n=40)), cwd=REPO)
     assert done.returncode == 0
     assert files_under(out) == files_under(ref) and len(files_under(ref)) > 3
+
+
+@pytest.mark.parametrize("replayed", [True, False])
+def test_a_resumed_student_sees_the_same_views(store, tmp_path, replayed):
+    """Stopped after epoch 2 and resumed: the same loss curve as a run straight through, with
+    replayed views (the epoch picks the view) and on the fly (the epoch seeds it)."""
+    url, _ = store
+    if not replayed:
+        url = str(tmp_path / "plain")
+        toy_precompute(url, data_args={"n": N})
+    extra = {} if replayed else {"augment": SHIFT}
+    common = dict(data_args={"n": N}, epochs=4, batch_size=8, **extra)
+    straight = jobs.train(config(tmp_path / "a", url, **common))["rows"]
+    assert jobs.train(config(tmp_path / "b", url, **common), stop_after_epoch=2)["status"] == (
+        "stopped"
+    )
+    resumed = jobs.train(config(tmp_path / "b", url, **common))["rows"]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["epoch"]
