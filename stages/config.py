@@ -184,7 +184,9 @@ class TrainConfig:
     seed: int = option(0, "Seed of the student's init, the data order and the views seen.")
     # With a cache of views, the augmentation is the store's (a given one must match); otherwise
     # it is applied on the fly, a fresh view per epoch the soft labels were not computed on.
-    augment: str | None = option(None, AUGMENT_HELP + " Default: the cache's views'.")
+    augment: str | None = option(
+        None, AUGMENT_HELP + " Default: a cache of views' own; else applied on the fly."
+    )
     augment_args: dict = option({}, AUGMENT_ARG_HELP, flag_name="--augment-arg")
     check_inputs: bool = option(
         True, "Do not re-hash replayed views.", flag_name="--no-check-inputs", execution=True
