@@ -42,7 +42,7 @@ from kdcache.stages.evaluate import (
     reduce_sums,
 )
 from kdcache.stages.hooks import FeatureTap
-from kdcache.stages.loader import LabelStream, check_data
+from kdcache.stages.loader import JoinedStream, LabelStream, check_data
 from kdcache.stages.metrics import epoch_line, run_totals, summarise
 from kdcache.stages.online import OnlineTeacher
 from kdcache.stages.run_folder import RunFolder
@@ -242,7 +242,11 @@ class Trainer:
         common = dict(seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
         if r:
             common.update(buffer_size=cfg.buffer_size, prefetch=cfg.prefetch, features=cfg.beta > 0)
-            self.stream = views.cache_stream(r, self.data, cfg, self.augment, **common)
+            common.update(views.replay_options(r, cfg, self.augment))  # {} unless views
+            stream = views.ViewStream if r.views else JoinedStream
+            self.stream = stream(
+                r, self.data, cfg.batch_size, ignore_fingerprint=cfg.ignore_fingerprint, **common
+            )
         else:
             # Online KD sees every row, as a cache's student does; hard labels only the labeled.
             self.stream = LabelStream(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdcache.stages.data import BatchView, get_batch
-from kdcache.stages.loader import JoinedStream, check_data
+from kdcache.stages.loader import check_data
 from kdcache.storage.errors import FormatError, UsageError
 from kdcache.storage.manifest import balanced_shard_rows
 from kdcache.storage.shards import decode_table
@@ -89,31 +89,26 @@ class ViewBatches(BatchView):
 
 
 def batches(ds, cfg, views: dict | None, augment) -> BatchView:
-    return (
-        BatchView(ds, cfg.data, cfg.task)
-        if views is None
-        else ViewBatches(ds, cfg.data, cfg.task, views, augment)
-    )
+    """Stage one's batches by store row: plain, or augmented views."""
+    if views is None:
+        return BatchView(ds, cfg.data, cfg.task)
+    return ViewBatches(ds, cfg.data, cfg.task, views, augment)
 
 
 def settle(cfg, reader) -> None:
-    """Take the augmentation of a cache of views; refuse a different one."""
+    """Take the augmentation of a cache of views (its arguments too when none are given);
+    refuse another."""
     v = reader.views if reader else None
     if v is None:
         return
-    if cfg.augment is None:
-        cfg.augment, cfg.augment_args = v["augment"], dict(v["augment_args"])
-    elif (
-        cfg.augment != v["augment"]
-        or (cfg.augment_args or v["augment_args"]) != (v["augment_args"])
-    ):
+    given = (cfg.augment or v["augment"], cfg.augment_args or v["augment_args"])
+    if given != (v["augment"], v["augment_args"]):
         raise UsageError(
-            f"--augment {cfg.augment} {cfg.augment_args or ''} is not the augmentation of the "
-            f"views in {reader.url} ({v['augment']} {v['augment_args']}): drop --augment to "
-            "replay the cache's"
+            f"--augment {given[0]} {given[1]} is not the augmentation of the views in "
+            f"{reader.url} ({v['augment']} {v['augment_args']}): drop --augment to replay the "
+            "cache's"
         )
-    else:
-        cfg.augment_args = dict(v["augment_args"])
+    cfg.augment, cfg.augment_args = v["augment"], dict(v["augment_args"])
 
 
 class ViewStream(CacheStream):
@@ -190,21 +185,11 @@ class OnTheFly(torch.utils.data.IterableDataset):
             yield batch
 
 
-def cache_stream(reader, data, cfg, augment, **common) -> CacheStream:
-    """Stage two's stream of a cache: replayed views from a cache of views, else `JoinedStream`."""
+def replay_options(reader, cfg, augment) -> dict:
+    """`ViewStream`'s own arguments for a cache of views; {} for a plain cache."""
     if reader.views is None:
-        return JoinedStream(
-            reader, data, cfg.batch_size, ignore_fingerprint=cfg.ignore_fingerprint, **common
-        )
-    return ViewStream(
-        reader,
-        data,
-        cfg.batch_size,
-        augment=augment,
-        check_inputs=cfg.check_inputs,
-        ignore_fingerprint=cfg.ignore_fingerprint,
-        **common,
-    )
+        return {}
+    return {"augment": augment, "check_inputs": cfg.check_inputs}
 
 
 def on_the_fly(stream, augment, cfg):

@@ -113,7 +113,11 @@ class FakeReader:
     """What stage two reads of a causal-lm store: two shards of the data's rows."""
 
     task, temperature, has_features, fingerprint = "causal-lm", TEACHER_T, False, "fake"
-    url, num_classes = "fake://store", V
+    url, num_classes, views = "fake://store", V, None
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_rows
 
     def __init__(self, ds, codec):
         self.ds, self.codec = ds, codec

@@ -83,11 +83,10 @@ def test_every_stored_row_is_replayed_bitwise_once_per_v_epochs(store):
     teacher_input = {
         (int(i), int(v)): inputs[j] for j, (i, v) in enumerate(zip(ids, view, strict=True))
     }
-    cfg = config("unused", url, data_args={"n": N}, batch_size=7, epochs=V, buffer_size=5)
     augment = augmentation(SHIFT, {})
     seen = []
     for epoch in range(1, V + 1):
-        stream = views.cache_stream(r, ToyData(N), cfg, augment, seed=3, features=True)
+        stream = views.ViewStream(r, ToyData(N), 7, augment=augment, seed=3, buffer_size=5)
         stream.set_epoch(epoch)
         epoch_ids = []
         for batch in stream:
@@ -105,13 +104,19 @@ def test_every_stored_row_is_replayed_bitwise_once_per_v_epochs(store):
 def test_ranks_and_workers_see_each_sample_once_per_epoch(store, world, workers):
     url, _ = store
     r = CacheReader(url)
-    cfg = config("unused", url, data_args={"n": N}, batch_size=4, buffer_size=8)
     augment = augmentation(SHIFT, {})
     for epoch in (1, 2):
         got = []
         for rank in range(world):
-            stream = views.cache_stream(
-                r, ToyData(N), cfg, augment, rank=rank, world_size=world, num_workers=workers
+            stream = views.ViewStream(
+                r,
+                ToyData(N),
+                4,
+                augment=augment,
+                buffer_size=8,
+                rank=rank,
+                world_size=world,
+                num_workers=workers,
             )
             stream.set_epoch(epoch)
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
