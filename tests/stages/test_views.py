@@ -269,3 +269,10 @@ def test_a_resumed_student_sees_the_same_views(store, tmp_path, replayed):
     resumed = jobs.train(config(tmp_path / "b", url, **common))["rows"]
     for a, b in zip(straight, resumed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["epoch"]
+
+
+def test_loader_workers_write_the_same_views(tmp_path):
+    common = dict(views=2, augment=SHIFT, data_args={"n": 30})
+    toy_precompute(tmp_path / "w0", **common)
+    toy_precompute(tmp_path / "w2", num_workers=2, **common)
+    assert files_under(tmp_path / "w2") == files_under(tmp_path / "w0")
