@@ -40,6 +40,8 @@ def table(report: dict) -> str:
         loss = "hard labels (teacher)" if e["role"] == "teacher" else e["kind"]
         if e["name"] == base:
             loss += " (baseline)"
+        if e.get("augment"):
+            loss += " + augmentation"
         gain = e.get("gain_points")
         vs = (
             "-"

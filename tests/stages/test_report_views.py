@@ -86,3 +86,5 @@ def test_report_md_has_the_table_and_the_comparison(job):
     assert "| naive | signal_1d | the plain input (naive) |" in section
     assert "pts vs naive (naive," in section and "pts vs kd (no augmentation," in section
     assert "(48 samples x 3 views of `signal_1d`)" in md and "bytes/view" in md
+    models = md.split("## The cache")[0]
+    assert "| naive | ToyNet | KD + augmentation |" in models and "| kd | ToyNet | KD |" in models
