@@ -43,7 +43,7 @@ def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Train
     """The built and checked Trainer of one student, or the summary of an identical finished run
     (then there is nothing to do). `datasets` shares data sets between the students of a job."""
     cfg.validate()
-    reader = CacheReader(cfg.cache, cfg.storage_options) if cfg.cache else None
+    reader = CacheReader(cfg.cache, cfg.storage_options, cfg.verify_reads) if cfg.cache else None
     folder = RunFolder(cfg.out, cfg.storage_options)
     done = dist.decide(lambda: finished(cfg, reader, folder))
     if done is not None:
@@ -116,7 +116,7 @@ def evaluate(cfg: evaluate_stage.EvaluateConfig) -> dict:
     ds = load_dataset(cfg.data, cfg.data_args)
     reader = cache_data = None
     if cfg.cache:
-        reader = CacheReader(cfg.cache, cfg.storage_options)
+        reader = CacheReader(cfg.cache, cfg.storage_options, cfg.verify_reads)
         # Agreement needs the inputs of the cached rows: the data set named in the manifest.
         source = reader.manifest["data"]
         cache_data = load_dataset(source["spec"], source.get("kwargs") or {})
