@@ -152,7 +152,7 @@ def test_verify_catches_a_flipped_byte(tmp_path, cli, key):
     assert cli(*cli_args(out, "--features", "body")).exit_code == 0
     _flip(out / key)
     res = cli("verify", out)
-    assert res.exit_code == 1 and "Traceback" not in res.stderr
+    assert res.exit_code == 65 and "Traceback" not in res.stderr
     assert f"{out / key}: checksum mismatch" in res.stderr
     assert res.stderr.startswith(f"kdcache: error: {out}: 1 problem(s):")
 
