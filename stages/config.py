@@ -89,6 +89,13 @@ class PrecomputeConfig:
         "classification", "Teacher kind.", choices=("classification", "regression", "causal-lm")
     )
     force: bool = option(False, "Replace a store made with other settings.")
+    # Without --checkpoint a spec whose weights come from torch's RNG is refused: its soft labels
+    # would be those of an untrained network, a mistake nobody wants cached for months.
+    random_teacher: bool = option(
+        False,
+        "Precompute a teacher whose weights are random initial weights (no --checkpoint).",
+        execution=True,
+    )
     quiet: bool = option(False, QUIET_HELP, cli=False, execution=True)
     storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
     queue_depth: int = option(

@@ -47,7 +47,7 @@ class ToyNet(nn.Module):
         self,
         num_classes: int = 10,
         dim: int = 16,
-        seed: int = 0,
+        seed: int | None = 0,  # None: torch's random initial weights, as an untrained spec has
         sleep: float = 0.0,
         count_file: str | None = None,
         out: str = "tensor",
@@ -55,7 +55,8 @@ class ToyNet(nn.Module):
         sabotage: str | None = None,
     ):
         super().__init__()
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         self.body = Body(dim)
         self.head = nn.Linear(dim, num_classes)
         self.spare = nn.Identity()  # never called by forward
