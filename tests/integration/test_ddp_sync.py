@@ -14,7 +14,7 @@ import torch
 from tests.conftest import DATA, toy_precompute
 from tests.integration.conftest import run_proc, subprocess_env
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~17 s: two torchrun launches
 
 N, EPOCHS = 64, 3
 
