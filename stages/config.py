@@ -256,7 +256,24 @@ EXECUTION = frozenset(o.name for o in options_of(TrainConfig) if o.execution)
 
 @dataclass(kw_only=True)
 class EvaluateConfig:
-    checkpoint: str = option(help="A finished `kdcache train --out` folder (or URL).")
+    checkpoint: str = option(
+        help="A finished `kdcache train --out` folder, or a model.pt / checkpoint-N.pt file (URL)."
+    )
+    # A bare weights file does not say what it is: the model spec comes with it.
+    student: str | None = option(
+        None, "With a model.pt file: the student spec (a checkpoint-N.pt names its own)."
+    )
+    student_args: dict = option(
+        {}, "k=v keyword for --student (repeatable).", flag_name="--student-arg"
+    )
+    task: str | None = option(
+        None,
+        "With a model.pt file: its task (default: a checkpoint's own, else classification).",
+        choices=("classification", "causal-lm"),
+    )
+    deploy: bool = option(
+        False, "Also parameters, weight bytes, CPU latency (batch 1, 256) and the int8 copy's."
+    )
     data: str = option(help="Labeled data set to evaluate on.")
     data_args: dict = option(
         {}, "k=v keyword for the data set (repeatable).", flag_name="--data-arg"
@@ -296,6 +313,10 @@ class ReportConfig:
     # Recomputing teacher agreement on the eval data loads the models.
     agreement: bool = option(
         True, "Do not load the models to measure teacher agreement.", flag_name="--no-agreement"
+    )
+    # Timing needs the models too: --no-agreement skips it as well.
+    deploy: bool = option(
+        True, "Do not time the models (CPU latency, int8 copies).", flag_name="--no-deploy"
     )
 
     def validate(self) -> None:
