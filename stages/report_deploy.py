@@ -87,39 +87,50 @@ def deploy_markdown(d: dict, plots: list[str]) -> list[str]:
 
 
 def plot_accuracy_vs_latency(d: dict) -> bytes:
-    """Test accuracy against batch-1 latency (log x), one point per model; each int8 copy a
-    hollow marker joined to its float model."""
+    """Test accuracy against batch-1 latency (log x), one point per model in its own colour,
+    named in the legend (students of one architecture take the same time, so labels beside the
+    points would overprint); each int8 copy a hollow diamond joined to its float model."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    from kdcache.stages.report_plots import COLORS, TEACHER, _png
+    from kdcache.stages.report_plots import TEACHER, _png
 
-    fig = Figure(figsize=(8, 5))
+    fig = Figure(figsize=(10, 5))
     ax = fig.add_subplot()
     rows = [r for r in d["models"] if r.get("accuracy") is not None]
-    floats = {r["name"]: r for r in rows if r["precision"] == "float32"}
-    for r in rows:
-        color = TEACHER if r["role"] == "teacher" else COLORS.get(r["kind"], "#9467bd")
+    floats = [r for r in rows if r["precision"] == "float32"]
+    palette = _cycle()
+    colors = {}
+    for r in floats:
+        colors[r["name"]] = TEACHER if r["role"] == "teacher" else palette[len(colors) % 9]
         x, y = 1e3 * r["latency_b1"], 100 * r["accuracy"]
-        if r["precision"] == "int8":
-            ax.scatter(x, y, s=60, marker="D", facecolors="none", edgecolors=color, zorder=3)
-            f = floats.get(r["name"])
-            if f:
-                fx, fy = 1e3 * f["latency_b1"], 100 * f["accuracy"]
-                ax.plot([fx, x], [fy, y], color=color, linewidth=0.8, alpha=0.6)
+        ax.scatter(x, y, s=50, color=colors[r["name"]], zorder=3,
+                   label=f"{r['name']} ({r['kind']}): {y:.1f}%")  # fmt: skip
+    for r in rows:
+        if r["precision"] != "int8" or r["name"] not in colors:
             continue
-        ax.scatter(x, y, s=50, color=color, zorder=3)
-        ax.annotate(r["name"], (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
-    ax.scatter([], [], s=50, color="#444444", label="float32")
-    ax.scatter([], [], s=60, marker="D", facecolors="none", edgecolors="#444444", label="int8")
+        f, color = next(f for f in floats if f["name"] == r["name"]), colors[r["name"]]
+        x, y = 1e3 * r["latency_b1"], 100 * r["accuracy"]
+        ax.scatter(x, y, s=60, marker="D", facecolors="none", edgecolors=color, zorder=3)
+        ax.plot([1e3 * f["latency_b1"], x], [100 * f["accuracy"], y], color=color, lw=0.8)
+    ax.scatter([], [], s=60, marker="D", facecolors="none", edgecolors="#444444",
+               label="hollow: its int8 copy")  # fmt: skip
     ax.set_xscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # Minor ticks labelled at 2, 3 and 5 x 10^n only: all of them would overlap.
+    some = lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""  # noqa: E731
+    ax.xaxis.set_minor_formatter(FuncFormatter(some))
     ax.set_xlabel(f"latency at batch 1, ms (log scale; CPU, {d['threads']} thread(s))")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("What each model costs to run: test accuracy against batch-1 latency")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     return _png(fig)
+
+
+def _cycle() -> list:
+    """tab10 without its red, which marks the teacher."""
+    from matplotlib import colormaps
+
+    return [colormaps["tab10"](i) for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]
