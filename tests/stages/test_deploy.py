@@ -32,7 +32,7 @@ def test_profile_sizes_and_rates(tmp_path):
     f = deploy.profile(model, deploy.sample_inputs(ToyData(40)))
     assert f["params"] == sum(p.numel() for p in model.parameters())
     assert f["weight_bytes"] == (tmp_path / "model.pt").stat().st_size  # what model.pt holds
-    assert 0 < f["latency_b1"] and 0 < f["latency_b256"]
+    assert f["latency_b1"] > 0 and f["latency_b256"] > 0
     assert f["samples_per_sec"] == pytest.approx(256 / f["latency_b256"])
     assert f["threads"] == torch.get_num_threads()
 
