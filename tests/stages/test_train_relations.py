@@ -193,3 +193,18 @@ def test_relation_and_pseudo_students_from_a_toml(tmp_path, cli, caches):
     pseudo = json.loads((tmp_path / "out" / "pseudo" / "summary.json").read_text())["settings"]
     assert (rkd["relation"], rkd["gamma"], rkd["pseudo_labels"]) == ("rkd-distance", 25.0, False)
     assert (pseudo["relation"], pseudo["pseudo_labels"], pseudo["alpha"]) == (None, True, 0.0)
+
+
+def test_the_mnist1d_job_has_a_relation_and_a_pseudo_label_student():
+    import tomllib
+
+    from tests.conftest import REPO
+
+    doc = tomllib.loads((REPO / "configs" / "students.toml").read_text())
+    shared = {k: v for k, v in doc.items() if k != "students"}
+    students = {s["name"]: shared | s for s in doc["students"]}
+    relation = [s for s in students.values() if s.get("relation")]
+    assert relation and all(s["student_features"] and s.get("beta", 0) == 0 for s in relation)
+    pseudo = [s for s in students.values() if s.get("pseudo_labels")]
+    assert [s["alpha"] for s in pseudo] == [0.0]  # the teacher's top-1 alone: no soft term
+    assert pseudo[0]["student"] == students["mlp-hard"]["student"]  # beside the hard baseline
