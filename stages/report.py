@@ -180,6 +180,11 @@ def _headline(report: dict) -> dict:
         "baseline": base and base["name"],
         "baseline_accuracy": base and base["test_accuracy"],
         "best_student": best and best["name"],
+        "best_ties": [
+            e["name"]
+            for e in rivals
+            if e is not best and e["test_accuracy"] == best["test_accuracy"]
+        ],
         "best_accuracy": best and best["test_accuracy"],
         "gain_points": by_name[best["name"]]["gain_points"] if best else None,
         "best_overall": top and top["name"],

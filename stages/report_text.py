@@ -76,7 +76,12 @@ def headline(report: dict) -> str:
         parts.append(
             f"Best distilled {best['model']}: **{best['name']}** at {_pct(best['test_accuracy'])} "
             f"against {_pct(base['test_accuracy'])} for the same model on hard labels only "
-            f"({base['name']}): **{report['gain_points']:+.1f} points**."
+            f"({base['name']}): **{report['gain_points']:+.1f} points**"
+            + (
+                f" (tied with {', '.join(report['best_ties'])})."
+                if report.get("best_ties")
+                else "."
+            )
         )
         if report.get("pseudo_baseline"):
             pl = by_name[report["pseudo_baseline"]]
@@ -154,7 +159,9 @@ def _classifier(report: dict) -> list[str]:
         "Test accuracy and ECE (15 bins) are each model's final epoch on its eval data; "
         '"agrees with teacher" is the share of those samples where its top-1 class is the '
         "teacher's. T, alpha, beta: distillation temperature and the weights in "
-        "`alpha * soft + (1 - alpha) * hard + beta * feature`. Train time excludes evaluation.",
+        "`alpha * soft + (1 - alpha) * hard + beta * feature`, plus `gamma * relation` where the "
+        "loss names a relation; pseudo-labels: cross-entropy on the teacher's top-1 class on "
+        "every cached row, no soft term. Train time excludes evaluation.",
         "",
     ]
     if report.get("unfinished"):

@@ -97,3 +97,26 @@ def test_deployment_rows_table_and_plot(job):
     # --no-agreement loads no model: nothing is timed either.
     doc, _ = report(job, "--no-agreement")
     assert "deploy" not in doc
+
+
+def test_headline_names_ties_and_the_pseudo_label_gain():
+    from kdcache.stages.report import _headline
+    from kdcache.stages.report_text import headline
+
+    def e(name, kind, acc, spec="m:MLP"):
+        return {"name": name, "kind": kind, "test_accuracy": acc, "spec": spec,
+                "model_args": {}, "model": spec[2:]}  # fmt: skip
+
+    students = [
+        e("hard", "hard labels", 0.6), e("pseudo", "pseudo-labels", 0.88),
+        e("a", "KD + relations", 0.905), e("b", "KD + features", 0.905), e("c", "KD", 0.9),
+        e("cnn", "KD", 0.95, "m:CNN"), e("cnn-pseudo", "pseudo-labels", 0.94, "m:CNN"),
+    ]  # fmt: skip
+    report = {"students": students, "teacher": None}
+    report.update(_headline(report))
+    assert (report["baseline"], report["best_student"], report["best_ties"]) == ("hard", "a", ["b"])
+    # The pseudo-label student of the best one's architecture, not the better one of another.
+    assert report["pseudo_baseline"] == "pseudo"
+    assert report["gain_over_pseudo_points"] == pytest.approx(2.5)
+    text = headline(report)
+    assert "+30.5 points** (tied with b)." in text and "(pseudo, 88.0%): **+2.5 points**" in text
