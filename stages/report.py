@@ -31,6 +31,8 @@ import time
 
 from kdcache.stages import relations
 from kdcache.stages.config import ReportConfig
+from kdcache.stages.report_deploy import PLOT as DEPLOY_PLOT
+from kdcache.stages.report_deploy import collect_deploy
 from kdcache.stages.report_runs import agreements, load_run, load_runs, model_fields, open_cache
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
@@ -222,8 +224,6 @@ def collect(cfg: ReportConfig, build) -> dict:
     }
     report.update(_headline(report))
     if students and cfg.agreement and cfg.deploy:
-        from kdcache.stages.report_deploy import collect_deploy
-
         report["deploy"] = collect_deploy(report, build)
     if lm is not None:
         report["lm"] = lm
@@ -252,20 +252,19 @@ def run(cfg: ReportConfig, build) -> dict:
                     (report["lm"], rp.LM_PLOTS, (rp.plot_lm_loss_vs_bytes, rp.plot_lm_curves))
                 )
             if "deploy" in report:
-                from kdcache.stages.report_deploy import PLOT, plot_accuracy_vs_latency
+                from kdcache.stages.report_deploy import plot_accuracy_vs_latency as plot
 
-                jobs.append((report["deploy"], (PLOT,), (plot_accuracy_vs_latency,)))
+                jobs.append((report["deploy"], (DEPLOY_PLOT,), (plot,)))
             for part, names, plots in jobs:
                 for png, plot in zip(names, plots, strict=True):
                     loc.write_bytes(plot(part), png)
                     written.append(png)
     # Each section lists its own plots: report.md shows the LM ones in the LM section.
     report["plots"] = [p for p in written if p in PLOTS]
-    ours = [p for p in written if p not in PLOTS and p.endswith("_vs_latency.png")]
     if "deploy" in report:
-        report["deploy"]["plots"] = ours
+        report["deploy"]["plots"] = [p for p in written if p == DEPLOY_PLOT]
     if "lm" in report:
-        report["lm"]["plots"] = [p for p in written if p not in PLOTS and p not in ours]
+        report["lm"]["plots"] = [p for p in written if p not in (*PLOTS, DEPLOY_PLOT)]
     json_name = os.path.splitext(name)[0] + ".json"
     loc.write_bytes((json.dumps(report, indent=2) + "\n").encode(), json_name)
     loc.write_bytes(markdown(report).encode(), name)
