@@ -83,3 +83,15 @@ def test_figures_give_the_float_and_int8_profiles_on_the_same_data():
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     assert f["weight_bytes"] == buf.getbuffer().nbytes
+
+
+def test_a_causal_lm_is_timed_on_token_blocks():
+    from tests.toy_models import ToyCausalLM, ToyTokens
+
+    data, model = ToyTokens(masked=True), ToyCausalLM().eval()
+    x = deploy.sample_inputs(data, "causal-lm")
+    assert set(x) == {"input_ids", "attention_mask"} and len(x["input_ids"]) == 256
+    f = deploy.figures(model, data, "causal-lm")
+    assert f["latency_b1"] > 0 and f["int8"]["latency_b256"] > 0
+    float_acc = deploy.accuracy(model, data, "causal-lm")  # per token
+    assert f["int8"]["accuracy"] == pytest.approx(float_acc, abs=0.05)
