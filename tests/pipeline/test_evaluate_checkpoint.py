@@ -81,3 +81,19 @@ def test_deploy_figures_in_json_and_text(cli, run_dir):
     lines = res.stdout.splitlines()
     assert any(line.startswith("float32") and "ms at batch 1" in line for line in lines)
     assert any(line.startswith("int8") and "accuracy" in line for line in lines)
+
+
+def test_a_language_models_weights_file_with_its_task(cli, tmp_path):
+    import torch
+
+    from kdcache.stages.lm import perplexity
+    from tests.toy_models import ToyCausalLM
+
+    torch.save(ToyCausalLM(seed=3).state_dict(), tmp_path / "lm.pt")
+    res = cli("evaluate", "--checkpoint", tmp_path / "lm.pt", "--student",
+              "tests.toy_models:ToyCausalLM", "--task", "causal-lm",
+              "--data", "tests.toy_models:ToyTokens", "--device", "cpu", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["perplexity"] == pytest.approx(perplexity(got["loss"]))
+    assert got["loss"] > 0 and got["n"] > 24  # per token, not per block
