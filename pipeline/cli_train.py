@@ -186,3 +186,18 @@ def evaluate(as_json: bool, **options) -> None:
         value = result.get(key)
         text = "-" if value is None else f"{value:.4f}" if isinstance(value, float) else value
         click.echo(f"{key:<10} {text}")
+    if result.get("deploy"):
+        _deploy_lines(result["deploy"])
+
+
+def _deploy_lines(d: dict) -> None:
+    """The CPU deployment figures, the float model's and the int8 copy's (stages/deploy.py)."""
+    for label, f in (("float32", d), ("int8", d.get("int8"))):
+        if not f:
+            continue
+        acc = f" accuracy {f['accuracy']:.4f}," if "accuracy" in f else ""
+        click.echo(
+            f"{label:<10}{acc} {f['params']:,} params, {f['weight_bytes']:,} bytes of weights, "
+            f"latency {1e3 * f['latency_b1']:.3f} ms at batch 1, {1e3 * f['latency_b256']:.2f} ms "
+            f"at batch 256 ({f['samples_per_sec']:,.0f} samples/s), {f['threads']} CPU thread(s)"
+        )

@@ -36,6 +36,7 @@ CSV_FIELDS = (
     "samples_per_sec",
     "eval_perplexity",
     "tokens_per_sec",
+    "relation_loss",
 )
 
 
@@ -117,7 +118,8 @@ def _num(v, fmt: str) -> str:
 def epoch_line(row: dict, epochs: int) -> str:
     losses = (
         f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} (hard {row['hard_loss']:.4f} "
-        f"soft {row['soft_loss']:.4f} feature {row['feature_loss']:.4f})"
+        f"soft {row['soft_loss']:.4f} feature {row['feature_loss']:.4f}"
+        + (f" relation {row['relation_loss']:.4f})" if row.get("relation_loss") else ")")
     )
     if "eval_perplexity" not in row:
         return (

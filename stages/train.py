@@ -1,7 +1,8 @@
 """Stage two: train a student from a cache (or from hard labels alone), in one readable loop.
 
 Loss per batch (formulas in stages/losses.py): ``alpha * soft + (1 - alpha) * hard + beta *
-feature``; without ``--cache`` only the hard term, or with ``--teacher`` the dense soft term
+feature`` (``+ gamma * relation`` with ``--relation``, stages/relations.py; ``--pseudo-labels``
+swaps the hard labels for the cached teacher's top-1); without ``--cache`` only the hard term, or with ``--teacher`` the dense soft term
 against the teacher run online on the same batch (stages/online.py); a regression cache trains on MSE to the stored
 targets (plus ``beta * feature``). A causal-lm student's hard term is the next-token cross-entropy
 and its soft term is taken on the logits of the valid positions (stages/lm.py); its loss means and
@@ -31,8 +32,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.stages import checkpoint, lm, losses
-from kdcache.stages.config import EXECUTION, TrainConfig, default_temperature
+from kdcache.stages import checkpoint, lm, losses, relations
+from kdcache.stages.config import EXECUTION, TrainConfig, cached_only, default_temperature
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.evaluate import (
     AgreementSet,
@@ -57,15 +58,16 @@ log = logging.getLogger("kdcache.train")
 class Distillee(nn.Module):
     """Student plus feature projector: one module, so DDP syncs both and one optimizer trains both."""
 
-    def __init__(self, student: nn.Module, tap: FeatureTap | None, projector: nn.Module, task):
+    def __init__(self, student, tap: FeatureTap | None, projector: nn.Module, task, project=True):
         super().__init__()
         self.student, self.projector, self.tap, self.task = student, projector, tap, task
+        self.project = project  # False: the tap feeds relation losses only (--beta 0)
 
     def forward(self, x):
         if self.tap is not None and isinstance(x, dict):
             self.tap.mask = x["attention_mask"]
         z = lm.logits(self.student, x, self.task)
-        if self.tap is None:
+        if self.tap is None or not self.project:
             return z, None
         f = self.tap.value
         return z, self.projector(f.reshape(len(f), -1))
@@ -121,6 +123,7 @@ def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
             "drop --task (a cache's task is the store's)"
         )
     cfg.task = reader.task if reader else cfg.task or "classification"
+    cached_only(cfg, reader)
     if cfg.temperature is None and (reader or cfg.online):
         cfg.temperature = reader.temperature if reader else default_temperature(cfg.task)
     if reader and cfg.beta > 0 and not reader.has_features:
@@ -184,7 +187,7 @@ class Trainer:
         if r and not cfg.ignore_fingerprint:  # (JoinedStream warns about an ignored mismatch)
             check_data(r, self.data)
         tap = None
-        if cfg.beta > 0:
+        if cfg.beta > 0 or cfg.relation:
             tap = FeatureTap(student, cfg.student_features, cfg.pool, "--student-features")
             self.cleanup_stack.enter_context(tap)
         width, sdim = _probe(student, self.data, tap, torch.device("cpu"), self.task)
@@ -205,9 +208,9 @@ class Trainer:
         self.student = student
         self.num_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
         projector: nn.Module = nn.Identity()
-        if tap is not None and sdim != r.features_info["dim"]:
+        if cfg.beta > 0 and sdim != r.features_info["dim"]:
             projector = nn.Linear(sdim, r.features_info["dim"])
-        self.model = Distillee(student, tap, projector, self.task)
+        self.model = Distillee(student, tap, projector, self.task, project=cfg.beta > 0)
         # Every student of a [[students]] list is built before the first trains: each one trains
         # from the RNG state its own seeded build left, as it would alone.
         self.rng = checkpoint.rng_state()
@@ -230,9 +233,15 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world_size
         common = dict(seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
         if r:
-            common.update(buffer_size=cfg.buffer_size, prefetch=cfg.prefetch, features=cfg.beta > 0)
+            features = cfg.beta > 0 or cfg.relation is not None
+            common.update(buffer_size=cfg.buffer_size, prefetch=cfg.prefetch, features=features)
             self.stream = JoinedStream(
-                r, self.data, cfg.batch_size, ignore_fingerprint=cfg.ignore_fingerprint, **common
+                r,
+                self.data,
+                cfg.batch_size,
+                ignore_fingerprint=cfg.ignore_fingerprint,
+                pseudo_labels=cfg.pseudo_labels,
+                **common,
             )
         else:
             # Online KD sees every row, as a cache's student does; hard labels only the labeled.
@@ -285,7 +294,13 @@ class Trainer:
             total = soft + cfg.beta * feat
         else:
             total = cfg.alpha * soft + (1 - cfg.alpha) * hard + cfg.beta * feat
-        return {"loss": total, "hard_loss": hard, "soft_loss": soft, "feature_loss": feat}
+        rel = zero
+        if cfg.relation:  # the student's features are the tap's, unprojected
+            stored = to_device(batch["features"], dev)
+            rel = relations.relation_loss(cfg.relation, self.model.tap.value, stored)
+            total = total + cfg.gamma * rel
+        terms = {"loss": total, "hard_loss": hard, "soft_loss": soft, "feature_loss": feat}
+        return terms | {"relation_loss": rel}
 
     def train_epoch(self, epoch: int, history: list) -> dict:
         self.stream.set_epoch(epoch)
@@ -295,7 +310,7 @@ class Trainer:
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        names = ("loss", "hard_loss", "soft_loss", "feature_loss")
+        names = ("loss", "hard_loss", "soft_loss", "feature_loss", "relation_loss")
         # Loss sums weighted by rows, or by tokens for causal-lm (means per token); then the rows
         # and tokens seen.
         sums = torch.zeros(len(names) + 2, dtype=sum_dtype(self.device), device=self.device)
