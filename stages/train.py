@@ -2,8 +2,9 @@
 
 Loss per batch (formulas in stages/losses.py): ``alpha * soft + (1 - alpha) * hard + beta *
 feature``; without ``--cache`` only the hard term, or with ``--teacher`` the dense soft term
-against the teacher run online on the same batch (stages/online.py); a regression cache trains on MSE to the stored
-targets (plus ``beta * feature``). A causal-lm student's hard term is the next-token cross-entropy
+against the teacher run online on the same batch (stages/online.py); a regression student's soft and
+hard terms are MSE to the teacher's stored outputs and to the stored true targets
+(stages/regression.py). A causal-lm student's hard term is the next-token cross-entropy
 and its soft term is taken on the logits of the valid positions (stages/lm.py); its loss means and
 metrics are per token. AdamW with linear warmup then cosine decay, stepped per batch.
 With a cache the student never sees the teacher: only the cache's manifest and shards are read.
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.stages import checkpoint, lm, losses
+from kdcache.stages import checkpoint, lm, losses, regression
 from kdcache.stages.config import EXECUTION, TrainConfig, default_temperature
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.evaluate import (
@@ -121,6 +122,7 @@ def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
             "drop --task (a cache's task is the store's)"
         )
     cfg.task = reader.task if reader else cfg.task or "classification"
+    regression.resolve_alpha(cfg, reader)
     if cfg.temperature is None and (reader or cfg.online):
         cfg.temperature = reader.temperature if reader else default_temperature(cfg.task)
     if reader and cfg.beta > 0 and not reader.has_features:
@@ -208,6 +210,11 @@ class Trainer:
         if tap is not None and sdim != r.features_info["dim"]:
             projector = nn.Linear(sdim, r.features_info["dim"])
         self.model = Distillee(student, tap, projector, self.task)
+        self.regression = None
+        if self.task == regression.TASK:
+            self.regression = regression.RegressionTerms(r, cfg)
+            if self.eval_data is not None:
+                regression.has_targets(self.eval_data, width)
         # Every student of a [[students]] list is built before the first trains: each one trains
         # from the RNG state its own seeded build left, as it would alone.
         self.rng = checkpoint.rng_state()
@@ -259,18 +266,22 @@ class Trainer:
         self.agree = None
         if r and self.task in ("classification", lm.TASK):
             self.agree = AgreementSet(r, self.data, cfg.agree_rows)
+        elif r:
+            self.agree = regression.TeacherRows(r, self.data, cfg.agree_rows)
 
     # ----------------------------------------------------------------- one batch, one epoch
 
     def loss_terms(self, z, proj, batch) -> dict[str, torch.Tensor]:
         cfg, r, dev = self.cfg, self.reader, self.device
+        if self.task == regression.TASK:  # MSE to the teacher and to the true targets
+            return self.regression(z, proj, batch, dev)
         zero = z.new_zeros((), dtype=torch.float32)
         hard = soft = feat = zero
         if self.task == lm.TASK:
             x = to_device(batch["input"], dev)
             hard = lm.next_token_loss(z, x["input_ids"], x["attention_mask"])
             z = lm.valid_tokens(z, x["attention_mask"])  # the stored columns' tokens, in order
-        elif self.task != "regression":
+        else:
             hard = losses.hard_loss(z, to_device(batch["label"], dev))
         if r:
             stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
@@ -281,8 +292,6 @@ class Trainer:
             feat = losses.feature_loss(proj, to_device(batch["features"], dev))
         if not (r or self.online):
             total = hard
-        elif self.task == "regression":
-            total = soft + cfg.beta * feat
         else:
             total = cfg.alpha * soft + (1 - cfg.alpha) * hard + cfg.beta * feat
         return {"loss": total, "hard_loss": hard, "soft_loss": soft, "feature_loss": feat}
@@ -351,6 +360,14 @@ class Trainer:
     def evaluate(self) -> dict:
         cfg, world, rank, task = self.cfg, self.dist.world_size, self.dist.rank, self.task
         out = {"eval_loss": None, "eval_accuracy": None, "eval_ece": None, "agreement": None}
+        if task == regression.TASK:
+            reduce = lambda s: reduce_sums(s, self.dist.enabled)  # noqa: E731
+            out |= regression.metrics(
+                self.student, self.device, self.reader.num_classes, cfg.precision,
+                cfg.eval_batch_size, self.eval_data, self.agree, rank, world, reduce,
+            )  # fmt: skip
+            self.model.train()
+            return out
         if self.eval_data is not None and task in ("classification", lm.TASK):
             batches = dataset_batches(self.eval_data, cfg.eval_batch_size, rank, world, task)
             sums = eval_sums(self.student, batches, self.device, cfg.precision, task)
