@@ -26,6 +26,7 @@ import torch
 
 from kdcache.stages import lm, losses, regression_metrics
 from kdcache.stages.device import autocast, sum_dtype, to_device
+from kdcache.stages.loader import check_data
 from kdcache.stages.targets import inputs_and_targets
 from kdcache.storage.errors import UsageError
 from kdcache.storage.stream import span
@@ -133,6 +134,11 @@ def eval_sums(model, batches, device, width: int, precision: str = "fp32") -> to
     return total
 
 
+def measure(model, batches, device, width: int, precision: str, reduce=lambda s: s) -> dict:
+    """n, mse, mae and r2 of `model` over (x, reference) batches, summed over ranks by `reduce`."""
+    return regression_metrics.summarise(reduce(eval_sums(model, batches, device, width, precision)))
+
+
 def metrics(model, device, width, precision, batch_size, eval_data=None, teacher_rows=None,
             rank=0, world=1, reduce=lambda s: s) -> dict:  # fmt: skip
     """eval_mse/mae/r2 on `eval_data`'s targets and teacher_mse/r2 on `teacher_rows` (each None
@@ -140,16 +146,33 @@ def metrics(model, device, width, precision, batch_size, eval_data=None, teacher
     out = dict.fromkeys(regression_metrics.FIELDS)
     if eval_data is not None:
         batches = target_batches(eval_data, batch_size, width, rank, world)
-        m = regression_metrics.summarise(
-            reduce(eval_sums(model, batches, device, width, precision))
-        )
+        m = measure(model, batches, device, width, precision, reduce)
         out.update(eval_mse=m["mse"], eval_mae=m["mae"], eval_r2=m["r2"])
     if teacher_rows is not None:
         batches = teacher_rows.batches(batch_size, rank, world)
-        m = regression_metrics.summarise(
-            reduce(eval_sums(model, batches, device, width, precision))
-        )
+        m = measure(model, batches, device, width, precision, reduce)
         out.update(teacher_mse=m["mse"], teacher_r2=m["r2"])
+    return out
+
+
+def evaluate_run(cfg, model, summary, ds, device, reader=None, cache_data=None) -> dict:
+    """`kdcache evaluate` of a regression student: n (rows with a target), mse, mae and r2 on
+    `ds`, and teacher_mse / teacher_r2 on the first cached rows of `reader` when given."""
+    x = lm.inputs(ds, np.arange(min(2, len(ds))), TASK)
+    model.eval()
+    with torch.no_grad():
+        z = lm.logits(model, to_device(x, device), TASK)
+    width = int(z.reshape(len(z), -1).shape[1])
+    has_targets(ds, width, "--data")
+    m = measure(model, target_batches(ds, cfg.batch_size, width, spec="--data"), device, width,
+                cfg.precision)  # fmt: skip
+    out = {"name": summary.get("name"), "student": summary["student"], "data": cfg.data}
+    out |= {k: m[k] for k in ("n", "mse", "mae", "r2")} | {"teacher_mse": None, "teacher_r2": None}
+    if reader is not None:
+        check_data(reader, cache_data, cfg.ignore_fingerprint)
+        rows = TeacherRows(reader, cache_data, cfg.agree_rows)
+        t = measure(model, rows.batches(cfg.batch_size), device, width, cfg.precision)
+        out.update(teacher_mse=t["mse"], teacher_r2=t["r2"])
     return out
 
 

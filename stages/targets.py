@@ -42,7 +42,9 @@ def _stack(rows: list, ids: np.ndarray, spec: str, width: int | None) -> np.ndar
         if want is None:
             want, first = len(r), int(sid)
         if len(r) != want:
-            other = f"the model has {want} outputs" if first is None else f"sample {first} {want}"
+            other = (
+                f"the model has {want} outputs" if first is None else f"sample {first} has {want}"
+            )
             raise UsageError(
                 f"--data {spec!r} sample {int(sid)}: target has {len(r)} values but {other}; "
                 "every target must have the same width, the model's number of outputs"

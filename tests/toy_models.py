@@ -140,7 +140,7 @@ class LinearReg(nn.Module):
 
 
 class RegData:
-    """(x, float target) items: target = x @ W + noise, W seeded, `width` values per item (1 gives a
+    """(x, float target) items: target = x @ W + noise, W fixed, `width` values per item (1 gives a
     scalar). every_missing=m makes every m-th target None; bad_index gets a NaN target (`bad` =
     "nan") or one of another width ("width"); vectorised=True serves `get_batch(ids)` instead."""
 
@@ -156,9 +156,10 @@ class RegData:
         bad: str = "nan",
         vectorised: bool = False,
     ):
+        # One map W for every seed (eval splits share it); the seed draws the inputs and noise.
+        self.w = np.random.default_rng(1000).standard_normal((IN_DIM, width)).astype(np.float32)
         rng = np.random.default_rng(seed + 1000)
         self.x = toy_inputs(n, seed)
-        self.w = rng.standard_normal((IN_DIM, width)).astype(np.float32)
         y = self.x @ self.w + noise * rng.standard_normal((n, width)).astype(np.float32)
         self.y = (scale * y).astype(np.float32)
         self.width, self.every_missing, self.bad_index, self.bad = (
