@@ -201,4 +201,4 @@ def evaluate(as_json: bool, **options) -> None:
     for key in (k for k in keys if k != "perplexity" or k in result):
         value = result.get(key)
         text = "-" if value is None else f"{value:.4f}" if isinstance(value, float) else value
-        click.echo(f"{key:<11} {text}")
+        click.echo(f"{key:<{max(10, *map(len, keys))}} {text}")

@@ -29,6 +29,7 @@ import logging
 import os
 import time
 
+from kdcache.stages import report_regression
 from kdcache.stages.config import ReportConfig
 from kdcache.stages.report_runs import agreements, load_run, load_runs, model_fields, open_cache
 from kdcache.stages.run_folder import RunFolder
@@ -170,7 +171,8 @@ def collect(cfg: ReportConfig, build) -> dict:
     _check(cfg)
     lm = collect_lm(cfg, build)
     finished, unfinished = load_runs(cfg.students)
-    if not finished and not (lm and lm["students"]):
+    finished, regression_runs = report_regression.split(finished)
+    if not finished and not regression_runs and not (lm and lm["students"]):
         raise UsageError(
             f"--students {cfg.students}: no finished student (no */summary.json"
             + (f", nor in {cfg.lm}/students" if lm else "")
@@ -195,6 +197,8 @@ def collect(cfg: ReportConfig, build) -> dict:
     report.update(_headline(report))
     if lm is not None:
         report["lm"] = lm
+    if regression_runs:
+        report["regression"] = report_regression.collect(regression_runs)
     return report
 
 
