@@ -290,3 +290,36 @@ def test_inspect_shows_target_statistics(cache):
     shown, stats = json.loads(out.output), CacheReader(cache).manifest["stats"]
     assert shown["target_rows"] == 64 and shown["teacher_mse"] == stats["teacher_mse"]
     assert shown["target_std"] == stats["target_std"] and len(shown["target_std"]) == 2
+
+
+def test_cli_train_and_evaluate_lines(tmp_path, cache, cli):
+    from tests.conftest import assert_one_line_error
+
+    out = tmp_path / "s"
+    args = ["train", "--cache", cache, "--student", "tests.toy_models:LinearReg"]
+    args += [
+        "--data",
+        "tests.toy_models:RegData",
+        "--data-arg",
+        f"n={N}",
+        "--data-arg",
+        "every_missing=3",
+    ]
+    args += ["--eval-data", "tests.toy_models:RegData", "--eval-data-arg", "n=64"]
+    args += ["--out", out, "--epochs", "2", "--device", "cpu", "--alpha", "0.5"]
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.startswith("trained s: eval_mse ") and "vs teacher mse " in res.stdout
+    assert "agreement" not in res.stdout and "eval_accuracy" not in res.stdout
+    assert "eval_mse" in res.stderr and "teacher_r2" in res.stderr  # the epoch log lines
+    summary = json.loads((out / "summary.json").read_text())
+    res = cli(
+        "evaluate", "--checkpoint", out, "--data", "tests.toy_models:RegData", "--data-arg", "n=64"
+    )
+    assert res.exit_code == 0, res.stderr
+    shown = dict(line.split(maxsplit=1) for line in res.stdout.strip().splitlines())
+    assert float(shown["mse"]) == pytest.approx(summary["final"]["eval_mse"], abs=1e-4)
+    assert shown["teacher_mse"] == "-" and "accuracy" not in shown
+    bad = cli(*args[:-2], "--alpha", "0.5", "--task", "classification")
+    assert bad.exit_code == 2
+    assert_one_line_error(bad.stderr, "--task classification", "regression teacher")
