@@ -152,7 +152,14 @@ class TrainConfig:
     temperature: float | None = option(
         None, "Distillation T (default: the cache's; online 4, or 1 for causal-lm).", above=0
     )
-    alpha: float = option(0.9, "Weight of the soft loss.", minimum=0, maximum=1)
+    # None: 0.9, or 1 on a regression store without targets (stages/regression.py).
+    alpha: float | None = option(
+        None, "Weight of the soft loss (default 0.9; 1 on a store without targets).", minimum=0,
+        maximum=1,
+    )  # fmt: skip
+    normalize_targets: bool = option(
+        False, "Regression: divide squared errors by the stored targets' variance (unit-free loss)."
+    )
     beta: float = option(0.0, "Weight of the feature loss.", minimum=0)
     student_features: str | None = option(
         None, "Student submodule whose output matches the features."

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 
-from kdcache.stages import relations
+from kdcache.stages import relations, report_regression
 from kdcache.stages.config import ReportConfig
 from kdcache.stages.report_deploy import PLOT as DEPLOY_PLOT
 from kdcache.stages.report_deploy import collect_deploy
@@ -200,7 +200,8 @@ def collect(cfg: ReportConfig, build) -> dict:
     _check(cfg)
     lm = collect_lm(cfg, build)
     finished, unfinished = load_runs(cfg.students)
-    if not finished and not (lm and lm["students"]):
+    finished, regression_runs = report_regression.split(finished)
+    if not finished and not regression_runs and not (lm and lm["students"]):
         raise UsageError(
             f"--students {cfg.students}: no finished student (no */summary.json"
             + (f", nor in {cfg.lm}/students" if lm else "")
@@ -227,6 +228,8 @@ def collect(cfg: ReportConfig, build) -> dict:
         report["deploy"] = collect_deploy(report, build)
     if lm is not None:
         report["lm"] = lm
+    if regression_runs:
+        report["regression"] = report_regression.collect(regression_runs)
     return report
 
 

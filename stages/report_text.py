@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kdcache.stages import report_regression
+
 
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
@@ -145,6 +147,8 @@ def markdown(report: dict) -> str:
         f"Runs in `{report['runs']}`, generated {report['generated']}.",
     ]
     lines += [""] + _classifier(report) if report["students"] else [""]
+    if "regression" in report:
+        lines += report_regression.markdown(report["regression"])
     if "lm" in report:
         lines += lm_markdown(report["lm"])
     return "\n".join(lines)
