@@ -59,16 +59,6 @@ def listed_files(manifest: dict) -> dict[str, dict]:
     return out
 
 
-def matches(want: dict, data) -> bool:
-    """True when `data` has the recorded size and checksum (the fast one when recorded)."""
-    view = memoryview(data).cast("B")
-    if view.nbytes != want.get("bytes", view.nbytes):
-        return False
-    if FAST in want:
-        return xxhash.xxh3_64_hexdigest(view) == want[FAST]
-    return hashlib.sha256(view).hexdigest() == want[STRONG]
-
-
 class ReadChecker:
     """Checks each listed file once, on the first bytes read of it; `enabled=False` trusts all.
 
@@ -85,10 +75,22 @@ class ReadChecker:
         """True when `key` still needs checking: a reader must then read the whole file."""
         return self.enabled and key not in self.checked and key in self.listed
 
+    def hasher(self, key: str):
+        """The incremental hash `key` is checked with: xxh3_64 when recorded, else sha256."""
+        return _fast() if FAST in self.listed[key] else hashlib.sha256()
+
     def check(self, key: str, data) -> None:
-        if not self.pending(key):
-            return
-        if not matches(self.listed[key], data):
+        """Check a whole file's bytes (once per reader)."""
+        if self.pending(key):
+            view = memoryview(data).cast("B")
+            h = self.hasher(key)
+            h.update(view)
+            self.conclude(key, view.nbytes, h)
+
+    def conclude(self, key: str, size: int, h) -> None:
+        """IntegrityError unless `size` bytes hashed into `h` are what the manifest recorded."""
+        want = self.listed[key]
+        if size != want["bytes"] or h.hexdigest() != want[FAST if FAST in want else STRONG]:
             raise IntegrityError(
                 f"{self.path(key)} does not match the checksum in the manifest of {self.url} "
                 f"(damaged or changed since it was written): run `kdcache verify {self.url}` to "

@@ -93,13 +93,13 @@ def test_a_flipped_byte_in_a_memory_store_through_zarr(memory_url):
 def test_each_file_is_checked_once_per_reader_on_the_bytes_read(copy_of, monkeypatch):
     root = copy_of()
     seen: list[tuple[str, int]] = []
-    check = integrity.matches
+    conclude = integrity.ReadChecker.conclude
 
-    def counting(want, data):
-        seen.append((want["xxh3_64"], memoryview(data).nbytes))
-        return check(want, data)
+    def counting(self, key, size, h):
+        seen.append((h.hexdigest(), size))
+        return conclude(self, key, size, h)
 
-    monkeypatch.setattr(integrity, "matches", counting)
+    monkeypatch.setattr(integrity.ReadChecker, "conclude", counting)
     reader = CacheReader(str(root))
     for _ in range(3):  # three epochs: a file is checked on its first read only
         assert epoch(reader) == 50
