@@ -19,7 +19,6 @@ from kdcache.storage.integrity import CHECKSUMS, CheckedStore, ReadChecker, list
 from kdcache.storage.manifest import FEATURES, load_manifest, parquet_key
 from kdcache.storage.shards import decode_table, shard_schema
 
-
 _SLICE = 256 << 10
 
 
