@@ -76,6 +76,16 @@ def release_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def message_of(exc: KdcacheError) -> str:
+    """The error's own message; one raised in a DataLoader worker arrives re-raised with the
+    worker's traceback as its message, whose last line is `module.Class: <the message>`."""
+    text = str(exc)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        return text.rstrip().splitlines()[-1].removeprefix(name)
+    return text
+
+
 def handle_errors(fn):
     """One clear line and a documented exit code instead of a traceback wall."""
 
@@ -84,7 +94,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except KdcacheError as exc:
-            click.echo(f"kdcache: error: {exc}", err=True)
+            click.echo(f"kdcache: error: {message_of(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"

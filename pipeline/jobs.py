@@ -9,13 +9,14 @@ receive built objects, a `Dist` (rank, world_size, is_main, barrier, broadcast, 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from types import SimpleNamespace
 
 import torch
 
 from kdcache.pipeline.data import load_dataset
-from kdcache.pipeline.models import load_model, saved_settings
+from kdcache.pipeline.models import load_model, random_init, saved_settings
 from kdcache.pipeline.runtime import Dist, process_group, resolve_device
 from kdcache.stages import deploy
 from kdcache.stages import evaluate as evaluate_stage
@@ -26,6 +27,8 @@ from kdcache.stages.train import TrainConfig, Trainer, finished
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
+
+log = logging.getLogger("kdcache")
 
 
 def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
@@ -38,14 +41,33 @@ def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
         model, teacher_id = load_model(
             cfg.teacher, cfg.teacher_args, cfg.checkpoint, cfg.storage_options
         )
+        if cfg.checkpoint is None and not cfg.random_teacher:
+            untrained_teacher(cfg.teacher, cfg.teacher_args, model, refuse=True)
         return precompute_stage.run(cfg, model.to(device), teacher_id, ds, dist, device, started)
+
+
+def untrained_teacher(spec: str, kwargs: dict, model, refuse: bool) -> None:
+    """Refuse (`refuse`) or warn about a teacher built from a spec alone whose weights are random
+    initial weights: it costs a second build of the spec, only when no checkpoint is given."""
+    if not random_init(spec, kwargs, model):
+        return
+    text = (
+        f"--teacher {spec} has random initial weights (no checkpoint given, and the spec builds "
+        "other weights under another seed): its soft labels teach nothing"
+    )
+    if refuse:
+        raise UsageError(
+            f"{text}; pass --checkpoint FILE with the trained weights, or --random-teacher to "
+            "precompute it anyway"
+        )
+    log.warning("warning: %s", text)
 
 
 def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Trainer | dict:
     """The built and checked Trainer of one student, or the summary of an identical finished run
     (then there is nothing to do). `datasets` shares data sets between the students of a job."""
     cfg.validate()
-    reader = CacheReader(cfg.cache, cfg.storage_options) if cfg.cache else None
+    reader = CacheReader(cfg.cache, cfg.storage_options, cfg.verify_reads) if cfg.cache else None
     folder = RunFolder(cfg.out, cfg.storage_options)
     done = dist.decide(lambda: finished(cfg, reader, folder))
     if done is not None:
@@ -66,8 +88,15 @@ def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Train
         # Built before the student's seed is set: a seeded teacher factory leaves the student's
         # initial weights and data order those of the same run from a cache.
         teacher = load_model(
-            cfg.teacher, cfg.teacher_args, cfg.teacher_checkpoint, cfg.storage_options
+            cfg.teacher,
+            cfg.teacher_args,
+            cfg.teacher_checkpoint,
+            cfg.storage_options,
+            flag="--teacher-checkpoint",
         )
+        if cfg.teacher_checkpoint is None:
+            # The online run is a reference, not a cache used for months: a warning is enough.
+            untrained_teacher(cfg.teacher, cfg.teacher_args, teacher[0], refuse=False)
     # The student's initial weights are part of the run: seeded right before it is built.
     torch.manual_seed(cfg.seed)
     student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
@@ -140,7 +169,7 @@ def evaluate(cfg: evaluate_stage.EvaluateConfig) -> dict:
     ds = load_dataset(cfg.data, cfg.data_args)
     reader = cache_data = None
     if cfg.cache:
-        reader = CacheReader(cfg.cache, cfg.storage_options)
+        reader = CacheReader(cfg.cache, cfg.storage_options, cfg.verify_reads)
         # Agreement needs the inputs of the cached rows: the data set named in the manifest.
         source = reader.manifest["data"]
         cache_data = load_dataset(source["spec"], source.get("kwargs") or {})

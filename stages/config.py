@@ -24,6 +24,17 @@ QUIET_HELP = "No progress bar or info logs."
 STORAGE_HELP = "k=v fsspec storage option (repeatable)."
 
 
+def verify_reads_option():
+    """Readers check every store file against the manifest on first read (storage/integrity.py);
+    the same opt-out for every command that reads a store."""
+    return option(
+        True,
+        "Do not check each store file against the manifest's checksum when first read.",
+        flag_name="--no-verify-reads",
+        execution=True,
+    )
+
+
 def default_temperature(task: str) -> float:
     """T when none is given: a language model's own distribution (T = 1) is what its students
     usually match; classifiers' soft labels are tempered (T = 4)."""
@@ -79,6 +90,13 @@ class PrecomputeConfig:
         "classification", "Teacher kind.", choices=("classification", "regression", "causal-lm")
     )
     force: bool = option(False, "Replace a store made with other settings.")
+    # Without --checkpoint a spec whose weights come from torch's RNG is refused: its soft labels
+    # would be those of an untrained network, a mistake nobody wants cached for months.
+    random_teacher: bool = option(
+        False,
+        "Precompute a teacher whose weights are random initial weights (no --checkpoint).",
+        execution=True,
+    )
     quiet: bool = option(False, QUIET_HELP, cli=False, execution=True)
     storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
     queue_depth: int = option(
@@ -195,6 +213,7 @@ class TrainConfig:
     ignore_fingerprint: bool = option(False, "Train on other --data.", execution=True)
     buffer_size: int = option(16384, "Shuffle buffer rows.", minimum=0)
     prefetch: int = option(2, "Shards read ahead.", minimum=1, execution=True)
+    verify_reads: bool = verify_reads_option()
     agree_rows: int = option(
         5000, "Cached rows measured for teacher agreement.", minimum=1, cli=False
     )
@@ -293,6 +312,19 @@ class EvaluateConfig:
         5000, "Cached rows measured for teacher agreement.", minimum=1, cli=False
     )
     ignore_fingerprint: bool = option(False, "Skip the cache data check.", execution=True)
+    storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
+    verify_reads: bool = verify_reads_option()
+
+    def validate(self) -> None:
+        validate_options(self)
+
+
+@dataclass(kw_only=True)
+class InspectConfig:
+    deep: bool = option(
+        False, "Also read every row and feature (each file checked) and count non-finite values."
+    )
+    verify_reads: bool = verify_reads_option()
     storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
 
     def validate(self) -> None:

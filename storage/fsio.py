@@ -7,7 +7,6 @@ but a single PUT is atomic there (an object is visible whole or not at all), so 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from kdcache.storage.errors import UsageError
+from kdcache.storage.integrity import Digester
 
 _CHUNK = 8 << 20
 
@@ -104,15 +104,13 @@ class Location:
         if self.fs.exists(target):
             self.fs.rm(target, recursive=recursive)
 
-    def sha256(self, *parts: str) -> tuple[str, int]:
-        """Hash a file by streaming it; returns (hex digest, size in bytes)."""
-        h = hashlib.sha256()
-        size = 0
+    def digests(self, *parts: str) -> dict:
+        """A file's manifest entry (both checksums and its size), streamed in chunks."""
+        d = Digester()
         with self.fs.open(self.path(*parts), "rb") as f:
             while chunk := f.read(_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        return h.hexdigest(), size
+                d.update(chunk)
+        return d.entry()
 
     def modified(self, *parts: str) -> float:
         """Last modification time of a file, in seconds since the epoch."""

@@ -8,14 +8,13 @@ same fingerprint keeps every committed shard and rewrites the rest.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import zarr
 
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import Location
+from kdcache.storage.integrity import digests
 from kdcache.storage.manifest import (
     COMMITS,
     FEATURES,
@@ -161,8 +160,7 @@ class StoreWriter:
             raise RuntimeError(f"cannot publish {self.loc.url}: shards {missing[:5]} not committed")
         files = {}
         if self.features:
-            digest, size = self.loc.sha256(FEATURES, "zarr.json")
-            files[f"{FEATURES}/zarr.json"] = {"sha256": digest, "bytes": size}
+            files[f"{FEATURES}/zarr.json"] = self.loc.digests(FEATURES, "zarr.json")
         manifest = {
             **self.header,
             **(extra or {}),
@@ -209,7 +207,7 @@ class ShardWriter:
         table = encode_table(columns, store.codec)
         data = table_to_parquet_bytes(table)
         loc.write_bytes(data, key)
-        files = {key: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+        files = {key: digests(data)}
         keys = []
         payload = payload_bytes(table)
         if store.features:
@@ -220,8 +218,7 @@ class ShardWriter:
                 self.index, store.features["dim"], store.features["chunk_cols"]
             )
         for k in keys:
-            digest, size = loc.sha256(k)
-            files[k] = {"sha256": digest, "bytes": size}
+            files[k] = loc.digests(k)
         entry = {
             "index": self.index,
             "first_row": self.first_row,

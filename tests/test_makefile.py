@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import tomllib
 
 import pytest
@@ -138,3 +139,35 @@ def test_job_configs_hold_a_baseline_and_distilled_students():
     assert any(s.beta > 0 and s.student_features for s in students)
     assert {s.data_args["split"] for s in students} == {"train+transfer"}
     assert {s.eval_data_args["split"] for s in students} == {"test"}
+
+
+def _cron(runs, inner: str, **popen) -> subprocess.Popen:
+    """`make cron` for real, the job it wraps (`$(MAKE) run`) replaced by a shell command."""
+    cmd = ["make", "-C", str(REPO), "cron", f"RUNS={runs}", f"MAKE=sh -c '{inner}' --"]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def test_cron_while_another_cron_runs_skips_with_exit_0(tmp_path):
+    """README, Makefile and docs/scheduling.md agree: a second `make cron` exits 0 at once."""
+    runs, started, stop, ran = (tmp_path / n for n in ("runs", "started", "stop", "ran"))
+    first = _cron(runs, f"touch {started}; while [ ! -e {stop} ]; do sleep 0.05; done")
+    try:
+        deadline = time.time() + 30
+        while not started.exists():
+            assert first.poll() is None and time.time() < deadline, first.stdout.read()
+            time.sleep(0.05)
+        second = _cron(runs, f"touch {ran}")
+        out = second.communicate(timeout=30)[0]
+        assert second.returncode == 0, out
+        assert f"make cron: another run holds {runs}/.make.lock; skipped" in out
+        assert not ran.exists()  # the job did not run twice
+    finally:
+        stop.touch()
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+    third = _cron(runs, f"touch {ran}")  # the lock is free again: the job runs
+    assert third.communicate(timeout=30) and third.returncode == 0 and ran.exists()
+    failed = _cron(runs, "exit 3")  # a failing job is not hidden (make reports any as 2)
+    assert "Error 3" in failed.communicate(timeout=30)[0] and failed.returncode == 2

@@ -40,27 +40,30 @@ class ToyNet(nn.Module):
 
     sleep: seconds per forward (to make a run slow enough to kill); count_file: append one line per
     forward (to prove a cache hit runs none); out: how the logits are wrapped (tensor, dict, tuple,
-    object); sabotage: a path the first forward creates as a regular file (to break a store). With KDCACHE_TOY_FORBID_FORWARD set, forward raises.
+    object); sabotage: a path the first forward creates as a regular file (to break a store);
+    stamp_file: append the time of every forward. With KDCACHE_TOY_FORBID_FORWARD set, forward raises.
     """
 
     def __init__(
         self,
         num_classes: int = 10,
         dim: int = 16,
-        seed: int = 0,
+        seed: int | None = 0,  # None: torch's random initial weights, as an untrained spec has
         sleep: float = 0.0,
         count_file: str | None = None,
         out: str = "tensor",
         scale: float = 3.0,
         sabotage: str | None = None,
+        stamp_file: str | None = None,
     ):
         super().__init__()
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         self.body = Body(dim)
         self.head = nn.Linear(dim, num_classes)
         self.spare = nn.Identity()  # never called by forward
         self.sleep, self.count_file, self.out, self.scale = sleep, count_file, out, scale
-        self.sabotage = sabotage
+        self.sabotage, self.stamp_file = sabotage, stamp_file
 
     def forward(self, x: torch.Tensor):
         if os.environ.get(FORBID_ENV):
@@ -70,6 +73,9 @@ class ToyNet(nn.Module):
                 f.write(f"{len(x)}\n")
         if self.sleep:
             time.sleep(self.sleep)
+        if self.stamp_file:  # when each forward ran (to show two runs overlapping in time)
+            with open(self.stamp_file, "a") as f:
+                f.write(f"{time.time()}\n")
         if self.sabotage and not os.path.exists(self.sabotage):
             with open(self.sabotage, "w") as f:
                 f.write("not a folder")
