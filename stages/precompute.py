@@ -30,7 +30,7 @@ from kdcache.stages.encode import (
     summarise,
 )
 from kdcache.stages.hooks import FeatureTap, logits_of
-from kdcache.storage import codecs
+from kdcache.storage import codecs, faults
 from kdcache.storage.errors import FormatError, KdcacheError, UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.lock import StoreLock
@@ -227,6 +227,7 @@ class _WriterThread(threading.Thread):
                             )
                         add_stats(shard.stats, stats)
                         shard.add(columns, feats)
+                        faults.point("precompute.encoded")
                 add_stats(self.totals, shard.stats)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
@@ -246,6 +247,7 @@ def _prepare_store(loc, header, cfg, model, ds, device) -> tuple:
         return ("hit", load_manifest(loc))
     # Probe the teacher before wiping anything, so that a bad option cannot cost the old store.
     header = _complete_header(header, model, ds, device, cfg)
+    faults.point("precompute.probed")
     if state in ("replace", "complete"):
         log.warning("--force: replacing the store at %s", loc.url)
         wipe(loc)
@@ -297,6 +299,7 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
     lock = StoreLock(loc) if dist.is_main else None
 
     def prepare() -> tuple:
+        faults.point("precompute.start")
         _acquire(lock)
         return _prepare_store(loc, header, cfg, model, ds, device)
 
@@ -315,16 +318,19 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
             i for i in range(num_shards) if i % dist.world_size == dist.rank and i not in committed
         ]
         teacher_seconds = _compute(store, mine, model, ds, device, cfg, dist.is_main)
+        faults.point("precompute.computed")
         dist.barrier()
         if not dist.is_main:
             return {"status": "done", "manifest": None, "seconds": time.perf_counter() - started}
         wall = time.perf_counter() - started
         lock.check()  # taken over as stale while we worked: the new owner publishes, not us
         manifest = _publish(store, {"teacher_seconds": teacher_seconds, "wall_seconds": wall})
+        faults.point("precompute.published")
         return {"status": "done", "manifest": manifest, "seconds": wall, "resumed": len(committed)}
     finally:
         if lock is not None and lock._thread is not None:
             lock.release()
+            faults.point("precompute.released")
 
 
 def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
@@ -359,6 +365,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
                         writer.put(None)
                     writer.put(shard)
                     current = shard
+                    faults.point("precompute.new_shard")
                 t = time.perf_counter()
                 z, feats = _forward(model, x, device, cfg, tap)
                 ids_np, y_np = ids.numpy(), y.numpy()
@@ -372,6 +379,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
                 else:
                     y_np = np.full_like(y_np, -1)  # regression targets are not class labels
                 busy += time.perf_counter() - t
+                faults.point("precompute.batch")
                 writer.put((z, y_np, ids_np, feats, tokens))
                 bar.update(len(ids_np))
             writer.put(None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from kdcache.storage import faults
 from kdcache.storage.errors import UsageError
 
 _CHUNK = 8 << 20
@@ -69,8 +70,11 @@ class Location:
         """Publish `data` under `parts` so that readers see all of it or nothing."""
         target = self.path(*parts)
         if self.is_local:
-            os.replace(self._durable_temporary(data, target), target)
+            tmp = self._durable_temporary(data, target)
+            faults.point("write." + "/".join(parts))  # the bytes are down, not yet published
+            os.replace(tmp, target)
         else:
+            faults.point("write." + "/".join(parts))
             self.fs.pipe_file(target, data)
 
     def create_bytes(self, data: bytes, *parts: str) -> None:

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 
+from kdcache.storage import faults
 from kdcache.storage.errors import LockedError
 from kdcache.storage.fsio import Location
 from kdcache.storage.manifest import LOCK_FILE, dumps
@@ -91,9 +92,16 @@ class StoreLock:
             raise LockedError(
                 f"{self.loc.url}: another run took the lock at the same moment; retry later"
             ) from None
-        self.check()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="kdcache-lock")
-        self._thread.start()
+        try:
+            self.check()
+            faults.point("lock.acquired")
+            self._thread = threading.Thread(target=self._beat, daemon=True, name="kdcache-lock")
+            self._thread.start()
+        except BaseException:
+            # Stopped (SIGTERM, Ctrl-C) between taking the lock and handing it to the caller,
+            # whose cleanup only covers a lock it got: free it here, or it blocks every rerun.
+            self.release()
+            raise
 
     def check(self) -> None:
         """LockedError unless the lock file still holds this run's token."""

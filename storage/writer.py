@@ -13,6 +13,7 @@ import hashlib
 import numpy as np
 import zarr
 
+from kdcache.storage import faults
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import Location
@@ -98,7 +99,9 @@ class StoreWriter:
         """Write the run header and create the feature array (rank 0 only, before the barrier)."""
         self.loc.fs.makedirs(self.loc.root, exist_ok=True)
         self._sweep_temporaries()
+        faults.point("writer.swept")
         self.loc.write_bytes(dumps(self.header), RUN_FILE)
+        faults.point("writer.run_header")
         if self.features and not self.loc.exists(FEATURES, "zarr.json"):
             f = self.features
             zarr.create_array(
@@ -113,6 +116,7 @@ class StoreWriter:
                 storage_options=self.loc.storage_options or None,
                 overwrite=True,
             )
+            faults.point("writer.features_array")
 
     def _sweep_temporaries(self) -> None:
         """Delete the temporary files a killed writer left in a local folder (ours: `*.tmp-<hex>`,
@@ -171,7 +175,9 @@ class StoreWriter:
             "shards": [entries[i] for i in range(expected)],
             "stats": stats,
         }
+        faults.point("publish.checked")
         self.loc.write_bytes(dumps(manifest), MANIFEST)
+        faults.point("publish.done")
         return manifest
 
 
@@ -208,13 +214,16 @@ class ShardWriter:
         key = parquet_key(self.index)
         table = encode_table(columns, store.codec)
         data = table_to_parquet_bytes(table)
+        faults.point("shard.encoded")
         loc.write_bytes(data, key)
+        faults.point("shard.parquet")
         files = {key: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
         keys = []
         payload = payload_bytes(table)
         if store.features:
             feats = np.concatenate(self._features).astype(store.features["dtype"], copy=False)
             store.array[self.first_row : self.first_row + rows] = feats
+            faults.point("shard.features")
             payload += feats.nbytes
             keys += feature_chunk_keys(
                 self.index, store.features["dim"], store.features["chunk_cols"]
@@ -237,4 +246,6 @@ class ShardWriter:
                 **store.codec.summarise(sums),
             }
         marker = {"fingerprint": header["fingerprint"], "entry": entry}
+        faults.point("shard.hashed")
         loc.write_bytes(dumps(marker), f"{COMMITS}/{shard_name(self.index)}.json")
+        faults.point("shard.marker")

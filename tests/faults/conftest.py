@@ -1,0 +1,137 @@
+"""The fault-injection campaign's shared machinery: rows for docs/RELIABILITY.md, runs to kill.
+
+Each case calls `fault_row(...)` with what it injected and what the user saw; at teardown the row
+gets the case's result (pass / FAIL / xfail) and, when KDCACHE_FAULT_ROWS names a file (as
+`make faults` does), is appended to it as one JSON line. `python -m tests.faults.render` turns
+those lines into the table. Paths, ports, pids and random prefixes are replaced by placeholders so
+that the table does not change from one run to the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, kdcache_cmd
+from tests.integration.conftest import s3_endpoint, s3_url, s3fs_fresh  # noqa: F401
+
+ROWS_ENV = "KDCACHE_FAULT_ROWS"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    if rep.when == "call" or (rep.when == "setup" and rep.outcome != "passed"):
+        item.fault_outcome = rep
+    return rep
+
+
+def _result(item) -> str:
+    rep = getattr(item, "fault_outcome", None)
+    if rep is None:
+        return "FAIL (not run)"
+    if hasattr(rep, "wasxfail"):
+        return f"xfail: {rep.wasxfail}" if rep.skipped else "pass (xfail no longer needed)"
+    if rep.skipped:
+        return "skipped"
+    return "pass" if rep.passed else "FAIL"
+
+
+class Placeholders:
+    """Replace run-specific strings (tmp paths, S3 prefixes, ports, pids) in recorded text."""
+
+    def __init__(self):
+        self.subs: list[tuple[str, str]] = []
+
+    def add(self, value, name: str) -> None:
+        self.subs.append((str(value), name))
+
+    def __call__(self, text: str) -> str:
+        for value, name in sorted(self.subs, key=lambda s: -len(s[0])):
+            text = text.replace(value, name)
+        text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", text)
+        text = re.sub(r"\bpid \d+", "pid <pid>", text)
+        text = re.sub(r"heartbeat \d+s ago", "heartbeat <n>s ago", text)
+        text = re.sub(r"\.tmp-[0-9a-f]{32}", ".tmp-<hex>", text)
+        return text
+
+
+@pytest.fixture
+def placeholders(tmp_path) -> Placeholders:
+    p = Placeholders()
+    p.add(tmp_path, "<tmp>")
+    return p
+
+
+@pytest.fixture
+def fault_row(request, placeholders):
+    """`fault_row(kind=, case=, fault=, seen=, exit=, recovery=)`: this case's table row."""
+    row: dict = {}
+
+    def record(**fields) -> None:
+        row.update(fields)
+
+    yield record
+    if not row:
+        return
+    row = {k: placeholders(v) if isinstance(v, str) else v for k, v in row.items()}
+    row["result"] = _result(request.node)
+    row["test"] = request.node.nodeid
+    path = os.environ.get(ROWS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Cases pass --threads 1 (bitwise-equal training across processes); leave the rest as it was."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def fault_env(fault: str | None = None, **extra: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("KDCACHE_FAULT", None)
+    if fault:
+        env["KDCACHE_FAULT"] = fault
+    return env
+
+
+def run_with_fault(args: list[str], fault: str | None, timeout: float = 120, **env: str):
+    """`kdcache ARGS` in a real process with KDCACHE_FAULT=fault; its CompletedProcess."""
+    return subprocess.run(
+        kdcache_cmd(*args),
+        cwd=REPO,
+        env=fault_env(fault, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def as_host(host: str) -> list[str]:
+    """A `kdcache` command line whose process calls itself `host` (what the store lock records):
+    two processes on one machine stand in for two machines."""
+    code = (
+        f"import socket; socket.gethostname = lambda: {host!r}; "
+        "from kdcache.pipeline.cli import main; main()"
+    )
+    return [sys.executable, "-c", code]
+
+
+def last_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def exit_text(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else str(code)
