@@ -441,6 +441,8 @@ class Trainer:
     def train(self, stop_after_epoch: int | None = None) -> dict:
         cfg, d = self.cfg, self.dist
         started = self.started
+        if d.is_main:
+            self.folder.loc.sweep_temporaries()  # a killed run's half-written checkpoint
         first, rows, extra = self.resume()
         tb = self._tensorboard()
         history: list = []

@@ -103,6 +103,19 @@ class Location:
             os.fsync(f.fileno())
         return tmp
 
+    def sweep_temporaries(self, keep: str | None = None) -> None:
+        """Delete the temporary files a killed writer left in a local folder (ours: `*.tmp-<hex>`,
+        zarr's: `*.<hex>.partial`), except those of names starting with `keep`. Object stores
+        have none: they get whole PUTs."""
+        if not self.is_local or not self.fs.exists(self.root):
+            return
+        for path in self.fs.find(self.root):
+            name = path.rsplit("/", 1)[-1]
+            if keep and name.startswith(keep):
+                continue
+            if ".tmp-" in name or name.endswith(".partial"):
+                self.fs.rm_file(path)
+
     def remove(self, *parts: str, recursive: bool = False) -> None:
         target = self.path(*parts)
         if self.fs.exists(target):

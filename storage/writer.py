@@ -98,7 +98,8 @@ class StoreWriter:
     def prepare(self) -> None:
         """Write the run header and create the feature array (rank 0 only, before the barrier)."""
         self.loc.fs.makedirs(self.loc.root, exist_ok=True)
-        self._sweep_temporaries()
+        # Not the lock's: another process may be writing its lock attempt right now.
+        self.loc.sweep_temporaries(keep=LOCK_FILE)
         faults.point("writer.swept")
         self.loc.write_bytes(dumps(self.header), RUN_FILE)
         faults.point("writer.run_header")
@@ -117,18 +118,6 @@ class StoreWriter:
                 overwrite=True,
             )
             faults.point("writer.features_array")
-
-    def _sweep_temporaries(self) -> None:
-        """Delete the temporary files a killed writer left in a local folder (ours: `*.tmp-<hex>`,
-        zarr's: `*.<hex>.partial`). Object stores have none: they get whole PUTs."""
-        if not self.loc.is_local:
-            return
-        for path in self.loc.fs.find(self.loc.root):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(LOCK_FILE):
-                continue  # another process may be writing its lock attempt right now
-            if ".tmp-" in name or name.endswith(".partial"):
-                self.loc.fs.rm_file(path)
 
     @property
     def array(self):

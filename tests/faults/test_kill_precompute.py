@@ -111,13 +111,15 @@ def partial_state(out: Path) -> str:
     if (out / "manifest.json").exists():
         problems = CacheReader(str(out)).verify()
         return "complete, verify ok" if not problems else f"damaged: {problems}"
-    with pytest.raises(FormatError) as err:
+    with pytest.raises(FormatError):
         CacheReader(str(out))
     return "readers refuse it (incomplete)" if out.exists() else "nothing written"
 
 
 @pytest.mark.parametrize(("point", "nth", "where"), POINTS, ids=[f"{p}:{n}" for p, n, _ in POINTS])
-def test_kill_9_then_rerun_is_byte_identical(tmp_path, cli, reference, fault_row, point, nth, where):
+def test_kill_9_then_rerun_is_byte_identical(
+    tmp_path, cli, reference, fault_row, point, nth, where
+):
     out = tmp_path / "store"
     args = args_for(out)
     killed = run_with_fault(args, f"{point}:{nth}")
