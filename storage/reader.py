@@ -81,7 +81,7 @@ class CacheReader:
         if self._keys is None:
             ids, views = [], []
             for i in range(len(self.shards)):
-                data = self.loc.read_bytes(parquet_key(self.shards[i]["index"]))
+                data = self._listed_bytes(parquet_key(self.shards[i]["index"]))
                 cols = ["sample_id", "view"] if self.format != "kdcache/1" else ["sample_id"]
                 t = pq.read_table(io.BytesIO(data), columns=cols)
                 ids.append(t.column("sample_id").to_numpy())
@@ -116,8 +116,21 @@ class CacheReader:
         return order[pos]
 
     def shard_table(self, index: int) -> pa.Table:
-        data = self.loc.read_bytes(parquet_key(self.shards[index]["index"]))
+        data = self._listed_bytes(parquet_key(self.shards[index]["index"]))
         return pq.read_table(io.BytesIO(data))
+
+    def _missing(self, key: str) -> IntegrityError:
+        return IntegrityError(
+            f"{self.loc.path(key)} is listed in the manifest of {self.url} but missing: the "
+            f"store is damaged; `kdcache verify {self.url}` lists every problem, then recompute "
+            "it with `kdcache precompute --force`"
+        )
+
+    def _listed_bytes(self, key: str) -> bytes:
+        try:
+            return self.loc.read_bytes(key)
+        except FileNotFoundError:
+            raise self._missing(key) from None
 
     def iter_record_batches(self, index: int | None = None) -> Iterator[pa.RecordBatch]:
         for i in range(len(self.shards)) if index is None else [index]:
@@ -158,8 +171,13 @@ class CacheReader:
         f = self.features_info
         out = np.empty((b - a, f["dim"]), dtype=np.dtype(f["dtype"]).newbyteorder("<"))
         view = memoryview(out).cast("B")
-        key = self.loc.path(FEATURES, "c", str(self.shards[shard]["index"]), "0")
-        with self.loc.fs.open(key, "rb") as fh:
+        rel = f"{FEATURES}/c/{self.shards[shard]['index']}/0"
+        key = self.loc.path(rel)
+        try:
+            fh = self.loc.fs.open(key, "rb")
+        except FileNotFoundError:
+            raise self._missing(rel) from None
+        with fh:
             fh.seek(a * f["dim"] * out.itemsize)
             got = 0
             while got < len(view) and (n := fh.readinto(view[got:])):

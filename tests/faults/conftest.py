@@ -135,3 +135,24 @@ def last_line(stderr: str) -> str:
 
 def exit_text(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else str(code)
+
+
+def stopped(proc: subprocess.Popen) -> bool:
+    """True once `proc` has stopped itself (a KDCACHE_FAULT=...:STOP point)."""
+    try:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except FileNotFoundError:
+        return False
+
+
+def start_with_fault(args: list[str], fault: str | None, cmd=None, **env: str):
+    """`kdcache ARGS` started in the background (for a point that stops the process)."""
+    return subprocess.Popen(
+        (cmd or kdcache_cmd()) + [str(a) for a in args],
+        cwd=REPO,
+        env=fault_env(fault, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
