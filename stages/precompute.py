@@ -32,7 +32,7 @@ from kdcache.stages.encode import (
 from kdcache.stages.hooks import FeatureTap, logits_of
 from kdcache.storage import codecs, faults
 from kdcache.storage.errors import FormatError, KdcacheError, UsageError
-from kdcache.storage.fsio import open_location
+from kdcache.storage.fsio import io_failure, open_location
 from kdcache.storage.lock import StoreLock
 from kdcache.storage.manifest import (
     FORMAT,
@@ -327,6 +327,12 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
         manifest = _publish(store, {"teacher_seconds": teacher_seconds, "wall_seconds": wall})
         faults.point("precompute.published")
         return {"status": "done", "manifest": manifest, "seconds": wall, "resumed": len(committed)}
+    except Exception as exc:
+        # Disk full, read-only, endpoint gone: one line naming the store, not a library's error.
+        failure = io_failure(exc, loc.url)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if lock is not None and lock._thread is not None:
             lock.release()

@@ -7,15 +7,17 @@ but a single PUT is atomic there (an object is visible whole or not at all), so 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 
 import fsspec
 
 from kdcache.storage import faults
-from kdcache.storage.errors import UsageError
+from kdcache.storage.errors import KdcacheError, UsageError
 
 _CHUNK = 8 << 20
 
@@ -186,3 +188,44 @@ def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict:
         except json.JSONDecodeError:
             options[key] = value
     return options
+
+
+# Network failures of the object-store clients fsspec uses (botocore, aiohttp, requests), by class
+# name: none of those packages is a dependency of this module.
+_NETWORK = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "ConnectionClosedError",
+}
+
+
+def io_failure(exc: BaseException, where: str | None = None) -> KdcacheError | None:
+    """The one-line error for a storage failure (disk full, read-only, endpoint gone), naming
+    the location and what to do; None when `exc` is not one."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if names & _NETWORK or isinstance(exc, ConnectionError | TimeoutError):
+        return KdcacheError(
+            f"lost the connection to the storage{f' of {where}' if where else ''} "
+            f"({type(exc).__name__}: {text}): once the endpoint is reachable again, rerun the "
+            "same command; it resumes where it stopped"
+        )
+    if not isinstance(exc, OSError):
+        return None
+    # A temporary's name means nothing to the user: name the file it was to become.
+    path = re.sub(r"\.tmp-[0-9a-f]{32}$", "", str(exc.filename or where or "the output"))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return KdcacheError(
+            f"no space left on the device of {path}: free space there (or use another --out), "
+            "then rerun the same command; it keeps what is already committed and resumes"
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UsageError(
+            f"cannot write to {path}: {exc.strerror}; choose a writable location, or fix its "
+            "permissions and rerun the same command"
+        )
+    return None

@@ -26,6 +26,7 @@ TARGETS = [
     "report",
     "test",
     "test-quick",
+    "faults",
     "lint",
     "bench",
     "cron",

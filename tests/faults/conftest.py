@@ -71,22 +71,22 @@ def placeholders(tmp_path) -> Placeholders:
 
 @pytest.fixture
 def fault_row(request, placeholders):
-    """`fault_row(kind=, case=, fault=, seen=, exit=, recovery=)`: this case's table row."""
-    row: dict = {}
+    """`fault_row(kind=, case=, fault=, seen=, exit=, recovery=)`: a row of this case (a test
+    may record several; each gets the test's result)."""
+    rows: list[dict] = []
 
     def record(**fields) -> None:
-        row.update(fields)
+        rows.append(fields)
 
     yield record
-    if not row:
-        return
-    row = {k: placeholders(v) if isinstance(v, str) else v for k, v in row.items()}
-    row["result"] = _result(request.node)
-    row["test"] = request.node.nodeid
     path = os.environ.get(ROWS_ENV)
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+    for row in rows:
+        row = {k: placeholders(v) if isinstance(v, str) else v for k, v in row.items()}
+        row["result"] = _result(request.node)
+        row["test"] = request.node.nodeid
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,9 @@ from tests.integration.conftest import s3_objects
 
 pytestmark = pytest.mark.s3
 N = 96
+# botocore's own retries on top of s3fs's five make an outage cost ~30 s per request to notice;
+# one attempt each keeps the campaign short (s3fs still retries; the outcome is the same).
+FEWER_RETRIES = {"AWS_MAX_ATTEMPTS": "1"}
 
 
 @pytest.fixture
@@ -55,8 +58,9 @@ def pause_then_cut(proc, relay, what: str) -> None:
 
 def test_endpoint_lost_mid_write(s3_url, relay, cli, s3fs_fresh, placeholders, fault_row):
     placeholders.add(s3_url, "s3://kdcache-test/<prefix>")
+    placeholders.add(s3_url.removeprefix("s3://"), "kdcache-test/<prefix>")
     args = cli_args(s3_url, "--features", "body", n=N)
-    env = {"AWS_ENDPOINT_URL": relay.endpoint}
+    env = {"AWS_ENDPOINT_URL": relay.endpoint, **FEWER_RETRIES}
     proc = start_with_fault(args, "shard.parquet:2:STOP", **env)
     pause_then_cut(proc, relay, "the stop after shard 1's Parquet")
     out, err = proc.communicate(timeout=300)
@@ -83,8 +87,8 @@ def test_endpoint_lost_mid_write(s3_url, relay, cli, s3fs_fresh, placeholders, f
         + last_line(rout).split(" in ")[0],
     )
     assert code == 1
-    assert len(lines) == 1 and lines[0].startswith("kdcache: error: "), err
-    assert "Traceback" not in err and relay.endpoint.split("//")[1] in lines[0]
+    assert_one_line(err, "lost the connection to the storage", "features.zarr", "rerun the same")
+    assert relay.endpoint.split("//")[1] in lines[0]
     assert committed == 1
     assert rerun.returncode == 0, rerr
     s3fs_fresh.invalidate_cache()
@@ -96,13 +100,14 @@ def test_endpoint_lost_mid_write(s3_url, relay, cli, s3fs_fresh, placeholders, f
 def test_endpoint_lost_mid_read(s3_url, relay, cli, tmp_path, placeholders, fault_row):
     """Train from an S3 cache; the endpoint goes after epoch 1, while epoch 2 streams shards."""
     placeholders.add(s3_url, "s3://kdcache-test/<prefix>")
+    placeholders.add(s3_url.removeprefix("s3://"), "kdcache-test/<prefix>")
     n = 48
     assert cli(*cli_args(s3_url, "--features", "body", n=n)).exit_code == 0
     ref = tmp_path / "reference" / "student"  # the same name: a run is named by its folder
     assert cli(*train_args(s3_url, ref)).exit_code == 0
     out = tmp_path / "student"
     args = train_args(s3_url, out)
-    env = {"AWS_ENDPOINT_URL": relay.endpoint}
+    env = {"AWS_ENDPOINT_URL": relay.endpoint, **FEWER_RETRIES}
     proc = start_with_fault(args, "train.epoch:1:STOP", **env)
     pause_then_cut(proc, relay, "the stop after epoch 1")
     _, err = proc.communicate(timeout=300)
@@ -122,8 +127,8 @@ def test_endpoint_lost_mid_read(s3_url, relay, cli, tmp_path, placeholders, faul
         + last_line(rout).split(" (best")[0],
     )
     assert code == 1
-    assert len(lines) == 1 and lines[0].startswith("kdcache: error: "), err
-    assert "Traceback" not in err and relay.endpoint.split("//")[1] in lines[0]
+    assert_one_line(err, "lost the connection to the storage", ".parquet", "rerun the same")
+    assert relay.endpoint.split("//")[1] in lines[0]
     assert left == ["checkpoint-1.pt", "metrics.csv"]  # no summary.json: not finished
     assert rerun.returncode == 0, rerr
     assert_same(outcome(out), outcome(ref))
@@ -131,6 +136,7 @@ def test_endpoint_lost_mid_read(s3_url, relay, cli, tmp_path, placeholders, faul
 
 def test_two_hosts_on_one_s3_store(s3_url, cli, s3fs_fresh, placeholders, fault_row):
     placeholders.add(s3_url, "s3://kdcache-test/<prefix>")
+    placeholders.add(s3_url.removeprefix("s3://"), "kdcache-test/<prefix>")
     two_hosts(s3_url, cli, fault_row, "S3", lambda: s3fs_fresh.invalidate_cache())
 
 
@@ -174,12 +180,11 @@ def two_hosts(url: str, cli, fault_row, where: str, refresh) -> None:
     assert b.returncode == 75
     assert_one_line(b_err, "on host-a", "delete", "_lock.json", "stale by itself after 600s")
     lock = last_line(b_err).split("delete ")[1].split(" if you")[0]
-    if lock.startswith("/"):
-        os.remove(lock)
-    else:
-        import fsspec
+    assert lock == f"{second}/_lock.json"
+    import fsspec
 
-        fsspec.filesystem("s3").rm_file(lock)
+    fs, path = fsspec.core.url_to_fs(lock)
+    fs.rm_file(path)
     refresh()
     again = start_with_fault(args, None, cmd=as_host("host-b"))
     again_out, again_err = again.communicate(timeout=120)
