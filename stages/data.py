@@ -222,7 +222,7 @@ def _is_token_data(ds) -> bool:
     return isinstance(first, dict) and "input_ids" in first
 
 
-def data_fingerprint(ds, task: str | None = None) -> str:
+def data_fingerprint(ds, task: str | None = None, spec: str = "data") -> str:
     """Content hash of the data set: its length and FINGERPRINT_SAMPLES evenly spaced items.
 
     Content, not spec, so that the same data reached through another wrapper still matches, and
@@ -234,13 +234,13 @@ def data_fingerprint(ds, task: str | None = None) -> str:
     ids = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES)).astype(np.int64))
     h = hashlib.sha256()
     if task == "causal-lm" or (task is None and _is_token_data(ds)):
-        inputs, _ = _token_batch(ds, ids, "data")
+        inputs, _ = _token_batch(ds, ids, spec)
         x, mask = inputs["input_ids"], inputs["attention_mask"]
         h.update(f"causal-lm|{n}|{tuple(x.shape)}".encode())
         h.update(x.numpy().tobytes())
         h.update(mask.numpy().tobytes())
         return h.hexdigest()
-    x, y = get_batch(ds, ids)
+    x, y = get_batch(ds, ids, spec)
     h.update(f"{n}|{tuple(x.shape)}|{x.dtype}".encode())
     h.update(x.detach().cpu().contiguous().numpy().tobytes())
     h.update(y.tobytes())

@@ -295,7 +295,7 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
     world_size, is_main, barrier, decide); `started` is when the job began (perf_counter)."""
     started = time.perf_counter() if started is None else started
     loc = open_location(cfg.out, cfg.storage_options)
-    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds, cfg.task))
+    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds, cfg.task, cfg.data))
     lock = StoreLock(loc) if dist.is_main else None
 
     def prepare() -> tuple:

@@ -77,7 +77,10 @@ def load_manifest(loc: Location) -> dict:
                 f"{loc.url} is an incomplete kdcache store (no {MANIFEST}): rerun the same "
                 "`kdcache precompute` command to finish it"
             )
-        raise FormatError(f"{loc.url} is not a kdcache store: {MANIFEST} not found")
+        raise FormatError(
+            f"{loc.url} is not a kdcache store: {MANIFEST} not found; point it at the --out of "
+            "a finished `kdcache precompute`"
+        )
     check_format(doc, loc.url)
     return doc
 

@@ -9,16 +9,17 @@ that the table does not change from one run to the next.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, kdcache_cmd
+from tests.conftest import REPO
+from tests.faults.launcher import Launcher
 from tests.integration.conftest import s3_endpoint, s3_url, s3fs_fresh  # noqa: F401
 
 ROWS_ENV = "KDCACHE_FAULT_ROWS"
@@ -55,6 +56,7 @@ class Placeholders:
     def __call__(self, text: str) -> str:
         for value, name in sorted(self.subs, key=lambda s: -len(s[0])):
             text = text.replace(value, name)
+        text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/\s'\"]+", "<tmp>", text)
         text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", text)
         text = re.sub(r"\bpid \d+", "pid <pid>", text)
         text = re.sub(r"heartbeat \d+s ago", "heartbeat <n>s ago", text)
@@ -106,26 +108,42 @@ def fault_env(fault: str | None = None, **extra: str) -> dict:
     return env
 
 
-def run_with_fault(args: list[str], fault: str | None, timeout: float = 120, **env: str):
-    """`kdcache ARGS` in a real process with KDCACHE_FAULT=fault; its CompletedProcess."""
-    return subprocess.run(
-        kdcache_cmd(*args),
-        cwd=REPO,
-        env=fault_env(fault, **env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+_launcher: Launcher | None = None
+_logs = itertools.count()
 
 
-def as_host(host: str) -> list[str]:
-    """A `kdcache` command line whose process calls itself `host` (what the store lock records):
-    two processes on one machine stand in for two machines."""
-    code = (
-        f"import socket; socket.gethostname = lambda: {host!r}; "
-        "from kdcache.pipeline.cli import main; main()"
-    )
-    return [sys.executable, "-c", code]
+@pytest.fixture(scope="session", autouse=True)
+def _close_launcher():
+    yield
+    if _launcher is not None:
+        _launcher.close()
+
+
+def start_with_fault(args: list, fault: str | None, host: str | None = None, **env: str):
+    """`kdcache ARGS` started in the background as its own process, with KDCACHE_FAULT=fault
+    and, given `host`, calling itself that host name (what the store lock records: two
+    processes on one machine stand in for two machines). Returns a Popen-like handle."""
+    global _launcher
+    if _launcher is None:
+        _launcher = Launcher(fault_env())
+    logs = os.path.join(_launcher.logs, str(next(_logs)))
+    return _launcher.spawn([str(a) for a in args], fault_env(fault, **env), logs, host)
+
+
+def run_with_fault(args: list, fault: str | None, timeout: float = 120, **env: str):
+    """`kdcache ARGS` as its own process with KDCACHE_FAULT=fault, to its end."""
+    child = start_with_fault(args, fault, **env)
+    out, err = child.communicate(timeout)
+    return subprocess.CompletedProcess(args, child.returncode, out, err)
+
+
+def stopped(proc) -> bool:
+    """True once `proc` has stopped itself (a KDCACHE_FAULT=...:STOP point)."""
+    try:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except FileNotFoundError:
+        return False
 
 
 def last_line(stderr: str) -> str:
@@ -135,24 +153,3 @@ def last_line(stderr: str) -> str:
 
 def exit_text(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else str(code)
-
-
-def stopped(proc: subprocess.Popen) -> bool:
-    """True once `proc` has stopped itself (a KDCACHE_FAULT=...:STOP point)."""
-    try:
-        with open(f"/proc/{proc.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
-    except FileNotFoundError:
-        return False
-
-
-def start_with_fault(args: list[str], fault: str | None, cmd=None, **env: str):
-    """`kdcache ARGS` started in the background (for a point that stops the process)."""
-    return subprocess.Popen(
-        (cmd or kdcache_cmd()) + [str(a) for a in args],
-        cwd=REPO,
-        env=fault_env(fault, **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )

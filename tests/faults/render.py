@@ -72,8 +72,7 @@ def render(rows: list[dict]) -> str:
 
 
 def _cell(value) -> str:
-    text = str(value).replace("|", "\\|").replace("\n", " / ")
-    return f"`{text}`" if text.startswith("kdcache: ") else text
+    return str(value).replace("|", "\\|").replace("\n", " / ")
 
 
 def main(argv: list[str]) -> None:

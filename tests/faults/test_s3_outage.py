@@ -16,7 +16,7 @@ import signal
 import pytest
 
 from tests.conftest import cli_args, wait_for
-from tests.faults.conftest import as_host, exit_text, last_line, start_with_fault, stopped
+from tests.faults.conftest import exit_text, last_line, start_with_fault, stopped
 from tests.faults.proxy import Relay
 from tests.faults.test_kill_train import assert_same, outcome, train_args
 from tests.integration.conftest import s3_objects
@@ -146,13 +146,13 @@ def two_hosts(url: str, cli, fault_row, where: str, refresh) -> None:
     lock of a second store: host-b cannot tell a remote pid is dead and refuses until the
     heartbeat goes stale, or until the lock file is deleted as the message says."""
     args = cli_args(url, "--features", "body", n=N)
-    a = start_with_fault(args, "shard.marker:1:STOP", cmd=as_host("host-a"))
+    a = start_with_fault(args, "shard.marker:1:STOP", host="host-a")
     wait_for(lambda: stopped(a), a, 120, "host-a's stop")
-    b = start_with_fault(args, None, cmd=as_host("host-b"))
+    b = start_with_fault(args, None, host="host-b")
     _, b_err = b.communicate(timeout=120)
     os.kill(a.pid, signal.SIGCONT)
     _, a_err = a.communicate(timeout=120)
-    again = start_with_fault(args, None, cmd=as_host("host-b"))
+    again = start_with_fault(args, None, host="host-b")
     again_out, _ = again.communicate(timeout=120)
     fault_row(
         kind="two writers",
@@ -172,10 +172,10 @@ def two_hosts(url: str, cli, fault_row, where: str, refresh) -> None:
 
     second = url + "-2"
     args = cli_args(second, "--features", "body", n=N)
-    a = start_with_fault(args, "shard.marker:2", cmd=as_host("host-a"))
+    a = start_with_fault(args, "shard.marker:2", host="host-a")
     a.communicate(timeout=120)
     assert a.returncode == -9
-    b = start_with_fault(args, None, cmd=as_host("host-b"))
+    b = start_with_fault(args, None, host="host-b")
     _, b_err = b.communicate(timeout=120)
     assert b.returncode == 75
     assert_one_line(b_err, "on host-a", "delete", "_lock.json", "stale by itself after 600s")
@@ -186,7 +186,7 @@ def two_hosts(url: str, cli, fault_row, where: str, refresh) -> None:
     fs, path = fsspec.core.url_to_fs(lock)
     fs.rm_file(path)
     refresh()
-    again = start_with_fault(args, None, cmd=as_host("host-b"))
+    again = start_with_fault(args, None, host="host-b")
     again_out, again_err = again.communicate(timeout=120)
     assert again.returncode == 0, again_err
     assert f"wrote {N} rows" in again_out
