@@ -124,16 +124,25 @@ def _run_parallel(names: list[str], argv: list[str], n: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     base = [sys.executable, "-c", "from kdcache.pipeline.cli import main; main()", "train", *argv]
     pending, running, failed = list(names), {}, []
-    while pending or running:
-        while pending and len(running) < n:
-            name = pending.pop(0)
-            running[name] = subprocess.Popen([*base, "--only", name], env=env)
-        for name, proc in list(running.items()):
-            if proc.poll() is not None:
-                del running[name]
-                if proc.returncode:
-                    failed.append(f"{name} (exit {proc.returncode})")
-        time.sleep(0.1)
+    try:
+        while pending or running:
+            while pending and len(running) < n:
+                name = pending.pop(0)
+                running[name] = subprocess.Popen([*base, "--only", name], env=env)
+            for name, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    if proc.returncode:
+                        failed.append(f"{name} (exit {proc.returncode})")
+            faults.point("train.parallel")
+            time.sleep(0.1)
+    finally:
+        # Stopped (SIGTERM, Ctrl-C) or failed: the children stop too, each at a clean point, or
+        # they would go on training into folders the rerun of this command trains into.
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            proc.wait()
     if failed:
         raise KdcacheError(f"{len(failed)} student(s) failed: {', '.join(failed)}")
 

@@ -67,8 +67,10 @@ def existing_state(loc: Location, header: dict) -> str:
 def wipe(loc: Location) -> None:
     """Remove a store, manifest first so that it never looks complete while half deleted."""
     loc.remove(MANIFEST)
+    faults.point("writer.wipe")
     for name in (COMMITS, SOFT_LABELS, FEATURES, RUN_FILE):
         loc.remove(name, recursive=True)
+        faults.point(f"writer.wipe.{name}")
 
 
 # Sizes learnt from the teacher's first batch, not chosen by the user: left out of "what differs".

@@ -161,3 +161,29 @@ def test_sigterm_then_rerun_is_byte_identical(tmp_path, cli, reference, fault_ro
         exit=exit_text(stopped.returncode),
         recovery="rerun the same command: " + last_line(res.stdout).split(" in ")[0],
     )
+
+
+@pytest.mark.parametrize(
+    "point", ["writer.wipe", "writer.wipe._commits", "writer.wipe.soft_labels"]
+)
+def test_kill_9_while_force_replaces_a_store(tmp_path, cli, reference, fault_row, point):
+    """--force over a store of other settings (T = 2) is killed while it deletes the old one:
+    the old store no longer looks complete, and the same --force command finishes the new one."""
+    out = tmp_path / "store"
+    assert cli(*args_for(out), "--temperature", "2").exit_code == 0
+    args = [*args_for(out), "--force"]
+    killed = run_with_fault(args, f"{point}:1")
+    assert killed.returncode == -9, killed.stderr
+    state = partial_state(out)
+    assert state != "complete, verify ok"
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    assert_like_reference(out, reference)
+    fault_row(
+        kind="kill -9: precompute",
+        case=f"--force {point}:1",
+        fault="SIGKILL while --force deletes a store of other settings (manifest first)",
+        seen=f"the process dies; store left: {state}",
+        exit=exit_text(killed.returncode),
+        recovery="rerun the same --force command: " + last_line(res.stdout).split(" in ")[0],
+    )

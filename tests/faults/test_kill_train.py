@@ -202,3 +202,43 @@ def test_kill_9_in_a_students_file_then_rerun(
         recovery="rerun the same command: "
         + " / ".join(line.split(" (")[0].split(":")[0] for line in lines),
     )
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_sigterm_to_a_parallel_students_run_stops_its_children(
+    tmp_path, cli, cache, students_reference, fault_row
+):
+    """--parallel 2 trains each student in a child process; SIGTERM to the parent (as a
+    scheduler sends) must stop the children too, or they train on into the folders the rerun
+    trains into."""
+    (tmp_path / "students.toml").write_text(STUDENTS)
+    out = tmp_path / "out"
+    args = train_args(cache, out, "--config", tmp_path / "students.toml", "--parallel", "2")
+    # The parent polls its children every 0.1 s: the 15th poll is while they train.
+    stopped = run_with_fault([str(a) for a in args], "train.parallel:15:TERM")
+    left = _processes_mentioning(str(out))
+    assert stopped.returncode == 143, stopped.stderr
+    assert left == []  # no child outlives the parent
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    for name in ("a", "b"):
+        assert_same(outcome(out / name), students_reference[name])
+    fault_row(
+        kind="SIGTERM: train",
+        case="--parallel 2, SIGTERM to the parent",
+        fault="SIGTERM to the parent while both children train",
+        seen=f"{last_line(stopped.stderr)} (children stopped too: {len(left)} left running)",
+        exit=exit_text(stopped.returncode),
+        recovery="rerun the same command: both students equal a sequential run's",
+    )
