@@ -97,7 +97,12 @@ class Location:
 
     def _durable_temporary(self, data: bytes, target: str) -> str:
         """`data` fsynced into a unique sibling of `target` (local folders only); its path."""
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        parent = target.rsplit("/", 1)[0]
+        try:
+            self.fs.makedirs(parent, exist_ok=True)
+        except FileExistsError:
+            # A file where a folder should be: not "exists", which callers read as a lost race.
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", parent) from None
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
             f.write(data)

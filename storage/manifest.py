@@ -64,7 +64,8 @@ def read_json(loc: Location, name: str) -> dict | None:
         return json.loads(loc.read_bytes(name))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(
-            f"{loc.path(name)} is not valid JSON ({exc}); the store is damaged"
+            f"{loc.path(name)} is not valid JSON ({exc}); the store is damaged: recompute it "
+            "into the same --out with `kdcache precompute ... --force`"
         ) from None
 
 

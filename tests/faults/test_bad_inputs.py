@@ -34,6 +34,7 @@ class Case:
     stage: str = "precompute"  # which output must not look complete
     xfail: str | None = None
     warning: bool = False  # the expected outcome is exit 0 with one warning line
+    features: bool = False  # built on the toy cache with stored features
     args: list = field(default_factory=list)
 
 
@@ -92,6 +93,22 @@ def other_checkpoint(tmp: Path) -> Path:
     buf = io.BytesIO()
     torch.save(ToyNet(num_classes=5).state_dict(), buf)
     return write(tmp, "other.pt", buf.getvalue())
+
+
+def train_once(cache: Path, tmp: Path) -> None:
+    from click.testing import CliRunner
+
+    from kdcache.pipeline.cli import main
+
+    res = CliRunner().invoke(main, train(cache, tmp), catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+
+
+def killed_after_epoch_1(cache: Path, tmp: Path) -> None:
+    from tests.faults.conftest import run_with_fault
+
+    res = run_with_fault(train(cache, tmp, "--epochs", "2"), "checkpoint.saved:1")
+    assert res.returncode == -9, res.stderr
 
 
 def second_run(tmp: Path, *first: str, second: tuple[str, ...]) -> list[str]:
@@ -180,6 +197,12 @@ CASES = [
     Case("--out not a store", "a folder of someone else's files",
          lambda t, c: (write((t / "store").mkdir() or t / "store", "notes.txt", "x"), pre(t))[1],
          2, ("notes.txt", "--out")),
+    Case("damaged _run.json in --out", "the run header of a killed run cut in half",
+         lambda t, c: (second_run(t, second=()), truncate("_run.json")(t / "store"),
+                       (t / "store/manifest.json").unlink(), pre(t))[3],
+         1, ("_run.json", "not valid JSON", "--force")),
+    Case("--out is a file", "--out names an existing regular file",
+         lambda t, c: (write(t, "store", "x"), pre(t))[1], 2, ("store", "--out")),
     # ---------------------------------------------------------------- stage two's cache
     Case("data length changed", "the cache has 50 rows, --data now 40",
          lambda t, c: train(c, t, n=40), 2, ("--data",), stage="train"),
@@ -210,13 +233,26 @@ CASES = [
     Case("--cache incomplete", "_run.json but no manifest (a killed precompute)",
          lambda t, c: train(damaged(c, t, lambda r: (r / "manifest.json").unlink()), t), 1,
          ("incomplete", "rerun"), stage="train"),
+    Case("unlabeled --eval-data", "--eval-data whose items carry no labels",
+         lambda t, c: train(c, t, "--eval-data", DATA, "--eval-data-arg", "labels=false"), 2,
+         ("--eval-data", "no labels", "labeled split"), stage="train"),
+    Case("unknown student layer", "--student-features nosuch",
+         lambda t, c: train(c, t, "--beta", "0.5", "--student-features", "nosuch"), 2,
+         ("'nosuch'", "named_modules(): body"), stage="train", features=True),
+    Case("finished run, other settings", "train --out holds a finished run at lr 1e-3; now 5e-3",
+         lambda t, c: (train_once(c, t), train(c, t, "--lr", "5e-3"))[1], 2,
+         ("lr: 0.001 -> 0.005", "another --out"), stage="train-finished"),
+    Case("checkpoints of other settings", "a killed run's checkpoint at lr 1e-3; now 5e-3",
+         lambda t, c: (killed_after_epoch_1(c, t), train(c, t, "--lr", "5e-3", "--epochs", "2"))[1],
+         2, ("checkpoints", "lr: 0.001 -> 0.005", "another --out"), stage="train"),
     Case("flipped byte in a Parquet shard", "one bit of part-00001.parquet flipped",
          lambda t, c: train(damaged(c, t, flip("soft_labels/part-00001.parquet", 0.4)), t), 1,
          ("part-00001.parquet", "kdcache verify"), stage="train", xfail=INTEGRITY),
     Case("flipped byte in a feature chunk", "one bit of features.zarr/c/0/0 flipped",
          lambda t, c: train(damaged(c, t, flip("features.zarr/c/0/0")), t, "--beta", "1",
                             "--student-features", "body"), 1,
-         ("features.zarr/c/0/0", "kdcache verify"), stage="train", xfail=INTEGRITY),
+         ("features.zarr/c/0/0", "kdcache verify"), stage="train", xfail=INTEGRITY,
+         features=True),
 ]  # fmt: skip
 
 
@@ -239,6 +275,10 @@ def nothing_complete(case: Case, tmp: Path, cli) -> None:
     if case.stage == "train":
         assert not (tmp / "student" / "summary.json").exists()
         return
+    if case.stage == "train-finished":  # the finished run is left as it was
+        summary = json.loads((tmp / "student" / "summary.json").read_text())
+        assert summary["settings"]["lr"] == 1e-3
+        return
     store = tmp / "store"
     if case.name == "--out of other settings":  # the old store stays as it was, complete
         assert cli("verify", store).exit_code == 0
@@ -254,7 +294,7 @@ def nothing_complete(case: Case, tmp: Path, cli) -> None:
     ids=[c.name for c in CASES],
 )  # fmt: skip
 def test_bad_input(tmp_path, cli, cache, feature_cache, fault_row, case):
-    source = feature_cache if case.name.endswith("feature chunk") else cache
+    source = feature_cache if case.features else cache
     args = [str(a) for a in case.build(tmp_path, source)]
     res = cli(*args)
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
