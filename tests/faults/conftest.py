@@ -137,6 +137,38 @@ def run_with_fault(args: list, fault: str | None, timeout: float = 120, **env: s
     return subprocess.CompletedProcess(args, child.returncode, out, err)
 
 
+def invoke(*args) -> None:
+    """`kdcache ARGS` in this process, which must succeed (module-scoped references)."""
+    from click.testing import CliRunner
+
+    from kdcache.pipeline.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+
+
+TERMINATED = "kdcache: terminated (SIGTERM); rerun the same command to resume"
+
+
+def interrupt(args: list, fault: str):
+    """Run with the fault and check the signal landed as it should: killed by SIGKILL, or for
+    `...:TERM` exit 143 with the one "terminated" line and no traceback."""
+    res = run_with_fault(args, fault)
+    if fault.endswith(":TERM"):
+        assert res.returncode == 143, res.stderr
+        assert "Traceback" not in res.stderr and last_line(res.stderr) == TERMINATED, res.stderr
+    else:
+        assert res.returncode == -9, res.stderr  # the point was reached and the kill landed
+    return res
+
+
+def seen_after(res, left: str) -> str:
+    """The table's "what the user sees" for an interrupted run that left `left` behind."""
+    if res.returncode < 0:
+        return f"the process dies; {left}"
+    return f"{last_line(res.stderr)} ({left})"
+
+
 def stopped(proc) -> bool:
     """True once `proc` has stopped itself (a KDCACHE_FAULT=...:STOP point)."""
     try:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import DATA, TEACHER, assert_one_line_error, cli_args, toy_precompute
+from tests.faults.conftest import invoke, run_with_fault
 from tests.toy_models import ToyNet
 
 INTEGRITY = "fixed on branch integrity"
@@ -96,28 +97,16 @@ def other_checkpoint(tmp: Path) -> Path:
 
 
 def train_once(cache: Path, tmp: Path) -> None:
-    from click.testing import CliRunner
-
-    from kdcache.pipeline.cli import main
-
-    res = CliRunner().invoke(main, train(cache, tmp), catch_exceptions=False)
-    assert res.exit_code == 0, res.stderr
+    invoke(*train(cache, tmp))
 
 
 def killed_after_epoch_1(cache: Path, tmp: Path) -> None:
-    from tests.faults.conftest import run_with_fault
-
     res = run_with_fault(train(cache, tmp, "--epochs", "2"), "checkpoint.saved:1")
     assert res.returncode == -9, res.stderr
 
 
 def second_run(tmp: Path, *first: str, second: tuple[str, ...]) -> list[str]:
-    from click.testing import CliRunner
-
-    from kdcache.pipeline.cli import main
-
-    res = CliRunner().invoke(main, pre(tmp, *first), catch_exceptions=False)
-    assert res.exit_code == 0, res.stderr
+    invoke(*pre(tmp, *first))
     return pre(tmp, *first, *second)
 
 

@@ -16,7 +16,7 @@ import pytest
 from kdcache.storage.errors import FormatError
 from kdcache.storage.reader import CacheReader
 from tests.conftest import cli_args
-from tests.faults.conftest import exit_text, last_line, run_with_fault
+from tests.faults.conftest import exit_text, interrupt, invoke, last_line, seen_after
 
 N = 96
 # Bookkeeping that records when and how long, not what: the only manifest fields that may differ.
@@ -86,13 +86,8 @@ def manifest_of(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from click.testing import CliRunner
-
-    from kdcache.pipeline.cli import main
-
     out = tmp_path_factory.mktemp("reference") / "store"
-    res = CliRunner().invoke(main, args_for(out), catch_exceptions=False)
-    assert res.exit_code == 0, res.stderr
+    invoke(*args_for(out))
     return store_files(out), manifest_of(out)
 
 
@@ -116,50 +111,49 @@ def partial_state(out: Path) -> str:
     return "readers refuse it (incomplete)" if out.exists() else "nothing written"
 
 
+def interrupted_then_rerun(out: Path, args: list, fault: str, cli, reference) -> tuple:
+    """(the interrupted run, what it left, the rerun): the rerun must give the reference."""
+    stopped = interrupt(args, fault)
+    if fault.endswith(":TERM"):
+        assert not (out / "_lock.json").exists()  # freed: a requeued job need not wait
+    state = partial_state(out)
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    assert_like_reference(out, reference)
+    return stopped, state, "rerun the same command: " + last_line(res.stdout).split(" in ")[0]
+
+
 @pytest.mark.parametrize(("point", "nth", "where"), POINTS, ids=[f"{p}:{n}" for p, n, _ in POINTS])
 def test_kill_9_then_rerun_is_byte_identical(
     tmp_path, cli, reference, fault_row, point, nth, where
 ):
     out = tmp_path / "store"
-    args = args_for(out)
-    killed = run_with_fault(args, f"{point}:{nth}")
-    assert killed.returncode == -9, killed.stderr  # the point was reached and the kill landed
-    state = partial_state(out)
-    res = cli(*args)
-    assert res.exit_code == 0, res.stderr
-    assert_like_reference(out, reference)
+    killed, state, recovery = interrupted_then_rerun(
+        out, args_for(out), f"{point}:{nth}", cli, reference
+    )
     fault_row(
         kind="kill -9: precompute",
         case=f"{point}:{nth}",
         fault=f"SIGKILL {where}",
-        seen=f"the process dies; store left: {state}",
+        seen=seen_after(killed, f"store left: {state}"),
         exit=exit_text(killed.returncode),
-        recovery="rerun the same command: " + last_line(res.stdout).split(" in ")[0],
+        recovery=recovery,
     )
 
 
 @pytest.mark.parametrize(("point", "nth"), TERM_POINTS, ids=[f"{p}:{n}" for p, n in TERM_POINTS])
 def test_sigterm_then_rerun_is_byte_identical(tmp_path, cli, reference, fault_row, point, nth):
     out = tmp_path / "store"
-    args = args_for(out)
-    stopped = run_with_fault(args, f"{point}:{nth}:TERM")
-    assert stopped.returncode == 143, stopped.stderr
-    assert "Traceback" not in stopped.stderr
-    assert last_line(stopped.stderr) == (
-        "kdcache: terminated (SIGTERM); rerun the same command to resume"
+    stopped, state, recovery = interrupted_then_rerun(
+        out, args_for(out), f"{point}:{nth}:TERM", cli, reference
     )
-    assert not (out / "_lock.json").exists()  # the lock is freed, a requeued job need not wait
-    state = partial_state(out)
-    res = cli(*args)
-    assert res.exit_code == 0, res.stderr
-    assert_like_reference(out, reference)
     fault_row(
         kind="SIGTERM: precompute",
         case=f"{point}:{nth}",
         fault="SIGTERM at the point",
-        seen=f"{last_line(stopped.stderr)} (lock freed; store left: {state})",
+        seen=seen_after(stopped, f"lock freed; store left: {state}"),
         exit=exit_text(stopped.returncode),
-        recovery="rerun the same command: " + last_line(res.stdout).split(" in ")[0],
+        recovery=recovery,
     )
 
 
@@ -171,19 +165,15 @@ def test_kill_9_while_force_replaces_a_store(tmp_path, cli, reference, fault_row
     the old store no longer looks complete, and the same --force command finishes the new one."""
     out = tmp_path / "store"
     assert cli(*args_for(out), "--temperature", "2").exit_code == 0
-    args = [*args_for(out), "--force"]
-    killed = run_with_fault(args, f"{point}:1")
-    assert killed.returncode == -9, killed.stderr
-    state = partial_state(out)
+    killed, state, recovery = interrupted_then_rerun(
+        out, [*args_for(out), "--force"], f"{point}:1", cli, reference
+    )
     assert state != "complete, verify ok"
-    res = cli(*args)
-    assert res.exit_code == 0, res.stderr
-    assert_like_reference(out, reference)
     fault_row(
         kind="kill -9: precompute",
         case=f"--force {point}:1",
         fault="SIGKILL while --force deletes a store of other settings (manifest first)",
-        seen=f"the process dies; store left: {state}",
+        seen=seen_after(killed, f"store left: {state}"),
         exit=exit_text(killed.returncode),
-        recovery="rerun the same --force command: " + last_line(res.stdout).split(" in ")[0],
+        recovery=recovery.replace("command", "--force command"),
     )

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from tests.conftest import toy_precompute
-from tests.faults.conftest import exit_text, last_line, run_with_fault
+from tests.faults.conftest import (
+    exit_text,
+    interrupt,
+    invoke,
+    last_line,
+    run_with_fault,
+    seen_after,
+)
 from tests.integration.conftest import toy_train_args
 
 N = 48
@@ -85,13 +92,8 @@ def assert_same(got: dict, want: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory):
-    from click.testing import CliRunner
-
-    from kdcache.pipeline.cli import main
-
     out = tmp_path_factory.mktemp("ref") / "student"
-    res = CliRunner().invoke(main, train_args(cache, out), catch_exceptions=False)
-    assert res.exit_code == 0, res.stderr
+    invoke(*train_args(cache, out))
     return outcome(out)
 
 
@@ -102,25 +104,33 @@ def left_behind(folder: Path) -> str:
     return f"no summary.json; checkpoints {ckpts or 'none'}"
 
 
+def interrupted_then_rerun(args: list, fault: str, cli, folders: dict) -> tuple:
+    """(the interrupted run, what it left in each folder, the rerun's lines): every folder
+    (name -> (path, reference outcome)) must end as its reference."""
+    stopped = interrupt(args, fault)
+    left = {name: left_behind(path) for name, (path, _) in folders.items()}
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    for path, want in folders.values():
+        assert_same(outcome(path), want)
+    return stopped, left, res.stdout.strip().splitlines()
+
+
 @pytest.mark.parametrize(("point", "nth", "where"), POINTS, ids=[f"{p}:{n}" for p, n, _ in POINTS])
 def test_kill_9_then_rerun_trains_the_same_student(
     tmp_path, cli, cache, reference, fault_row, point, nth, where
 ):
     out = tmp_path / "student"
-    args = train_args(cache, out)
-    killed = run_with_fault(args, f"{point}:{nth}")
-    assert killed.returncode == -9, killed.stderr
-    state = left_behind(out)
-    res = cli(*args)
-    assert res.exit_code == 0, res.stderr
-    assert_same(outcome(out), reference)
+    killed, left, lines = interrupted_then_rerun(
+        train_args(cache, out), f"{point}:{nth}", cli, {"": (out, reference)}
+    )
     fault_row(
         kind="kill -9: train",
         case=f"{point}:{nth}",
         fault=f"SIGKILL {where}",
-        seen=f"the process dies; {state}",
+        seen=seen_after(killed, left[""]),
         exit=exit_text(killed.returncode),
-        recovery="rerun the same command: " + last_line(res.stdout).split(" (best")[0],
+        recovery="rerun the same command: " + lines[-1].split(" (best")[0],
     )
 
 
@@ -129,24 +139,16 @@ def test_sigterm_then_rerun_trains_the_same_student(
     tmp_path, cli, cache, reference, fault_row, point, nth
 ):
     out = tmp_path / "student"
-    args = train_args(cache, out)
-    stopped = run_with_fault(args, f"{point}:{nth}:TERM")
-    assert stopped.returncode == 143, stopped.stderr
-    assert "Traceback" not in stopped.stderr
-    assert last_line(stopped.stderr) == (
-        "kdcache: terminated (SIGTERM); rerun the same command to resume"
+    stopped, left, lines = interrupted_then_rerun(
+        train_args(cache, out), f"{point}:{nth}:TERM", cli, {"": (out, reference)}
     )
-    state = left_behind(out)
-    res = cli(*args)
-    assert res.exit_code == 0, res.stderr
-    assert_same(outcome(out), reference)
     fault_row(
         kind="SIGTERM: train",
         case=f"{point}:{nth}",
         fault="SIGTERM at the point",
-        seen=f"{last_line(stopped.stderr)} ({state})",
+        seen=seen_after(stopped, left[""]),
         exit=exit_text(stopped.returncode),
-        recovery="rerun the same command: " + last_line(res.stdout).split(" (best")[0],
+        recovery="rerun the same command: " + lines[-1].split(" (best")[0],
     )
 
 
@@ -164,15 +166,9 @@ alpha = 0.5
 
 @pytest.fixture(scope="module")
 def students_reference(cache, tmp_path_factory):
-    from click.testing import CliRunner
-
-    from kdcache.pipeline.cli import main
-
     root = tmp_path_factory.mktemp("students-ref")
     (root / "students.toml").write_text(STUDENTS)
-    args = train_args(cache, root / "out", "--config", root / "students.toml")
-    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.stderr
+    invoke(*train_args(cache, root / "out", "--config", root / "students.toml"))
     return {name: outcome(root / "out" / name) for name in ("a", "b")}
 
 
@@ -185,19 +181,14 @@ def test_kill_9_in_a_students_file_then_rerun(
     (tmp_path / "students.toml").write_text(STUDENTS)
     out = tmp_path / "out"
     args = train_args(cache, out, "--config", tmp_path / "students.toml")
-    killed = run_with_fault([str(a) for a in args], f"{point}:{nth}")
-    assert killed.returncode == -9, killed.stderr
-    state = f"a: {left_behind(out / 'a')}; b: {left_behind(out / 'b')}"
-    res = cli(*args)
-    assert res.exit_code == 0, res.stderr
-    for name in ("a", "b"):
-        assert_same(outcome(out / name), students_reference[name])
-    lines = res.stdout.strip().splitlines()
+    folders = {n: (out / n, students_reference[n]) for n in ("a", "b")}
+    killed, left, lines = interrupted_then_rerun(args, f"{point}:{nth}", cli, folders)
+    state = f"a: {left['a']}; b: {left['b']}"
     fault_row(
         kind="kill -9: train",
         case=f"[[students]] {point}:{nth}",
         fault=f"SIGKILL {where}",
-        seen=f"the process dies; {state}",
+        seen=seen_after(killed, state),
         exit=exit_text(killed.returncode),
         recovery="rerun the same command: "
         + " / ".join(line.split(" (")[0].split(":")[0] for line in lines),
@@ -225,8 +216,9 @@ def test_sigterm_to_a_parallel_students_run_stops_its_children(
     (tmp_path / "students.toml").write_text(STUDENTS)
     out = tmp_path / "out"
     args = train_args(cache, out, "--config", tmp_path / "students.toml", "--parallel", "2")
-    # The parent polls its children every 0.1 s: the 15th poll is while they train.
-    stopped = run_with_fault([str(a) for a in args], "train.parallel:15:TERM")
+    # The parent polls its children every 0.1 s: by the 5th poll they are starting up (a fresh
+    # interpreter takes seconds), long before either can finish.
+    stopped = run_with_fault([str(a) for a in args], "train.parallel:5:TERM")
     left = _processes_mentioning(str(out))
     assert stopped.returncode == 143, stopped.stderr
     assert left == []  # no child outlives the parent
