@@ -43,8 +43,9 @@ How the faults are injected:
   comes back and the command is rerun. botocore's own retries are set to one attempt
   (`AWS_MAX_ATTEMPTS=1`) to keep the suite short; s3fs still retries five times.
 - **storage**: a real tmpfs (48 KiB to fill it, read-only to refuse writes, remounted read-only
-  mid-run); these cases need root and are skipped elsewhere. Read-only without root is a
-  chmod 555 folder.
+  mid-run); these cases need root and mount rights and are skipped elsewhere (read-only without
+  root is a chmod 555 folder). A full store is also simulated everywhere: an fsspec memory
+  filesystem whose writes fail with ENOSPC past a byte quota (the object-store write path).
 - **two writers**: two processes that call themselves `host-a` and `host-b` (what the lock records).
 - **bad input**: the real `kdcache` CLI; each must give one line naming the value and the fix, a
   non-zero exit, no traceback, and leave nothing that looks complete.

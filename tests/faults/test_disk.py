@@ -9,12 +9,16 @@ through a chmod 555 folder anyway).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 
+import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from kdcache.storage.reader import CacheReader
 from tests.conftest import assert_one_line_error, cli_args, wait_for
@@ -153,3 +157,61 @@ def test_out_turns_read_only_mid_run(tmp_path, cli, fault_row):
 
 def test_two_hosts_on_one_local_folder(tmp_path, cli, fault_row):
     two_hosts(str(tmp_path / "store"), cli, fault_row, "local-folder", lambda: None)
+
+
+class FullMemoryFS(MemoryFileSystem):
+    """fsspec's memory filesystem with a quota: a write that would pass `quota` bytes (all files
+    below /full) fails as a full disk does, with ENOSPC. It stands in for the tmpfs where
+    mounting is not permitted, and takes the object-store write path (whole-file PUTs)."""
+
+    protocol = "fullmem"
+    quota: int | None = None
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("fullmem://"))
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        path = self._strip_protocol(path)
+        if self.quota is not None:
+            used = sum(len(f.getvalue()) for p, f in self.store.items() if p.startswith("/full"))
+            if used + len(value) > self.quota:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return super().pipe_file(path, value, mode=mode, **kwargs)
+
+
+def test_full_store_simulated_then_rerun(tmp_path, cli, fault_row):
+    """The same as the tmpfs case through a filesystem that runs out of quota: runs everywhere."""
+    fsspec.register_implementation("fullmem", FullMemoryFS, clobber=True)
+    ref = tmp_path / "reference"
+    assert cli(*cli_args(ref, "--features", "body", n=N)).exit_code == 0
+    want = store_files(ref)
+    url = f"fullmem://full/{uuid.uuid4().hex}"
+    fs = FullMemoryFS()
+    FullMemoryFS.quota = sum(map(len, want.values())) // 2
+    try:
+        args = cli_args(url, "--features", "body", n=N)
+        res = cli(*args)
+        committed = len(fs.ls(url + "/_commits")) if fs.exists(url + "/_commits") else 0
+        assert res.exit_code == 1, res.stderr
+        root = fs._strip_protocol(url)  # the exception names the file inside the filesystem
+        assert_one_line_error(res.stderr, "no space left", root, "rerun the same command")
+        assert 1 <= committed < 6, committed
+        assert not fs.exists(url + "/manifest.json")
+        FullMemoryFS.quota = None  # space freed
+        again = cli(*args)
+        assert again.exit_code == 0, again.stderr
+        got = {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+        assert {k: v for k, v in got.items() if k != "manifest.json"} == want
+    finally:
+        FullMemoryFS.quota = None
+        fs.rm(fs._strip_protocol(url), recursive=True)
+    fault_row(
+        kind="storage",
+        case="full store (simulated: fsspec filesystem with a byte quota)",
+        fault="ENOSPC from a write past half the store's size",
+        seen=last_line(res.stderr).replace(root, "/full/<id>"),
+        exit=exit_text(res.exit_code),
+        recovery=f"quota lifted, rerun the same command: {committed} shard(s) kept; every file "
+        "equals an uninterrupted local run's",
+    )
