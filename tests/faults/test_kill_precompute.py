@@ -177,3 +177,46 @@ def test_kill_9_while_force_replaces_a_store(tmp_path, cli, reference, fault_row
         exit=exit_text(killed.returncode),
         recovery=recovery.replace("command", "--force command"),
     )
+
+
+# A language model's per-token store (ragged rows, the sampled codec's seeded draws, features of
+# each real token): 24 token blocks in 3 shards of 8, batches of 3.
+LM_POINTS = [
+    ("precompute.batch", 2, "mid-shard"),
+    ("shard.features", 1, "after a shard's token features, before hashing"),
+    ("shard.marker", 2, "between shards"),
+    ("write.manifest.json", 1, "during publish"),
+]
+
+
+def lm_args(out) -> list[str]:
+    from tests.stages.test_precompute_lm import lm_args as args
+
+    return args(out, "--features", "body", "--pool", "token-mean")
+
+
+@pytest.fixture(scope="module")
+def lm_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm-reference") / "store"
+    invoke(*lm_args(out))
+    return store_files(out), manifest_of(out)
+
+
+@pytest.mark.parametrize(
+    ("point", "nth", "where"), LM_POINTS, ids=[f"{p}:{n}" for p, n, _ in LM_POINTS]
+)
+def test_kill_9_a_language_model_store_then_rerun(
+    tmp_path, cli, lm_reference, fault_row, point, nth, where
+):
+    out = tmp_path / "store"
+    killed, state, recovery = interrupted_then_rerun(
+        out, lm_args(out), f"{point}:{nth}", cli, lm_reference
+    )
+    fault_row(
+        kind="kill -9: precompute",
+        case=f"causal-lm {point}:{nth}",
+        fault=f"SIGKILL {where} (per-token sampled store)",
+        seen=seen_after(killed, f"store left: {state}"),
+        exit=exit_text(killed.returncode),
+        recovery=recovery,
+    )
