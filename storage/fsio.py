@@ -7,6 +7,7 @@ but a single PUT is atomic there (an object is visible whole or not at all), so 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -104,10 +105,16 @@ class Location:
             # A file where a folder should be: not "exists", which callers read as a lost race.
             raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", parent) from None
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            # A failed write() names no file: name the one being written (disk full, ...).
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OSError(exc.errno, exc.strerror, target) from None
         return tmp
 
     def sweep_temporaries(self, keep: str | None = None) -> None:

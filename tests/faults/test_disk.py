@@ -215,3 +215,35 @@ def test_full_store_simulated_then_rerun(tmp_path, cli, fault_row):
         recovery=f"quota lifted, rerun the same command: {committed} shard(s) kept; every file "
         "equals an uninterrupted local run's",
     )
+
+
+def test_full_disk_under_train_then_rerun(tmp_path, cli, fault_row):
+    """A student's --out on a tmpfs that fills at its second checkpoint."""
+    from tests.faults.test_kill_train import assert_same, outcome, train_args
+
+    cache = tmp_path / "cache"
+    assert cli(*cli_args(cache, "--features", "body", n=48)).exit_code == 0
+    ref = tmp_path / "ref" / "student"
+    assert cli(*train_args(cache, ref)).exit_code == 0
+    size = (ref / "checkpoint-3.pt").stat().st_size
+    with tmpfs(tmp_path / "disk", f"{(size * 3 // 2) // 4096 * 4096 + 4096}") as disk:
+        out = disk / "student"
+        args = train_args(cache, out)
+        res = cli(*args)
+        left = sorted(p.name for p in out.iterdir())
+        assert res.exit_code == 1, res.stderr
+        assert_one_line_error(res.stderr, "no space left", str(out / "checkpoint-2.pt"))
+        assert "summary.json" not in left and "checkpoint-1.pt" in left
+        remount(disk, "size=8m")
+        again = cli(*args)
+        assert again.exit_code == 0, again.stderr
+        assert_same(outcome(out), outcome(ref))
+    fault_row(
+        kind="storage",
+        case="full disk under train (tmpfs of 1.5 checkpoints)",
+        fault="ENOSPC while writing checkpoint-2.pt",
+        seen=last_line(res.stderr),
+        exit=exit_text(res.exit_code),
+        recovery="space freed, rerun the same command: resumes from checkpoint-1; weights and "
+        "metrics equal an uninterrupted run's",
+    )
