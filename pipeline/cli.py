@@ -105,6 +105,7 @@ def _summary(reader: CacheReader) -> dict:
             else {}
         ),
         "teacher_accuracy": s.get("teacher_accuracy"),
+        **({k: s.get(k) for k in TARGET_STATS} if reader.targets_info else {}),
         "teacher_seconds": s.get("teacher_seconds"),
         "teacher": m["teacher"].get("spec"),
         "data": m["data"].get("spec"),
@@ -114,9 +115,15 @@ def _summary(reader: CacheReader) -> dict:
     }
 
 
+# A regression store's true targets: how many rows have one, their scale, the teacher's error.
+TARGET_STATS = ("target_rows", "target_mean", "target_std", "teacher_mse", "teacher_r2")
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_fmt, value)) + "]"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

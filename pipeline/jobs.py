@@ -15,14 +15,16 @@ from types import SimpleNamespace
 import torch
 
 from kdcache.pipeline.data import load_dataset
-from kdcache.pipeline.models import load_model
+from kdcache.pipeline.models import load_model, saved_settings
 from kdcache.pipeline.runtime import Dist, process_group, resolve_device
+from kdcache.stages import deploy
 from kdcache.stages import evaluate as evaluate_stage
 from kdcache.stages import precompute as precompute_stage
 from kdcache.stages import report as report_stage
 from kdcache.stages.run_folder import RunFolder
 from kdcache.stages.train import TrainConfig, Trainer, finished
 from kdcache.storage.errors import UsageError
+from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
 
 
@@ -108,11 +110,33 @@ def load_student(folder: str, storage_options: dict | None = None):
     return model, summary
 
 
+def evaluated_model(cfg: evaluate_stage.EvaluateConfig):
+    """(model, summary) of `--checkpoint`: a finished run folder, or a bare weights file (its
+    model from --student, or from the settings a trainer's checkpoint-N.pt records)."""
+    url = cfg.checkpoint
+    if open_location(url, cfg.storage_options).is_dir():
+        if cfg.student:
+            raise UsageError(
+                f"--student {cfg.student}: --checkpoint {url} is a run folder that names its own "
+                "student; give --student with a model.pt or checkpoint-N.pt file only"
+            )
+        return load_student(url, cfg.storage_options)
+    saved = saved_settings(url, cfg.storage_options)
+    spec, args = cfg.student, cfg.student_args
+    if spec is None:
+        spec, args = saved.get("student"), args or saved.get("student_args") or {}
+    model, _ = load_model(spec, args, url, cfg.storage_options, "--student")
+    task = cfg.task or saved.get("task") or "classification"
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return model, {"name": name, "student": spec, "student_args": args, "settings": {"task": task}}
+
+
 def evaluate(cfg: evaluate_stage.EvaluateConfig) -> dict:
-    """Accuracy, ECE and loss on `cfg.data`; agreement with the cache's teacher when given."""
+    """Accuracy, ECE and loss on `cfg.data`; agreement with the cache's teacher when given; with
+    `cfg.deploy` what the model costs on a CPU, float and int8 (stages/deploy.py)."""
     cfg.validate()
     device = resolve_device(cfg.device)
-    model, summary = load_student(cfg.checkpoint, cfg.storage_options)
+    model, summary = evaluated_model(cfg)
     ds = load_dataset(cfg.data, cfg.data_args)
     reader = cache_data = None
     if cfg.cache:
@@ -120,7 +144,12 @@ def evaluate(cfg: evaluate_stage.EvaluateConfig) -> dict:
         # Agreement needs the inputs of the cached rows: the data set named in the manifest.
         source = reader.manifest["data"]
         cache_data = load_dataset(source["spec"], source.get("kwargs") or {})
-    return evaluate_stage.run(cfg, model.to(device), summary, ds, device, reader, cache_data)
+    result = evaluate_stage.run(cfg, model.to(device), summary, ds, device, reader, cache_data)
+    if cfg.deploy:
+        result["deploy"] = deploy.figures(
+            model, ds, summary["settings"].get("task") or "classification"
+        )
+    return result
 
 
 # What the report stage may build: a finished run's student, and a data set from its spec.

@@ -87,3 +87,16 @@ def load_model(
         # No file to hash: the weights themselves (e.g. a seeded factory) are the identity.
         identity["params_sha256"] = params_hash(model)
     return model.eval(), identity
+
+
+def saved_settings(url: str, storage_options: dict | None = None) -> dict:
+    """The run settings a trainer's checkpoint-N.pt records ({} for any other weights file)."""
+    data = _read_checkpoint(url, storage_options)
+    if _archive_kind(data) != "state":
+        return {}
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a checkpoint we can read: load_model says why
+        return {}
+    settings = obj.get("settings") if isinstance(obj, dict) else None
+    return settings if isinstance(settings, dict) else {}

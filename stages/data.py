@@ -143,6 +143,17 @@ def forward_tokens(model: torch.nn.Module, inputs: dict):
     return model(inputs["input_ids"])
 
 
+def _label_array(labels) -> np.ndarray:
+    """A batch's labels as an array; a list mixing vectors and None (regression targets, some
+    missing) becomes one object per item instead of a ragged-array error."""
+    if isinstance(labels, np.ndarray | torch.Tensor):
+        return np.asarray(labels)
+    out = np.empty(len(labels), object)
+    for j, v in enumerate(labels):
+        out[j] = v
+    return out if any(v is None or np.ndim(v) for v in out) else np.asarray(list(out))
+
+
 def get_batch(
     ds, ids: np.ndarray, spec: str = "data", task: str = "classification"
 ) -> tuple[torch.Tensor | dict, np.ndarray]:
@@ -162,7 +173,7 @@ def get_batch(
     if hasattr(ds, "get_batch"):
         batch = ds.get_batch(ids)
         labels = batch.get("label")
-        labels = np.full(len(ids), -1, np.int64) if labels is None else np.asarray(labels)
+        labels = np.full(len(ids), -1, np.int64) if labels is None else _label_array(labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             labels = np.array([_class_label(v) for v in labels], np.int64)
         return _as_tensor(batch["input"]), labels.astype(np.int64, copy=False)

@@ -30,6 +30,7 @@ from kdcache.stages.encode import (
     summarise,
 )
 from kdcache.stages.hooks import FeatureTap, logits_of
+from kdcache.stages.targets import TargetView, check_targets
 from kdcache.storage import codecs, faults
 from kdcache.storage.errors import FormatError, KdcacheError, UsageError
 from kdcache.storage.fsio import io_failure, open_location
@@ -76,6 +77,8 @@ def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict
         "task": cfg.task,
         "precision": cfg.precision,
     }
+    if cfg.task == "regression":
+        header["targets"] = {"dtype": "float32"}  # its width (the teacher's) follows the probe
     header["fingerprint"] = store_fingerprint(header)
     return header
 
@@ -110,7 +113,7 @@ def _forward(model, x, device, cfg, tap):
 
 def _complete_header(header, model, ds, device, cfg) -> dict:
     """Probe one small batch for the derived sizes: num_classes and the feature dim."""
-    view = BatchView(ds, cfg.data, cfg.task)
+    view = _view(cfg.task)(ds, cfg.data, cfg.task)
     ids, x, _ = view[np.arange(min(2, len(ds)))]
     tap = FeatureTap(model, cfg.features, cfg.pool) if cfg.features else None
     with tap or contextlib.nullcontext():
@@ -134,12 +137,18 @@ def _complete_header(header, model, ds, device, cfg) -> dict:
         )
     codecs.open_codec(header["soft_labels"], cfg.task).check_classes(c)
     header["teacher"]["num_classes"] = c
+    if header.get("targets") is not None:
+        header["targets"]["width"] = c
     if feats is not None:
         dim = int(feats.shape[1]) if feats.dim() == 2 else int(np.prod(feats.shape[1:]))
         itemsize = np.dtype(cfg.feature_dtype).itemsize
         cols = max(1, min(dim, CHUNK_BYTES // (header["shard_rows"] * itemsize)))
         header["features"].update(dim=dim, chunk_cols=cols, path="features.zarr")
     return header
+
+
+def _view(task: str):
+    return TargetView if task == "regression" else BatchView
 
 
 def _plan(n: int, shard_rows: int, batch_size: int, shards: list[int]) -> list[tuple]:
@@ -211,7 +220,7 @@ class _WriterThread(threading.Thread):
             while (index := self._get()) is not None:
                 with self.store.shard(index) as shard:
                     while (payload := self._get()) is not None:
-                        z, labels, ids, feats, inputs = payload
+                        z, labels, ids, feats, inputs, targets = payload
                         if feats is not None:
                             # Cast per batch, in torch: numpy's float32 -> float16 at commit was
                             # most of a shard's commit time (no SIMD), a serial tail at the end.
@@ -223,7 +232,7 @@ class _WriterThread(threading.Thread):
                             )
                         else:
                             columns, stats = encode_batch(
-                                z, labels, ids, self.store.codec, self.temperature
+                                z, labels, ids, self.store.codec, self.temperature, None, targets
                             )
                         add_stats(shard.stats, stats)
                         shard.add(columns, feats)
@@ -346,7 +355,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
     if not plan:
         return 0.0
     loader = torch.utils.data.DataLoader(
-        BatchView(ds, cfg.data, cfg.task),
+        _view(cfg.task)(ds, cfg.data, cfg.task),
         sampler=[ids for _, ids in plan],
         batch_size=None,
         num_workers=cfg.num_workers,
@@ -380,13 +389,17 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
                     z = check_token_logits(z, ids_np, tokens["attention_mask"])
                 else:
                     z = check_logits(z, ids_np, len(ids_np), cfg.task)
+                targets = None
                 if cfg.task == "classification":
                     check_labels(y_np, ids_np, z.shape[1])
+                elif cfg.task == "regression":  # float targets, kept in their own column
+                    targets = check_targets(y_np, ids_np, z.shape[1])
+                    y_np = np.full(len(ids_np), -1, np.int64)
                 else:
-                    y_np = np.full_like(y_np, -1)  # regression targets are not class labels
+                    y_np = np.full_like(y_np, -1)
                 busy += time.perf_counter() - t
                 faults.point("precompute.batch")
-                writer.put((z, y_np, ids_np, feats, tokens))
+                writer.put((z, y_np, ids_np, feats, tokens, targets))
                 bar.update(len(ids_np))
             writer.put(None)
             writer.put(None)

@@ -128,12 +128,15 @@ FINGERPRINT_FIELDS = (
     "shard_rows",
     "task",
     "precision",
+    # Regression stores written since targets were kept; absent from every other store, whose
+    # fingerprints must not change (so it is hashed only when present).
+    "targets",
 )
 
 
 def store_fingerprint(header: dict) -> str:
     teacher = {k: v for k, v in header["teacher"].items() if k != "checkpoint"}
-    doc = {k: header.get(k) for k in FINGERPRINT_FIELDS}
+    doc = {k: header.get(k) for k in FINGERPRINT_FIELDS if k != "targets" or header.get(k)}
     doc["teacher"] = teacher
     doc["data"] = {k: v for k, v in header["data"].items()}
     return hash_json(doc)

@@ -40,6 +40,8 @@ class CacheReader:
         self.num_classes: int = self.soft["num_classes"]
         self.temperature: float = float(m["temperature"])
         self.features_info: dict | None = m.get("features")
+        # A regression store's true targets (`target` column); None in older and other stores.
+        self.targets_info: dict | None = m.get("targets")
         self.shards: list[dict] = m["shards"]
         self.num_rows: int = int(m["num_rows"])
         self.fingerprint: str = m["fingerprint"]
@@ -57,6 +59,11 @@ class CacheReader:
         return self.features_info is not None
 
     @property
+    def target_rows(self) -> int:
+        """Rows with a true target (0 when the store keeps no `target` column)."""
+        return int(self.manifest.get("stats", {}).get("target_rows", 0)) if self.targets_info else 0
+
+    @property
     def features(self):
         if self._array is not None and self._array_pid != os.getpid():
             self._array = None  # opened before a fork: its S3 client is not usable here
@@ -70,7 +77,7 @@ class CacheReader:
         return self._array
 
     def schema(self) -> pa.Schema:
-        return shard_schema(self.codec, self.format)
+        return shard_schema(self.codec, self.format, (self.targets_info or {}).get("width"))
 
     def keys(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample_id, view) of every store row, in store order (shard by shard).

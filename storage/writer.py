@@ -74,7 +74,7 @@ def wipe(loc: Location) -> None:
 
 
 # Sizes learnt from the teacher's first batch, not chosen by the user: left out of "what differs".
-_DERIVED = {"num_classes", "dim", "chunk_cols", "path", "checkpoint"}
+_DERIVED = {"num_classes", "dim", "chunk_cols", "path", "checkpoint", "width"}
 
 
 def _settings(doc: dict) -> dict:

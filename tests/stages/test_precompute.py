@@ -178,8 +178,10 @@ def test_regression_stores_raw_outputs_dense(tmp_path, outputs):
         task="regression",
         temperature=7.0,
         dtype="float32",
+        data_args={"n": N, "labels": False},  # no targets: teacher outputs only
     )
     r = CacheReader(str(tmp_path / "s"))
+    assert r.targets_info == {"dtype": "float32", "width": outputs} and r.target_rows == 0
     assert (r.task, r.codec.name, r.temperature, r.num_classes) == (
         "regression",
         "dense",
