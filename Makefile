@@ -164,7 +164,7 @@ test: setup ## Every test, slow ones included (what CI runs)
 test-quick: setup ## The suite without the slow tests (about 3 min)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The rows land beside the runs (git-ignored); the table is rebuilt only when every case ran.
+# The rows land beside the runs (git-ignored); the table is rewritten only after a green run.
 FAULT_ROWS := $(RUNS)/faults.jsonl
 faults: setup ## The fault-injection campaign (tests/faults); writes its table to docs/RELIABILITY.md
 	@mkdir -p $(RUNS) && rm -f $(FAULT_ROWS)
