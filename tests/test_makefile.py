@@ -90,7 +90,9 @@ def test_variables_reach_the_commands(venv, tmp_path):
 def test_faults_runs_the_fault_suite_then_renders_its_table(venv, tmp_path):
     out = make("faults", f"VENV={venv}", f"RUNS={tmp_path}/r")
     rows = f"{tmp_path}/r/faults.jsonl"
-    run = f"KDCACHE_FAULT_ROWS={rows} {venv}/bin/python -m pytest tests/faults -m 'slow or not slow'"
+    run = (
+        f"KDCACHE_FAULT_ROWS={rows} {venv}/bin/python -m pytest tests/faults -m 'slow or not slow'"
+    )
     render = f"{venv}/bin/python -m tests.faults.render {rows} docs/RELIABILITY.md"
     assert f"rm -f {rows}" in out and -1 < out.find(run) < out.find(render), out
 
