@@ -63,6 +63,29 @@ TERM_POINTS = [
 ]
 
 
+# A language model's per-token store (ragged rows, the sampled codec's seeded draws, features of
+# each real token): 24 token blocks in 3 shards of 8, batches of 3.
+LM_POINTS = [
+    ("precompute.batch", 2, "mid-shard"),
+    ("shard.features", 1, "after a shard's token features, before hashing"),
+    ("shard.marker", 2, "between shards"),
+    ("write.manifest.json", 1, "during publish"),
+]
+
+
+def lm_args(out) -> list[str]:
+    from tests.stages.test_precompute_lm import lm_args as args
+
+    return args(out, "--features", "body", "--pool", "token-mean")
+
+
+@pytest.fixture(scope="module")
+def lm_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm-reference") / "store"
+    invoke(*lm_args(out))
+    return store_files(out), manifest_of(out)
+
+
 def args_for(out) -> list[str]:
     return cli_args(out, "--features", "body", n=N)
 
@@ -123,18 +146,22 @@ def interrupted_then_rerun(out: Path, args: list, fault: str, cli, reference) ->
     return stopped, state, "rerun the same command: " + last_line(res.stdout).split(" in ")[0]
 
 
-@pytest.mark.parametrize(("point", "nth", "where"), POINTS, ids=[f"{p}:{n}" for p, n, _ in POINTS])
+@pytest.mark.parametrize(
+    ("store", "point", "nth", "where"),
+    [("", *p) for p in POINTS] + [("causal-lm", *p) for p in LM_POINTS],
+    ids=[f"{p}:{n}" for p, n, _ in POINTS] + [f"causal-lm-{p}:{n}" for p, n, _ in LM_POINTS],
+)
 def test_kill_9_then_rerun_is_byte_identical(
-    tmp_path, cli, reference, fault_row, point, nth, where
+    tmp_path, cli, request, fault_row, store, point, nth, where
 ):
     out = tmp_path / "store"
-    killed, state, recovery = interrupted_then_rerun(
-        out, args_for(out), f"{point}:{nth}", cli, reference
-    )
+    reference = request.getfixturevalue("lm_reference" if store else "reference")
+    args = lm_args(out) if store else args_for(out)
+    killed, state, recovery = interrupted_then_rerun(out, args, f"{point}:{nth}", cli, reference)
     fault_row(
         kind="kill -9: precompute",
-        case=f"{point}:{nth}",
-        fault=f"SIGKILL {where}",
+        case=f"{store} {point}:{nth}".strip(),
+        fault=f"SIGKILL {where}" + (" (per-token sampled store)" if store else ""),
         seen=seen_after(killed, f"store left: {state}"),
         exit=exit_text(killed.returncode),
         recovery=recovery,
@@ -176,47 +203,4 @@ def test_kill_9_while_force_replaces_a_store(tmp_path, cli, reference, fault_row
         seen=seen_after(killed, f"store left: {state}"),
         exit=exit_text(killed.returncode),
         recovery=recovery.replace("command", "--force command"),
-    )
-
-
-# A language model's per-token store (ragged rows, the sampled codec's seeded draws, features of
-# each real token): 24 token blocks in 3 shards of 8, batches of 3.
-LM_POINTS = [
-    ("precompute.batch", 2, "mid-shard"),
-    ("shard.features", 1, "after a shard's token features, before hashing"),
-    ("shard.marker", 2, "between shards"),
-    ("write.manifest.json", 1, "during publish"),
-]
-
-
-def lm_args(out) -> list[str]:
-    from tests.stages.test_precompute_lm import lm_args as args
-
-    return args(out, "--features", "body", "--pool", "token-mean")
-
-
-@pytest.fixture(scope="module")
-def lm_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm-reference") / "store"
-    invoke(*lm_args(out))
-    return store_files(out), manifest_of(out)
-
-
-@pytest.mark.parametrize(
-    ("point", "nth", "where"), LM_POINTS, ids=[f"{p}:{n}" for p, n, _ in LM_POINTS]
-)
-def test_kill_9_a_language_model_store_then_rerun(
-    tmp_path, cli, lm_reference, fault_row, point, nth, where
-):
-    out = tmp_path / "store"
-    killed, state, recovery = interrupted_then_rerun(
-        out, lm_args(out), f"{point}:{nth}", cli, lm_reference
-    )
-    fault_row(
-        kind="kill -9: precompute",
-        case=f"causal-lm {point}:{nth}",
-        fault=f"SIGKILL {where} (per-token sampled store)",
-        seen=seen_after(killed, f"store left: {state}"),
-        exit=exit_text(killed.returncode),
-        recovery=recovery,
     )
