@@ -16,6 +16,7 @@ import click
 from kdcache.pipeline.specs import load_config, merge_options, parse_kv
 from kdcache.stages.config import QUIET_HELP
 from kdcache.storage.errors import KdcacheError, UsageError
+from kdcache.storage.fsio import io_failure
 from kdcache.storage.options import options_of
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
@@ -105,6 +106,10 @@ def handle_errors(fn):
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if os.environ.get("KDCACHE_DEBUG"):
                 raise
+            known = io_failure(exc)
+            if known is not None:
+                click.echo(f"kdcache: error: {known}", err=True)
+                sys.exit(known.exit_code)
             click.echo(
                 f"kdcache: error: {type(exc).__name__}: {exc} "
                 "(set KDCACHE_DEBUG=1 to see the traceback)",

@@ -21,12 +21,14 @@ from kdcache.pipeline.cli_common import (
     common_options,
     emit,
     handle_errors,
+    release_on_sigterm,
     setup_logging,
 )
 from kdcache.pipeline.cli_options import click_options
 from kdcache.pipeline.runtime import process_group
 from kdcache.pipeline.specs import load_config, normalise_keys
 from kdcache.stages.config import EvaluateConfig, TrainConfig
+from kdcache.storage import faults
 from kdcache.storage.errors import KdcacheError, UsageError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -54,6 +56,7 @@ def train(**options) -> None:
         configs = [build_config(TrainConfig, None, options, file_opts=file_opts)]
     else:
         configs = _student_configs(TrainConfig, file_opts, students, options, only)
+    release_on_sigterm()
     with process_group(configs[0].device) as dist, contextlib.ExitStack() as cleanup:
         # Options, cache, data and student of every student, before the first one trains; each
         # trainer is built once (a finished run gives its summary instead).
@@ -69,6 +72,7 @@ def train(**options) -> None:
         for cfg, t in zip(configs, trainers, strict=True):
             result = done_before(t) if isinstance(t, dict) else t.run()
             _report(log_json, cfg, result)
+            faults.point("train.student")
 
 
 def _student_configs(cls, shared: dict, students, options: dict, only: str | None) -> list:
@@ -120,16 +124,25 @@ def _run_parallel(names: list[str], argv: list[str], n: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     base = [sys.executable, "-c", "from kdcache.pipeline.cli import main; main()", "train", *argv]
     pending, running, failed = list(names), {}, []
-    while pending or running:
-        while pending and len(running) < n:
-            name = pending.pop(0)
-            running[name] = subprocess.Popen([*base, "--only", name], env=env)
-        for name, proc in list(running.items()):
-            if proc.poll() is not None:
-                del running[name]
-                if proc.returncode:
-                    failed.append(f"{name} (exit {proc.returncode})")
-        time.sleep(0.1)
+    try:
+        while pending or running:
+            while pending and len(running) < n:
+                name = pending.pop(0)
+                running[name] = subprocess.Popen([*base, "--only", name], env=env)
+            for name, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    if proc.returncode:
+                        failed.append(f"{name} (exit {proc.returncode})")
+            faults.point("train.parallel")
+            time.sleep(0.1)
+    finally:
+        # Stopped (SIGTERM, Ctrl-C) or failed: the children stop too, each at a clean point, or
+        # they would go on training into folders the rerun of this command trains into.
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            proc.wait()
     if failed:
         raise KdcacheError(f"{len(failed)} student(s) failed: {', '.join(failed)}")
 

@@ -31,9 +31,9 @@ from kdcache.stages.encode import (
 )
 from kdcache.stages.hooks import FeatureTap, logits_of
 from kdcache.stages.targets import TargetView, check_targets
-from kdcache.storage import codecs
+from kdcache.storage import codecs, faults
 from kdcache.storage.errors import FormatError, KdcacheError, UsageError
-from kdcache.storage.fsio import open_location
+from kdcache.storage.fsio import io_failure, open_location
 from kdcache.storage.lock import StoreLock
 from kdcache.storage.manifest import (
     FORMAT,
@@ -236,6 +236,7 @@ class _WriterThread(threading.Thread):
                             )
                         add_stats(shard.stats, stats)
                         shard.add(columns, feats)
+                        faults.point("precompute.encoded")
                 add_stats(self.totals, shard.stats)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
@@ -255,6 +256,7 @@ def _prepare_store(loc, header, cfg, model, ds, device) -> tuple:
         return ("hit", load_manifest(loc))
     # Probe the teacher before wiping anything, so that a bad option cannot cost the old store.
     header = _complete_header(header, model, ds, device, cfg)
+    faults.point("precompute.probed")
     if state in ("replace", "complete"):
         log.warning("--force: replacing the store at %s", loc.url)
         wipe(loc)
@@ -302,10 +304,11 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
     world_size, is_main, barrier, decide); `started` is when the job began (perf_counter)."""
     started = time.perf_counter() if started is None else started
     loc = open_location(cfg.out, cfg.storage_options)
-    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds, cfg.task))
+    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds, cfg.task, cfg.data))
     lock = StoreLock(loc) if dist.is_main else None
 
     def prepare() -> tuple:
+        faults.point("precompute.start")
         _acquire(lock)
         return _prepare_store(loc, header, cfg, model, ds, device)
 
@@ -324,16 +327,25 @@ def run(cfg: PrecomputeConfig, model, teacher_id: dict, ds, dist, device, starte
             i for i in range(num_shards) if i % dist.world_size == dist.rank and i not in committed
         ]
         teacher_seconds = _compute(store, mine, model, ds, device, cfg, dist.is_main)
+        faults.point("precompute.computed")
         dist.barrier()
         if not dist.is_main:
             return {"status": "done", "manifest": None, "seconds": time.perf_counter() - started}
         wall = time.perf_counter() - started
         lock.check()  # taken over as stale while we worked: the new owner publishes, not us
         manifest = _publish(store, {"teacher_seconds": teacher_seconds, "wall_seconds": wall})
+        faults.point("precompute.published")
         return {"status": "done", "manifest": manifest, "seconds": wall, "resumed": len(committed)}
+    except Exception as exc:
+        # Disk full, read-only, endpoint gone: one line naming the store, not a library's error.
+        failure = io_failure(exc, loc.url)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if lock is not None and lock._thread is not None:
             lock.release()
+            faults.point("precompute.released")
 
 
 def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
@@ -368,6 +380,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
                         writer.put(None)
                     writer.put(shard)
                     current = shard
+                    faults.point("precompute.new_shard")
                 t = time.perf_counter()
                 z, feats = _forward(model, x, device, cfg, tap)
                 ids_np, y_np = ids.numpy(), y.numpy()
@@ -385,6 +398,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool) -> float:
                 else:
                     y_np = np.full_like(y_np, -1)
                 busy += time.perf_counter() - t
+                faults.point("precompute.batch")
                 writer.put((z, y_np, ids_np, feats, tokens, targets))
                 bar.update(len(ids_np))
             writer.put(None)

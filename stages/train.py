@@ -48,6 +48,7 @@ from kdcache.stages.loader import JoinedStream, LabelStream, check_data
 from kdcache.stages.metrics import epoch_line, run_totals, summarise
 from kdcache.stages.online import OnlineTeacher
 from kdcache.stages.run_folder import RunFolder
+from kdcache.storage import faults
 from kdcache.storage.errors import UsageError
 from kdcache.storage.manifest import diff
 from kdcache.storage.options import options_of
@@ -352,6 +353,7 @@ class Trainer:
                 terms["loss"].backward()
                 self.opt.step()
                 self.sched.step()
+                faults.point("train.batch")
                 done += 1
                 n = len(batch["sample_id"])
                 tokens = lm.token_count(batch["input"]) if self.task == lm.TASK else 0
@@ -476,6 +478,8 @@ class Trainer:
     def train(self, stop_after_epoch: int | None = None) -> dict:
         cfg, d = self.cfg, self.dist
         started = self.started
+        if d.is_main:
+            self.folder.loc.sweep_temporaries()  # a killed run's half-written checkpoint
         first, rows, extra = self.resume()
         tb = self._tensorboard()
         history: list = []
@@ -496,6 +500,7 @@ class Trainer:
             if self.task == lm.TASK:
                 row["tokens_per_sec"] = train["tokens"] / seconds if seconds else None
             rows.append(row)
+            faults.point("train.epoch")
             if d.is_main:
                 log.info(epoch_line(row, cfg.epochs))
                 extra["wall_seconds"] = (
@@ -514,7 +519,9 @@ class Trainer:
         if d.is_main:
             wall = extra.get("wall_seconds", 0.0) + time.perf_counter() - started
             self.folder.write_model(self.student.state_dict())
+            faults.point("train.model")
             summary = self.summary(rows, wall)
             self.folder.write_summary(summary)
+            faults.point("train.summary")
         d.barrier()
         return {"status": "done", "summary": summary, "history": history, "rows": rows}

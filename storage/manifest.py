@@ -64,7 +64,8 @@ def read_json(loc: Location, name: str) -> dict | None:
         return json.loads(loc.read_bytes(name))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(
-            f"{loc.path(name)} is not valid JSON ({exc}); the store is damaged"
+            f"{loc.path(name)} is not valid JSON ({exc}); the store is damaged: recompute it "
+            "into the same --out with `kdcache precompute ... --force`"
         ) from None
 
 
@@ -77,7 +78,10 @@ def load_manifest(loc: Location) -> dict:
                 f"{loc.url} is an incomplete kdcache store (no {MANIFEST}): rerun the same "
                 "`kdcache precompute` command to finish it"
             )
-        raise FormatError(f"{loc.url} is not a kdcache store: {MANIFEST} not found")
+        raise FormatError(
+            f"{loc.url} is not a kdcache store: {MANIFEST} not found; point it at the --out of "
+            "a finished `kdcache precompute`"
+        )
     check_format(doc, loc.url)
     return doc
 

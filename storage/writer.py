@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
+from kdcache.storage import faults
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import Location
@@ -65,8 +66,10 @@ def existing_state(loc: Location, header: dict) -> str:
 def wipe(loc: Location) -> None:
     """Remove a store, manifest first so that it never looks complete while half deleted."""
     loc.remove(MANIFEST)
+    faults.point("writer.wipe")
     for name in (COMMITS, SOFT_LABELS, FEATURES, RUN_FILE):
         loc.remove(name, recursive=True)
+        faults.point(f"writer.wipe.{name}")
 
 
 # Sizes learnt from the teacher's first batch, not chosen by the user: left out of "what differs".
@@ -96,8 +99,11 @@ class StoreWriter:
     def prepare(self) -> None:
         """Write the run header and create the feature array (rank 0 only, before the barrier)."""
         self.loc.fs.makedirs(self.loc.root, exist_ok=True)
-        self._sweep_temporaries()
+        # Not the lock's: another process may be writing its lock attempt right now.
+        self.loc.sweep_temporaries(keep=LOCK_FILE)
+        faults.point("writer.swept")
         self.loc.write_bytes(dumps(self.header), RUN_FILE)
+        faults.point("writer.run_header")
         if self.features and not self.loc.exists(FEATURES, "zarr.json"):
             f = self.features
             zarr.create_array(
@@ -112,18 +118,7 @@ class StoreWriter:
                 storage_options=self.loc.storage_options or None,
                 overwrite=True,
             )
-
-    def _sweep_temporaries(self) -> None:
-        """Delete the temporary files a killed writer left in a local folder (ours: `*.tmp-<hex>`,
-        zarr's: `*.<hex>.partial`). Object stores have none: they get whole PUTs."""
-        if not self.loc.is_local:
-            return
-        for path in self.loc.fs.find(self.loc.root):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(LOCK_FILE):
-                continue  # another process may be writing its lock attempt right now
-            if ".tmp-" in name or name.endswith(".partial"):
-                self.loc.fs.rm_file(path)
+            faults.point("writer.features_array")
 
     @property
     def array(self):
@@ -169,7 +164,9 @@ class StoreWriter:
             "shards": [entries[i] for i in range(expected)],
             "stats": stats,
         }
+        faults.point("publish.checked")
         self.loc.write_bytes(dumps(manifest), MANIFEST)
+        faults.point("publish.done")
         return manifest
 
 
@@ -206,13 +203,16 @@ class ShardWriter:
         key = parquet_key(self.index)
         table = encode_table(columns, store.codec)
         data = table_to_parquet_bytes(table)
+        faults.point("shard.encoded")
         loc.write_bytes(data, key)
+        faults.point("shard.parquet")
         files = {key: digests(data)}
         keys = []
         payload = payload_bytes(table)
         if store.features:
             feats = np.concatenate(self._features).astype(store.features["dtype"], copy=False)
             store.array[self.first_row : self.first_row + rows] = feats
+            faults.point("shard.features")
             payload += feats.nbytes
             keys += feature_chunk_keys(
                 self.index, store.features["dim"], store.features["chunk_cols"]
@@ -234,4 +234,6 @@ class ShardWriter:
                 **store.codec.summarise(sums),
             }
         marker = {"fingerprint": header["fingerprint"], "entry": entry}
+        faults.point("shard.hashed")
         loc.write_bytes(dumps(marker), f"{COMMITS}/{shard_name(self.index)}.json")
+        faults.point("shard.marker")

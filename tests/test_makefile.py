@@ -27,6 +27,7 @@ TARGETS = [
     "report",
     "test",
     "test-quick",
+    "faults",
     "lint",
     "bench",
     "cron",
@@ -85,6 +86,16 @@ def test_variables_reach_the_commands(venv, tmp_path):
     out = make(*args, "CACHE=s3://bucket/c")
     assert "--out s3://bucket/c " in out and "--cache s3://bucket/c " in out
     assert "--epochs" not in out  # no EPOCHS: each student keeps the epochs of its config
+
+
+def test_faults_runs_the_fault_suite_then_renders_its_table(venv, tmp_path):
+    out = make("faults", f"VENV={venv}", f"RUNS={tmp_path}/r")
+    rows = f"{tmp_path}/r/faults.jsonl"
+    run = (
+        f"KDCACHE_FAULT_ROWS={rows} {venv}/bin/python -m pytest tests/faults -m 'slow or not slow'"
+    )
+    render = f"{venv}/bin/python -m tests.faults.render {rows} docs/RELIABILITY.md"
+    assert f"rm -f {rows}" in out and -1 < out.find(run) < out.find(render), out
 
 
 def test_teacher_is_skipped_once_its_model_exists(venv, tmp_path):
