@@ -70,8 +70,8 @@ DATA_PY := from kdcache.pipeline.examples.mnist1d import MNIST1D; [print(MNIST1D
 # Job commands see the data cache dir (MNIST-1D is generated once into it) and the thread count.
 KDCACHE := KDCACHE_DATA_DIR=$(DATA_DIR) $(if $(THREADS),OMP_NUM_THREADS=$(THREADS)) $(VENV)/bin/kdcache
 
-.PHONY: help setup data teacher precompute students report run test test-quick lint bench cron \
-	clean distclean run-lm lm-teacher lm-caches lm-students views-cache views-students
+.PHONY: help setup data teacher precompute students report run test test-quick faults lint bench \
+	cron clean distclean run-lm lm-teacher lm-caches lm-students views-cache views-students
 
 # --flag a --flag b ... from a list of k=v words
 kv = $(foreach a,$(2),$(1) $(a))
@@ -183,6 +183,13 @@ test: setup ## Every test, slow ones included (what CI runs)
 
 test-quick: setup ## The suite without the slow tests (about 3 min)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The rows land beside the runs (git-ignored); the table is rewritten only after a green run.
+FAULT_ROWS := $(RUNS)/faults.jsonl
+faults: setup ## The fault-injection campaign (tests/faults); writes its table to docs/RELIABILITY.md
+	@mkdir -p $(RUNS) && rm -f $(FAULT_ROWS)
+	KDCACHE_FAULT_ROWS=$(abspath $(FAULT_ROWS)) $(PY) -m pytest tests/faults -m 'slow or not slow' $(PYTEST_ARGS)
+	$(PY) -m tests.faults.render $(FAULT_ROWS) docs/RELIABILITY.md
 
 lint: setup ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .

@@ -71,6 +71,7 @@ def measure(ds, data_args: dict, channels: int, repeat: int, work: Path) -> dict
             data=DATA, data_args=data_args, teacher=TEACHER, teacher_args={"channels": channels},
             out=str(out), codec="topk", codec_options={"top_k": 8}, features="features", pool="avg",
             batch_size=BATCH, shard_rows=SHARD_ROWS, device="cpu", quiet=True,
+            random_teacher=True,  # timed, not taught from: untrained weights cost the same
         )  # fmt: skip
         result = precompute(cfg)
         assert result["status"] == "done", result["status"]

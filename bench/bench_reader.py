@@ -13,6 +13,10 @@ int64 sample id and label, and 256-d float16 features; the store is written with
   `load_from_disk(...).with_format("numpy")`, shuffled the usual way, `ds.shuffle(seed)` (an
   indices mapping), and iterated with `.iter(batch_size)`. Target: ours >= 3x it. Also shown, not
   targeted: `shuffle + flatten_indices()` redone each epoch, and unshuffled `.iter`.
+- the cost of integrity on read: the same CacheStream epoch with every file checked against the
+  manifest (the default) and with `verify=False` (`--no-verify-reads`), each epoch on a fresh
+  reader so that every file is checked in every timed epoch (a reader checks a file once, so from
+  the second epoch on checking is free). Target: checked / unchecked >= 0.90.
 
     python -m bench.bench_reader [--quick] [--json out.json]
 """
@@ -85,6 +89,63 @@ def write_store(url: str, cols: dict[str, np.ndarray], shard_rows: int, **storag
         with store.shard(i) as shard:
             shard.add({k: cols[k][lo:hi] for k in soft}, cols["features"][lo:hi])
     store.publish({"rows": rows})
+
+
+def fresh_epoch(url: str, verify: bool, shuffle: bool = True):
+    """One epoch of CacheStream on a new reader: what the first epoch of a training run costs."""
+
+    def run() -> tuple[int, dict]:
+        reader = CacheReader(url, verify=verify)
+        stream = CacheStream(reader, batch_size=BATCH, shuffle=shuffle, seed=SEED)
+        rows, last = 0, {}
+        for batch in torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0):
+            rows += len(batch["sample_id"])
+            last = batch
+        return rows, last
+
+    return run
+
+
+def check_cost(report: Report, url: str, rows: int, repeat: int) -> None:
+    """Reader throughput with and without the integrity check, interleaved, like for like."""
+    pairs = {
+        "shuffled": (fresh_epoch(url, True), fresh_epoch(url, False)),
+        "store order": (fresh_epoch(url, True, False), fresh_epoch(url, False, False)),
+    }
+    timers = {}
+    for name, (checked, unchecked) in pairs.items():
+        timers[f"{name}, checked"], timers[f"{name}, unchecked"] = checked, unchecked
+    for verify in (True, False):
+        kind = "checked" if verify else "unchecked"
+        timers[f"read_shard, {kind}"] = lambda v=verify: every_shard(CacheReader(url, verify=v))
+    cpu: dict[str, list[float]] = {}
+    times = interleaved(timers, repeat=repeat, warmup=1, cpu=cpu)
+    best = {k: rows / min(v) for k, v in times.items()}
+    per_cpu = {k: rows / min(v) for k, v in cpu.items()}
+    t = report.table(
+        f"the cost of checking every file on first read (a fresh reader per pass, {rows:,} rows, "
+        "best of the interleaved passes)",
+        [
+            "pass", "checked samples/s", "unchecked samples/s", "checked / unchecked",
+            "checked / unchecked, samples per CPU-s",
+        ],
+    )  # fmt: skip
+    labels = {
+        "shuffled": "CacheStream epoch, shuffled",
+        "store order": "CacheStream epoch, store order",
+        "read_shard": "CacheReader.read_shard(i) of every shard (Parquet + Zarr, no torch)",
+    }
+    for name, label in labels.items():
+        checked, unchecked = best[f"{name}, checked"], best[f"{name}, unchecked"]
+        by_cpu = ratio(per_cpu[f"{name}, checked"], per_cpu[f"{name}, unchecked"])
+        t.add(label, checked, unchecked, ratio(checked, unchecked), by_cpu)
+    shuffled = ratio(best["shuffled, checked"], best["shuffled, unchecked"])
+    report.target("reader checked / unchecked, shuffled", shuffled, ">=", 0.90)
+
+
+def every_shard(reader: CacheReader) -> None:
+    for i in range(len(reader.shards)):
+        reader.read_shard(i)
 
 
 def our_epoch(url: str, features: bool = True, shuffle: bool = True):
@@ -242,6 +303,7 @@ def main(argv: list[str] | None = None) -> Report:
         d.add(name, dtypes(last[name]))
     report.target("ours / memmap", ratio(ours_best, best["numpy memmap per field"]), ">=", 0.25)
     report.target("ours / HF shuffle+iter", ratio(ours_best, best[hf_name]), ">=", 3.0)
+    check_cost(report, url, rows, max(3, repeat))
     report.note(
         "like for like (both in store order, no row shuffle): ours shuffle off / memmap = "
         f"{ratio(best['kdcache CacheStream, shuffle off'], best['numpy memmap per field']):.3f}"

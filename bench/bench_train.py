@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> Report:
         PrecomputeConfig(
             data=DATA, data_args=data_args, teacher=TEACHER, out=str(cache), codec="topk",
             codec_options={"top_k": K}, temperature=T, features="features", device="cpu", quiet=True,
+            random_teacher=True,  # timed, not taught from: untrained weights cost the same
         )
     )  # fmt: skip
     pre_seconds = time.perf_counter() - tick

@@ -1,7 +1,8 @@
 """The `kdcache` command: precompute, inspect, verify (stage one) and train, evaluate (stage two).
 
-Exit codes: 0 done or cache hit, 1 failure, 2 bad usage, 75 store locked by another run,
-130 / 143 stopped by SIGINT / SIGTERM (rerun to resume).
+Exit codes: 0 done or cache hit, 1 failure, 2 bad usage, 65 a store file damaged (its checksum
+does not match the manifest), 75 store locked by another run, 130 / 143 stopped by SIGINT /
+SIGTERM (rerun to resume).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from kdcache.pipeline.cli_common import (
     setup_logging,
 )
 from kdcache.pipeline.cli_options import click_options
-from kdcache.stages.config import STORAGE_HELP, PrecomputeConfig
+from kdcache.stages.config import STORAGE_HELP, InspectConfig, PrecomputeConfig
+from kdcache.stages.inspect import deep_scan
 from kdcache.storage import codecs
 from kdcache.storage.errors import IntegrityError
 from kdcache.storage.fsio import parse_storage_options
@@ -116,6 +118,7 @@ def _summary(reader: CacheReader) -> dict:
             else {}
         ),
         "teacher_accuracy": s.get("teacher_accuracy"),
+        **({k: s.get(k) for k in TARGET_STATS} if reader.targets_info else {}),
         "teacher_seconds": s.get("teacher_seconds"),
         "teacher": m["teacher"].get("spec"),
         "data": m["data"].get("spec"),
@@ -125,9 +128,15 @@ def _summary(reader: CacheReader) -> dict:
     }
 
 
+# A regression store's true targets: how many rows have one, their scale, the teacher's error.
+TARGET_STATS = ("target_rows", "target_mean", "target_std", "teacher_mse", "teacher_r2")
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_fmt, value)) + "]"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -136,11 +145,16 @@ def _fmt(value) -> str:
 @main.command()
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--storage-option", multiple=True, help=STORAGE_HELP)
+@click_options(InspectConfig)
 @handle_errors
-def inspect(url: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
+def inspect(url: str, as_json: bool, **options) -> None:
     """Summarise a store: rows, shards, codec, T, k, bytes/sample, teacher accuracy, top-k cost."""
-    summary = _summary(CacheReader(url, parse_storage_options(storage_option)))
+    cfg = build_config(InspectConfig, None, options)
+    cfg.validate()
+    reader = CacheReader(url, cfg.storage_options, cfg.verify_reads)
+    summary = _summary(reader)
+    if cfg.deep:
+        summary.update(deep_scan(reader))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

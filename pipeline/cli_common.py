@@ -16,6 +16,7 @@ import click
 from kdcache.pipeline.specs import load_config, merge_options, parse_kv
 from kdcache.stages.config import QUIET_HELP
 from kdcache.storage.errors import KdcacheError, UsageError
+from kdcache.storage.fsio import io_failure
 from kdcache.storage.options import options_of
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
@@ -76,6 +77,16 @@ def release_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def message_of(exc: KdcacheError) -> str:
+    """The error's own message; one raised in a DataLoader worker arrives re-raised with the
+    worker's traceback as its message, whose last line is `module.Class: <the message>`."""
+    text = str(exc)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        return text.rstrip().splitlines()[-1].removeprefix(name)
+    return text
+
+
 def handle_errors(fn):
     """One clear line and a documented exit code instead of a traceback wall."""
 
@@ -84,7 +95,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except KdcacheError as exc:
-            click.echo(f"kdcache: error: {exc}", err=True)
+            click.echo(f"kdcache: error: {message_of(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
@@ -95,6 +106,10 @@ def handle_errors(fn):
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if os.environ.get("KDCACHE_DEBUG"):
                 raise
+            known = io_failure(exc)
+            if known is not None:
+                click.echo(f"kdcache: error: {known}", err=True)
+                sys.exit(known.exit_code)
             click.echo(
                 f"kdcache: error: {type(exc).__name__}: {exc} "
                 "(set KDCACHE_DEBUG=1 to see the traceback)",

@@ -23,6 +23,7 @@ def report(**options) -> None:
     """Write report.md, report.json and accuracy plots for a finished job."""
     from kdcache.pipeline.jobs import report as run
     from kdcache.stages import report_lm_text as lm_text
+    from kdcache.stages import report_regression
     from kdcache.stages.report import ReportConfig
     from kdcache.stages.report_text import headline, table
 
@@ -43,6 +44,9 @@ def report(**options) -> None:
         return
     parts = [(table(result), headline(result))] if result["students"] else []
     parts += [(lm_text.students_table(lm), lm_text.headline(lm))] if lm else []
+    if "regression" in result:
+        reg = result["regression"]
+        parts.append((report_regression.table(reg), f"Best regression student: {reg['best']}."))
     for tab, line in parts:
         if not options.get("quiet"):
             click.echo(tab.replace("**", ""))

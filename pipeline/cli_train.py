@@ -21,12 +21,14 @@ from kdcache.pipeline.cli_common import (
     common_options,
     emit,
     handle_errors,
+    release_on_sigterm,
     setup_logging,
 )
 from kdcache.pipeline.cli_options import click_options
 from kdcache.pipeline.runtime import process_group
 from kdcache.pipeline.specs import load_config, normalise_keys
 from kdcache.stages.config import EvaluateConfig, TrainConfig
+from kdcache.storage import faults
 from kdcache.storage.errors import KdcacheError, UsageError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -54,6 +56,7 @@ def train(**options) -> None:
         configs = [build_config(TrainConfig, None, options, file_opts=file_opts)]
     else:
         configs = _student_configs(TrainConfig, file_opts, students, options, only)
+    release_on_sigterm()
     with process_group(configs[0].device) as dist, contextlib.ExitStack() as cleanup:
         # Options, cache, data and student of every student, before the first one trains; each
         # trainer is built once (a finished run gives its summary instead).
@@ -69,6 +72,7 @@ def train(**options) -> None:
         for cfg, t in zip(configs, trainers, strict=True):
             result = done_before(t) if isinstance(t, dict) else t.run()
             _report(log_json, cfg, result)
+            faults.point("train.student")
 
 
 def _student_configs(cls, shared: dict, students, options: dict, only: str | None) -> list:
@@ -120,16 +124,25 @@ def _run_parallel(names: list[str], argv: list[str], n: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     base = [sys.executable, "-c", "from kdcache.pipeline.cli import main; main()", "train", *argv]
     pending, running, failed = list(names), {}, []
-    while pending or running:
-        while pending and len(running) < n:
-            name = pending.pop(0)
-            running[name] = subprocess.Popen([*base, "--only", name], env=env)
-        for name, proc in list(running.items()):
-            if proc.poll() is not None:
-                del running[name]
-                if proc.returncode:
-                    failed.append(f"{name} (exit {proc.returncode})")
-        time.sleep(0.1)
+    try:
+        while pending or running:
+            while pending and len(running) < n:
+                name = pending.pop(0)
+                running[name] = subprocess.Popen([*base, "--only", name], env=env)
+            for name, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    if proc.returncode:
+                        failed.append(f"{name} (exit {proc.returncode})")
+            faults.point("train.parallel")
+            time.sleep(0.1)
+    finally:
+        # Stopped (SIGTERM, Ctrl-C) or failed: the children stop too, each at a clean point, or
+        # they would go on training into folders the rerun of this command trains into.
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            proc.wait()
     if failed:
         raise KdcacheError(f"{len(failed)} student(s) failed: {', '.join(failed)}")
 
@@ -139,11 +152,25 @@ def _pct(v) -> str:
 
 
 def _score(epoch: dict) -> str:
-    """A run's headline metric: eval_accuracy, or a causal-lm student's eval_perplexity."""
+    """A run's headline metric: eval_accuracy, a causal-lm student's eval_perplexity, or a
+    regression student's eval_mse."""
+    if "eval_mse" in epoch:
+        return "eval_mse " + ("-" if epoch["eval_mse"] is None else f"{epoch['eval_mse']:.4g}")
     if "eval_perplexity" in epoch:
         v = epoch["eval_perplexity"]
         return "eval_perplexity " + ("-" if v is None else f"{v:.2f}")
     return f"eval_accuracy {_pct(epoch['eval_accuracy'])}"
+
+
+def _versus(f: dict) -> str:
+    """How close the student is to its teacher: top-1 agreement, or MSE / R² for regression."""
+    if "teacher_mse" not in f:
+        return f"agreement {_pct(f['agreement'])}"
+    mse, r2 = f["teacher_mse"], f["teacher_r2"]
+    return (
+        f"eval_r2 {'-' if f['eval_r2'] is None else format(f['eval_r2'], '.4f')}, vs teacher mse "
+        f"{'-' if mse is None else format(mse, '.4g')} r2 {'-' if r2 is None else format(r2, '.4f')}"
+    )
 
 
 def _report(log_json: bool, cfg, result: dict) -> None:
@@ -159,7 +186,7 @@ def _report(log_json: bool, cfg, result: dict) -> None:
     else:
         text = (
             f"trained {s['name']}: {_score(f)} (best {_score(b).split()[-1]} at epoch "
-            f"{b['epoch']}), agreement {_pct(f['agreement'])}, "
+            f"{b['epoch']}), {_versus(f)}, "
             f"{s['epochs']} epochs in {s['wall_seconds']:.1f}s "
             f"({s['samples_per_sec'] or 0:.0f} samples/s) -> {cfg.out}"
         )
@@ -182,7 +209,24 @@ def evaluate(as_json: bool, **options) -> None:
         click.echo(json.dumps(result, indent=2))
         return
     keys = ("name", "student", "data", "n", "accuracy", "ece", "loss", "perplexity", "agreement")
+    if "mse" in result:  # a regression student
+        keys = ("name", "student", "data", "n", "mse", "mae", "r2", "teacher_mse", "teacher_r2")
     for key in (k for k in keys if k != "perplexity" or k in result):
         value = result.get(key)
         text = "-" if value is None else f"{value:.4f}" if isinstance(value, float) else value
-        click.echo(f"{key:<10} {text}")
+        click.echo(f"{key:<{max(10, *map(len, keys))}} {text}")
+    if result.get("deploy"):
+        _deploy_lines(result["deploy"])
+
+
+def _deploy_lines(d: dict) -> None:
+    """The CPU deployment figures, the float model's and the int8 copy's (stages/deploy.py)."""
+    for label, f in (("float32", d), ("int8", d.get("int8"))):
+        if not f:
+            continue
+        acc = f" accuracy {f['accuracy']:.4f}," if "accuracy" in f else ""
+        click.echo(
+            f"{label:<10}{acc} {f['params']:,} params, {f['weight_bytes']:,} bytes of weights, "
+            f"latency {1e3 * f['latency_b1']:.3f} ms at batch 1, {1e3 * f['latency_b256']:.2f} ms "
+            f"at batch 256 ({f['samples_per_sec']:,.0f} samples/s), {f['threads']} CPU thread(s)"
+        )

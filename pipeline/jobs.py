@@ -9,23 +9,27 @@ receive built objects, a `Dist` (rank, world_size, is_main, barrier, broadcast, 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from types import SimpleNamespace
 
 import torch
 
 from kdcache.pipeline.data import load_dataset
-from kdcache.pipeline.models import load_model
+from kdcache.pipeline.models import load_model, random_init, saved_settings
 from kdcache.pipeline.runtime import Dist, process_group, resolve_device
 from kdcache.pipeline.specs import augmentation
+from kdcache.stages import deploy, views
 from kdcache.stages import evaluate as evaluate_stage
 from kdcache.stages import precompute as precompute_stage
 from kdcache.stages import report as report_stage
-from kdcache.stages import views
 from kdcache.stages.run_folder import RunFolder
 from kdcache.stages.train import TrainConfig, Trainer, finished
 from kdcache.storage.errors import UsageError
+from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
+
+log = logging.getLogger("kdcache")
 
 
 def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
@@ -38,17 +42,36 @@ def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
         model, teacher_id = load_model(
             cfg.teacher, cfg.teacher_args, cfg.checkpoint, cfg.storage_options
         )
+        if cfg.checkpoint is None and not cfg.random_teacher:
+            untrained_teacher(cfg.teacher, cfg.teacher_args, model, refuse=True)
         augment = augmentation(cfg.augment, cfg.augment_args)
         return precompute_stage.run(
             cfg, model.to(device), teacher_id, ds, dist, device, started, augment
         )
 
 
+def untrained_teacher(spec: str, kwargs: dict, model, refuse: bool) -> None:
+    """Refuse (`refuse`) or warn about a teacher built from a spec alone whose weights are random
+    initial weights: it costs a second build of the spec, only when no checkpoint is given."""
+    if not random_init(spec, kwargs, model):
+        return
+    text = (
+        f"--teacher {spec} has random initial weights (no checkpoint given, and the spec builds "
+        "other weights under another seed): its soft labels teach nothing"
+    )
+    if refuse:
+        raise UsageError(
+            f"{text}; pass --checkpoint FILE with the trained weights, or --random-teacher to "
+            "precompute it anyway"
+        )
+    log.warning("warning: %s", text)
+
+
 def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Trainer | dict:
     """The built and checked Trainer of one student, or the summary of an identical finished run
     (then there is nothing to do). `datasets` shares data sets between the students of a job."""
     cfg.validate()
-    reader = CacheReader(cfg.cache, cfg.storage_options) if cfg.cache else None
+    reader = CacheReader(cfg.cache, cfg.storage_options, cfg.verify_reads) if cfg.cache else None
     folder = RunFolder(cfg.out, cfg.storage_options)
     done = dist.decide(lambda: finished(cfg, reader, folder))
     if done is not None:
@@ -69,8 +92,15 @@ def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Train
         # Built before the student's seed is set: a seeded teacher factory leaves the student's
         # initial weights and data order those of the same run from a cache.
         teacher = load_model(
-            cfg.teacher, cfg.teacher_args, cfg.teacher_checkpoint, cfg.storage_options
+            cfg.teacher,
+            cfg.teacher_args,
+            cfg.teacher_checkpoint,
+            cfg.storage_options,
+            flag="--teacher-checkpoint",
         )
+        if cfg.teacher_checkpoint is None:
+            # The online run is a reference, not a cache used for months: a warning is enough.
+            untrained_teacher(cfg.teacher, cfg.teacher_args, teacher[0], refuse=False)
     # The student's initial weights are part of the run: seeded right before it is built.
     torch.manual_seed(cfg.seed)
     student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
@@ -117,19 +147,46 @@ def load_student(folder: str, storage_options: dict | None = None):
     return model, summary
 
 
+def evaluated_model(cfg: evaluate_stage.EvaluateConfig):
+    """(model, summary) of `--checkpoint`: a finished run folder, or a bare weights file (its
+    model from --student, or from the settings a trainer's checkpoint-N.pt records)."""
+    url = cfg.checkpoint
+    if open_location(url, cfg.storage_options).is_dir():
+        if cfg.student:
+            raise UsageError(
+                f"--student {cfg.student}: --checkpoint {url} is a run folder that names its own "
+                "student; give --student with a model.pt or checkpoint-N.pt file only"
+            )
+        return load_student(url, cfg.storage_options)
+    saved = saved_settings(url, cfg.storage_options)
+    spec, args = cfg.student, cfg.student_args
+    if spec is None:
+        spec, args = saved.get("student"), args or saved.get("student_args") or {}
+    model, _ = load_model(spec, args, url, cfg.storage_options, "--student")
+    task = cfg.task or saved.get("task") or "classification"
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return model, {"name": name, "student": spec, "student_args": args, "settings": {"task": task}}
+
+
 def evaluate(cfg: evaluate_stage.EvaluateConfig) -> dict:
-    """Accuracy, ECE and loss on `cfg.data`; agreement with the cache's teacher when given."""
+    """Accuracy, ECE and loss on `cfg.data`; agreement with the cache's teacher when given; with
+    `cfg.deploy` what the model costs on a CPU, float and int8 (stages/deploy.py)."""
     cfg.validate()
     device = resolve_device(cfg.device)
-    model, summary = load_student(cfg.checkpoint, cfg.storage_options)
+    model, summary = evaluated_model(cfg)
     ds = load_dataset(cfg.data, cfg.data_args)
     reader = cache_data = None
     if cfg.cache:
-        reader = CacheReader(cfg.cache, cfg.storage_options)
+        reader = CacheReader(cfg.cache, cfg.storage_options, cfg.verify_reads)
         # Agreement needs the inputs of the cached rows: the data set named in the manifest.
         source = reader.manifest["data"]
         cache_data = load_dataset(source["spec"], source.get("kwargs") or {})
-    return evaluate_stage.run(cfg, model.to(device), summary, ds, device, reader, cache_data)
+    result = evaluate_stage.run(cfg, model.to(device), summary, ds, device, reader, cache_data)
+    if cfg.deploy:
+        result["deploy"] = deploy.figures(
+            model, ds, summary["settings"].get("task") or "classification"
+        )
+    return result
 
 
 # What the report stage may build: a finished run's student, and a data set from its spec.

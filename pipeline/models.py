@@ -14,12 +14,28 @@ from kdcache.pipeline.specs import build
 from kdcache.storage.errors import UsageError
 
 
-def _read_checkpoint(url: str, storage_options: dict | None) -> bytes:
+def _read_checkpoint(url: str, storage_options: dict | None, flag: str = "--checkpoint") -> bytes:
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             return f.read()
     except FileNotFoundError:
-        raise UsageError(f"--checkpoint {url!r} does not exist") from None
+        raise UsageError(f"{flag} {url!r} does not exist") from None
+
+
+def _unreadable(flag: str, url: str, exc: Exception) -> UsageError:
+    """One line for a file torch cannot load (its own messages run to a dozen lines)."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        why = (
+            "it holds pickled Python objects (a whole model saved with torch.save(model)?), "
+            "which kdcache does not unpickle: save model.state_dict(), TorchScript or torch.export"
+        )
+    else:
+        why = (
+            f"it is not a state dict, TorchScript or torch.export file ({type(exc).__name__}): "
+            "pass the file `torch.save(model.state_dict(), path)` wrote"
+        )
+    return UsageError(f"{flag} {url!r} cannot be loaded: {why}")
 
 
 def _archive_kind(data: bytes) -> str:
@@ -42,7 +58,17 @@ def _state_dict(obj) -> dict:
         return obj["state_dict"]
     if isinstance(obj, dict):
         return obj
-    raise UsageError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+    raise UsageError(f"it holds a {type(obj).__name__}, not a state dict")
+
+
+def random_init(spec: str, kwargs: dict, model: torch.nn.Module, what: str = "--teacher") -> bool:
+    """True when `spec` takes its weights from torch's random generator: built once more under
+    another seed it gives other weights. A factory that loads trained weights, or seeds itself,
+    builds the same weights every time. The global generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() ^ 0x5EED)
+        other = build(spec, kwargs, what=what)
+    return params_hash(other) != params_hash(model)
 
 
 def load_model(
@@ -51,35 +77,41 @@ def load_model(
     checkpoint: str | None = None,
     storage_options: dict | None = None,
     what: str = "--teacher",
+    flag: str = "--checkpoint",
 ) -> tuple[torch.nn.Module, dict]:
-    """The model in eval mode plus its identity: spec, kwargs and a hash of its weights."""
+    """The model in eval mode plus its identity: spec, kwargs and a hash of its weights.
+
+    `what` and `flag` are the options that gave the spec and the checkpoint, for messages.
+    """
     identity = {"spec": spec, "kwargs": kwargs, "checkpoint": checkpoint}
     if checkpoint is None:
         if spec is None:
-            raise UsageError(f"{what} SPEC or --checkpoint FILE is required")
+            raise UsageError(f"{what} SPEC or {flag} FILE is required")
         model = build(spec, kwargs, what=what)
         identity["weights_sha256"] = None
     else:
-        data = _read_checkpoint(checkpoint, storage_options)
+        data = _read_checkpoint(checkpoint, storage_options, flag)
         identity["weights_sha256"] = hashlib.sha256(data).hexdigest()
         kind = _archive_kind(data)
-        if kind == "script":
-            model = torch.jit.load(io.BytesIO(data), map_location="cpu")
-        elif kind == "export":
-            model = torch.export.load(io.BytesIO(data)).module()
-        else:
-            if spec is None:
-                raise UsageError(
-                    f"--checkpoint {checkpoint!r} is a state dict: {what} SPEC is needed too"
-                )
+        if kind == "state" and spec is None:
+            raise UsageError(f"{flag} {checkpoint!r} is a state dict: {what} SPEC is needed too")
+        try:
+            if kind == "script":
+                model = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            elif kind == "export":
+                model = torch.export.load(io.BytesIO(data)).module()
+            else:
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is unusable
+            raise _unreadable(flag, checkpoint, exc) from None
+        if kind == "state":
             model = build(spec, kwargs, what=what)
             try:
-                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
                 model.load_state_dict(_state_dict(state))
-            except (RuntimeError, KeyError, ValueError) as exc:
+            except (RuntimeError, KeyError, ValueError, UsageError) as exc:
                 first = str(exc).strip().splitlines()[0]
                 raise UsageError(
-                    f"--checkpoint {checkpoint!r} does not fit {what} {spec!r}: {first}"
+                    f"{flag} {checkpoint!r} does not fit {what} {spec!r}: {first}"
                 ) from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{what} {spec!r} built a {type(model).__name__}, not a torch.nn.Module")
@@ -87,3 +119,16 @@ def load_model(
         # No file to hash: the weights themselves (e.g. a seeded factory) are the identity.
         identity["params_sha256"] = params_hash(model)
     return model.eval(), identity
+
+
+def saved_settings(url: str, storage_options: dict | None = None) -> dict:
+    """The run settings a trainer's checkpoint-N.pt records ({} for any other weights file)."""
+    data = _read_checkpoint(url, storage_options)
+    if _archive_kind(data) != "state":
+        return {}
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a checkpoint we can read: load_model says why
+        return {}
+    settings = obj.get("settings") if isinstance(obj, dict) else None
+    return settings if isinstance(settings, dict) else {}

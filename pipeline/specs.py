@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import json
@@ -114,8 +115,12 @@ def merge_options(defaults: dict, config: dict, cli: dict) -> dict:
     """CLI beats config file beats defaults; unknown config keys are refused, not ignored."""
     unknown = sorted(set(config) - set(defaults))
     if unknown:
+        close = {k: difflib.get_close_matches(k, list(defaults), n=1) for k in unknown}
+        hint = "; ".join(f"{k!r} -> {c[0]!r}" for k, c in close.items() if c)
         raise UsageError(
-            f"config has unknown option(s) {unknown}; known: {', '.join(sorted(defaults))}"
+            f"config has unknown option(s) {unknown}"
+            + (f"; did you mean {hint}?" if hint else "")
+            + f" (known: {', '.join(sorted(defaults))})"
         )
     out = dict(defaults)
     out.update(config)

@@ -11,6 +11,8 @@ import random
 import numpy as np
 import torch
 
+from kdcache.storage import faults
+
 KEEP_CHECKPOINTS = 2
 
 
@@ -40,8 +42,10 @@ def save(folder, epoch: int, parts: dict, rows: list, settings: dict, extra: dic
     state = {name: obj.state_dict() for name, obj in parts.items()}
     state.update(rng=rng_state(), epoch=epoch, rows=rows, settings=settings, extra=extra)
     folder.write_checkpoint(epoch, state)
+    faults.point("checkpoint.saved")
     folder.write_rows(rows)
     folder.prune_checkpoints(epoch - KEEP_CHECKPOINTS)
+    faults.point("checkpoint.pruned")
 
 
 def latest(folder) -> dict | None:

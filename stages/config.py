@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcache.stages.hooks import POOLS
+from kdcache.stages.relations import NAMES as RELATIONS
 from kdcache.storage import codecs
 from kdcache.storage.errors import UsageError
 from kdcache.storage.options import option, options_of, validate_options
@@ -32,6 +33,17 @@ def check_augment(augment: str | None, args: dict, task: str | None, views: int 
         raise UsageError(f"{what} needs --augment SPEC (the seeded augmentation of each view)")
     if augment is not None and task == "causal-lm":
         raise UsageError("--augment: views of token blocks are not supported; drop --augment")
+
+
+def verify_reads_option():
+    """Readers check every store file against the manifest on first read (storage/integrity.py);
+    the same opt-out for every command that reads a store."""
+    return option(
+        True,
+        "Do not check each store file against the manifest's checksum when first read.",
+        flag_name="--no-verify-reads",
+        execution=True,
+    )
 
 
 def default_temperature(task: str) -> float:
@@ -96,6 +108,13 @@ class PrecomputeConfig:
         "classification", "Teacher kind.", choices=("classification", "regression", "causal-lm")
     )
     force: bool = option(False, "Replace a store made with other settings.")
+    # Without --checkpoint a spec whose weights come from torch's RNG is refused: its soft labels
+    # would be those of an untrained network, a mistake nobody wants cached for months.
+    random_teacher: bool = option(
+        False,
+        "Precompute a teacher whose weights are random initial weights (no --checkpoint).",
+        execution=True,
+    )
     quiet: bool = option(False, QUIET_HELP, cli=False, execution=True)
     storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
     queue_depth: int = option(
@@ -170,12 +189,31 @@ class TrainConfig:
     temperature: float | None = option(
         None, "Distillation T (default: the cache's; online 4, or 1 for causal-lm).", above=0
     )
-    alpha: float = option(0.9, "Weight of the soft loss.", minimum=0, maximum=1)
+    # None: 0.9, or 1 on a regression store without targets (stages/regression.py).
+    alpha: float | None = option(
+        None, "Weight of the soft loss (default 0.9; 1 on a store without targets).", minimum=0,
+        maximum=1,
+    )  # fmt: skip
+    normalize_targets: bool = option(
+        False, "Regression: divide squared errors by the stored targets' variance (unit-free loss)."
+    )
     beta: float = option(0.0, "Weight of the feature loss.", minimum=0)
     student_features: str | None = option(
         None, "Student submodule whose output matches the features."
     )
     pool: str = option("avg", "Pooling.", choices=POOLS)
+    # Relations between the samples of a batch, from the same tap (stages/relations.py), and the
+    # baseline that asks whether soft labels beat the teacher's hard ones.
+    relation: str | None = option(
+        None,
+        "Relation loss between batch samples' features (needs --student-features).",
+        choices=RELATIONS,
+    )
+    gamma: float = option(1.0, "Weight of the relation loss.", minimum=0)
+    pseudo_labels: bool = option(
+        False,
+        "Hard labels = the cached teacher's top-1 class on every row (--alpha 0: no soft term).",
+    )
     epochs: int = option(20, "Epochs.", minimum=1)
     batch_size: int = option(256, "Batch size.", minimum=1)
     lr: float = option(1e-3, "Peak AdamW learning rate.", above=0)
@@ -203,6 +241,7 @@ class TrainConfig:
     ignore_fingerprint: bool = option(False, "Train on other --data.", execution=True)
     buffer_size: int = option(16384, "Shuffle buffer rows.", minimum=0)
     prefetch: int = option(2, "Shards read ahead.", minimum=1, execution=True)
+    verify_reads: bool = verify_reads_option()
     agree_rows: int = option(
         5000, "Cached rows measured for teacher agreement.", minimum=1, cli=False
     )
@@ -229,12 +268,40 @@ class TrainConfig:
         if self.beta > 0 and not self.student_features:
             raise UsageError("--beta > 0 needs --student-features NAME (a student submodule)")
         check_augment(self.augment, self.augment_args, self.task)
+        cached_only(self)
         self.name = self.name or self.out.rstrip("/").rsplit("/", 1)[-1]
 
     @property
     def online(self) -> bool:
         """Distilling from a teacher run on every batch (`--teacher` and/or its checkpoint)."""
         return self.teacher is not None or self.teacher_checkpoint is not None
+
+
+def cached_only(cfg: TrainConfig, reader=None) -> None:
+    """--relation and --pseudo-labels read the cache: its features, its teacher's top-1 class.
+    Given the cache's `reader` (and cfg.task settled from it), also what the store must hold."""
+    wants = [
+        f for f, on in (("--relation", cfg.relation), ("--pseudo-labels", cfg.pseudo_labels)) if on
+    ]
+    if wants and not cfg.cache:
+        raise UsageError(f"{wants[0]} reads the teacher from a store: give --cache URL")
+    if cfg.relation and not cfg.student_features:
+        raise UsageError(
+            f"--relation {cfg.relation} needs --student-features NAME: the student submodule whose "
+            "output is related sample to sample"
+        )
+    if reader is None:
+        return
+    if cfg.relation and not reader.has_features:
+        raise UsageError(
+            f"--relation {cfg.relation} needs teacher features but the cache {reader.url} stores "
+            "none: recompute it with `kdcache precompute --features LAYER`"
+        )
+    if cfg.pseudo_labels and cfg.task != "classification":
+        raise UsageError(
+            f"--pseudo-labels takes a classifier's top-1 class but the cache {reader.url} holds a "
+            f"{cfg.task} teacher: drop --pseudo-labels"
+        )
 
 
 # Execution settings change speed or logging, not what a finished run computed: a rerun that
@@ -244,7 +311,24 @@ EXECUTION = frozenset(o.name for o in options_of(TrainConfig) if o.execution)
 
 @dataclass(kw_only=True)
 class EvaluateConfig:
-    checkpoint: str = option(help="A finished `kdcache train --out` folder (or URL).")
+    checkpoint: str = option(
+        help="A finished `kdcache train --out` folder, or a model.pt / checkpoint-N.pt file (URL)."
+    )
+    # A bare weights file does not say what it is: the model spec comes with it.
+    student: str | None = option(
+        None, "With a model.pt file: the student spec (a checkpoint-N.pt names its own)."
+    )
+    student_args: dict = option(
+        {}, "k=v keyword for --student (repeatable).", flag_name="--student-arg"
+    )
+    task: str | None = option(
+        None,
+        "With a model.pt file: its task (default: a checkpoint's own, else classification).",
+        choices=("classification", "causal-lm"),
+    )
+    deploy: bool = option(
+        False, "Also parameters, weight bytes, CPU latency (batch 1, 256) and the int8 copy's."
+    )
     data: str = option(help="Labeled data set to evaluate on.")
     data_args: dict = option(
         {}, "k=v keyword for the data set (repeatable).", flag_name="--data-arg"
@@ -257,6 +341,19 @@ class EvaluateConfig:
         5000, "Cached rows measured for teacher agreement.", minimum=1, cli=False
     )
     ignore_fingerprint: bool = option(False, "Skip the cache data check.", execution=True)
+    storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
+    verify_reads: bool = verify_reads_option()
+
+    def validate(self) -> None:
+        validate_options(self)
+
+
+@dataclass(kw_only=True)
+class InspectConfig:
+    deep: bool = option(
+        False, "Also read every row and feature (each file checked) and count non-finite values."
+    )
+    verify_reads: bool = verify_reads_option()
     storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
 
     def validate(self) -> None:
@@ -284,6 +381,10 @@ class ReportConfig:
     # Recomputing teacher agreement on the eval data loads the models.
     agreement: bool = option(
         True, "Do not load the models to measure teacher agreement.", flag_name="--no-agreement"
+    )
+    # Timing needs the models too: --no-agreement skips it as well.
+    deploy: bool = option(
+        True, "Do not time the models (CPU latency, int8 copies).", flag_name="--no-deploy"
     )
 
     def validate(self) -> None:

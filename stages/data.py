@@ -143,6 +143,17 @@ def forward_tokens(model: torch.nn.Module, inputs: dict):
     return model(inputs["input_ids"])
 
 
+def _label_array(labels) -> np.ndarray:
+    """A batch's labels as an array; a list mixing vectors and None (regression targets, some
+    missing) becomes one object per item instead of a ragged-array error."""
+    if isinstance(labels, np.ndarray | torch.Tensor):
+        return np.asarray(labels)
+    out = np.empty(len(labels), object)
+    for j, v in enumerate(labels):
+        out[j] = v
+    return out if any(v is None or np.ndim(v) for v in out) else np.asarray(list(out))
+
+
 def get_batch(
     ds, ids: np.ndarray, spec: str = "data", task: str = "classification"
 ) -> tuple[torch.Tensor | dict, np.ndarray]:
@@ -162,17 +173,39 @@ def get_batch(
     if hasattr(ds, "get_batch"):
         batch = ds.get_batch(ids)
         labels = batch.get("label")
-        labels = np.full(len(ids), -1, np.int64) if labels is None else np.asarray(labels)
+        labels = np.full(len(ids), -1, np.int64) if labels is None else _label_array(labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             labels = np.array([_class_label(v) for v in labels], np.int64)
         return _as_tensor(batch["input"]), labels.astype(np.int64, copy=False)
     xs, ys = [], np.full(len(ids), -1, np.int64)
     for j, i in enumerate(ids):
         x, y = _split_item(ds[int(i)], spec)
-        xs.append(_as_tensor(x))
+        xs.append(_input_tensor(x, spec, int(i)))
         if y is not None:
             ys[j] = _class_label(y)
-    return torch.stack(xs), ys
+    return _stack(xs, ids, spec), ys
+
+
+def _input_tensor(x, spec: str, sid: int) -> torch.Tensor:
+    try:
+        return _as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise UsageError(
+            f"--data {spec!r} sample {sid}: the input is a {type(x).__name__} ({str(x)[:40]!r}), "
+            "not numbers: return a tensor or array (and the label), e.g. (x, y)"
+        ) from None
+
+
+def _stack(xs: list[torch.Tensor], ids: np.ndarray, spec: str) -> torch.Tensor:
+    shapes = [tuple(x.shape) for x in xs]
+    odd = next((j for j, s in enumerate(shapes) if s != shapes[0]), None)
+    if odd is not None:
+        raise UsageError(
+            f"--data {spec!r}: sample {int(ids[odd])} has shape {shapes[odd]} but sample "
+            f"{int(ids[0])} {shapes[0]}; one batch needs one shape: pad or resize the inputs "
+            "(token blocks of any length: --task causal-lm)"
+        )
+    return torch.stack(xs)
 
 
 class BatchView(torch.utils.data.Dataset):
@@ -200,7 +233,7 @@ def _is_token_data(ds) -> bool:
     return isinstance(first, dict) and "input_ids" in first
 
 
-def data_fingerprint(ds, task: str | None = None) -> str:
+def data_fingerprint(ds, task: str | None = None, spec: str = "data") -> str:
     """Content hash of the data set: its length and FINGERPRINT_SAMPLES evenly spaced items.
 
     Content, not spec, so that the same data reached through another wrapper still matches, and
@@ -212,13 +245,13 @@ def data_fingerprint(ds, task: str | None = None) -> str:
     ids = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES)).astype(np.int64))
     h = hashlib.sha256()
     if task == "causal-lm" or (task is None and _is_token_data(ds)):
-        inputs, _ = _token_batch(ds, ids, "data")
+        inputs, _ = _token_batch(ds, ids, spec)
         x, mask = inputs["input_ids"], inputs["attention_mask"]
         h.update(f"causal-lm|{n}|{tuple(x.shape)}".encode())
         h.update(x.numpy().tobytes())
         h.update(mask.numpy().tobytes())
         return h.hexdigest()
-    x, y = get_batch(ds, ids)
+    x, y = get_batch(ds, ids, spec)
     h.update(f"{n}|{tuple(x.shape)}|{x.dtype}".encode())
     h.update(x.detach().cpu().contiguous().numpy().tobytes())
     h.update(y.tobytes())

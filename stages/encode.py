@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kdcache.stages.targets import summarise_targets, target_stats
 from kdcache.storage.errors import UsageError
 
 
@@ -57,11 +58,13 @@ def encode_batch(
     codec,
     temperature: float,
     views: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
 ) -> tuple:
     """(columns for the shard, stats to add up) from raw teacher outputs z of shape (B, C).
 
     The codec stores ``s = z / T`` its own way; the keys, the label and the teacher's accuracy on
-    the labeled rows are the same for every codec.
+    the labeled rows are the same for every codec. A regression teacher's batch also carries the
+    true `targets` (B, C), NaN rows where missing (stages/targets.py).
     """
     z = z.float()
     stats = {"rows": len(ids)}
@@ -74,6 +77,9 @@ def encode_batch(
     columns.update(sample_id=ids, label=labels)
     if views is not None:
         columns["view"] = views
+    if targets is not None:
+        columns["target"] = targets
+        stats |= target_stats(z, targets)
     return columns, stats | codec_stats
 
 
@@ -103,7 +109,10 @@ def encode_tokens(z: torch.Tensor, inputs: dict, ids: np.ndarray, codec, tempera
 
 def add_stats(total: dict, part: dict) -> dict:
     for key, value in part.items():
-        total[key] = total.get(key, 0) + value
+        if isinstance(value, list):  # per-output sums (regression targets): add elementwise
+            total[key] = (np.asarray(total.get(key, 0.0)) + np.asarray(value)).tolist()
+        else:
+            total[key] = total.get(key, 0) + value
     return total
 
 
@@ -114,4 +123,6 @@ def summarise(totals: dict, codec) -> dict:
     if totals.get("labeled"):
         out["teacher_accuracy"] = totals["teacher_correct"] / totals["labeled"]
         out["labeled_rows"] = totals["labeled"]
+    if "target_rows" in totals:
+        out |= summarise_targets(totals)
     return out | codec.summarise(totals)

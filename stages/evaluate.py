@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kdcache.stages import lm
+from kdcache.stages import lm, regression
 from kdcache.stages.config import EvaluateConfig
 from kdcache.stages.data import get_batch
 from kdcache.stages.device import autocast, sum_dtype, to_device
@@ -113,6 +113,8 @@ def run(cfg: EvaluateConfig, model, summary: dict, ds, device, reader=None, cach
             f"--cache {reader.url} holds a {reader.task} teacher but the student is "
             f"{task}: pass the student's store"
         )
+    if task == "regression":  # MSE, MAE, R² and the same against the teacher (stages/regression.py)
+        return regression.evaluate_run(cfg, model, summary, ds, device, reader, cache_data)
     if task != lm.TASK:
         has_labels(ds, "--data")
     batches = dataset_batches(ds, cfg.batch_size, task=task)

@@ -41,8 +41,15 @@ def pool(t: torch.Tensor, mode: str, mask: torch.Tensor | None = None) -> torch.
 def find_module(model: torch.nn.Module, name: str, option: str = "--features") -> torch.nn.Module:
     modules = dict(model.named_modules())
     if name not in modules:
-        close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        names = [n for n in modules if n]
+        close = difflib.get_close_matches(name, names, n=3)
+        # No near miss: name a few real ones, so the fix is on the same line as the error.
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else f"; choose one of its named_modules(): {', '.join(names[:6])}"
+            + (", ..." if len(names) > 6 else "")
+        )
         raise UsageError(f"{option} {name!r} is not a submodule of {type(model).__name__}{hint}")
     return modules[name]
 

@@ -22,17 +22,30 @@ log = logging.getLogger("kdcache.stream")
 
 
 class JoinedStream(CacheStream):
-    """CacheStream batches plus `input` from `data`, after checking `data` is the cache's."""
+    """CacheStream batches plus `input` from `data`, after checking `data` is the cache's.
 
-    def __init__(self, cache, data, *args, ignore_fingerprint: bool = False, **kwargs):
+    With `pseudo_labels` every row's `label` is the teacher's top-1 class read from the stored
+    columns, unlabeled rows included (the pseudo-label baseline)."""
+
+    def __init__(
+        self, cache, data, *args, ignore_fingerprint: bool = False, pseudo_labels=False, **kwargs
+    ):
         super().__init__(cache, *args, **kwargs)
         check_data(self.reader, data, ignore_fingerprint)
-        self.data = data
+        self.data, self.pseudo_labels = data, pseudo_labels
 
     def __iter__(self):
         for batch in super().__iter__():
             batch["input"] = lm.inputs(self.data, batch["sample_id"].numpy(), self.reader.task)
+            if self.pseudo_labels:
+                with_pseudo_labels(batch, self.reader.codec)
             yield batch
+
+
+def with_pseudo_labels(batch: dict, codec) -> None:
+    """Every row's `label` becomes the teacher's top-1 class read from the stored columns."""
+    stored = {f.name: batch[f.name].numpy() for f in codec.fields()}
+    batch["label"] = torch.from_numpy(codec.teacher_top1(stored))
 
 
 def check_data(reader: CacheReader, data, ignore_fingerprint: bool = False) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdcache.stages import regression_metrics
 from kdcache.stages.device import sum_dtype
 
 BINS = 15
@@ -36,6 +37,8 @@ CSV_FIELDS = (
     "samples_per_sec",
     "eval_perplexity",
     "tokens_per_sec",
+    "relation_loss",
+    *regression_metrics.FIELDS,
 )
 
 
@@ -117,8 +120,11 @@ def _num(v, fmt: str) -> str:
 def epoch_line(row: dict, epochs: int) -> str:
     losses = (
         f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} (hard {row['hard_loss']:.4f} "
-        f"soft {row['soft_loss']:.4f} feature {row['feature_loss']:.4f})"
+        f"soft {row['soft_loss']:.4f} feature {row['feature_loss']:.4f}"
+        + (f" relation {row['relation_loss']:.4f})" if row.get("relation_loss") else ")")
     )
+    if "eval_mse" in row:  # a regression run (stages/regression_metrics.py)
+        return f"{losses} {regression_metrics.scores(row)} [{row['epoch_seconds']:.1f}s]"
     if "eval_perplexity" not in row:
         return (
             f"{losses} eval_accuracy {_pct(row['eval_accuracy'])} agreement "
@@ -138,7 +144,8 @@ def _rate(rows: list[dict], key: str, seconds: float) -> float | None:
 
 def run_totals(rows: list[dict]) -> dict:
     """final and best epochs, train seconds and samples/s of a run's rows. The best epoch has the
-    highest eval_accuracy, or for a causal-lm run (rows with perplexity) the lowest eval_loss."""
+    highest eval_accuracy, or for a causal-lm run (rows with perplexity) the lowest eval_loss, or
+    for a regression run (rows with eval_mse) the lowest eval_mse."""
     keys = ("epoch", "eval_accuracy", "eval_ece", "agreement", "eval_loss")
     lm = "eval_perplexity" in rows[-1]
     if lm:
@@ -147,6 +154,8 @@ def run_totals(rows: list[dict]) -> dict:
     metric, sign = ("eval_loss", -1) if lm else ("eval_accuracy", 1)
     scored = [r for r in rows if r[metric] is not None]
     best = {k: max(scored, key=lambda r: sign * r[metric])[k] for k in keys} if scored else final
+    if "eval_mse" in rows[-1]:
+        final, best = regression_metrics.run_totals(rows, keys)
     seconds = sum(r["epoch_seconds"] for r in rows)
     totals = {
         "train_seconds": seconds,

@@ -31,9 +31,10 @@ from kdcache.stages.encode import (
     summarise,
 )
 from kdcache.stages.hooks import FeatureTap, logits_of
-from kdcache.storage import codecs
+from kdcache.stages.targets import check_targets
+from kdcache.storage import codecs, faults
 from kdcache.storage.errors import FormatError, KdcacheError, UsageError
-from kdcache.storage.fsio import open_location
+from kdcache.storage.fsio import io_failure, open_location
 from kdcache.storage.lock import StoreLock
 from kdcache.storage.manifest import (
     FORMAT,
@@ -78,6 +79,8 @@ def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict
     }
     if cfg.augment is not None:  # absent otherwise: such stores stay as they were before views
         header["views"] = views.header(cfg)
+    if cfg.task == "regression":
+        header["targets"] = {"dtype": "float32"}  # its width (the teacher's) follows the probe
     header["fingerprint"] = store_fingerprint(header)
     return header
 
@@ -136,6 +139,8 @@ def _complete_header(header, model, ds, device, cfg, augment=None) -> dict:
         )
     codecs.open_codec(header["soft_labels"], cfg.task).check_classes(c)
     header["teacher"]["num_classes"] = c
+    if header.get("targets") is not None:
+        header["targets"]["width"] = c
     if feats is not None:
         dim = int(feats.shape[1]) if feats.dim() == 2 else int(np.prod(feats.shape[1:]))
         itemsize = np.dtype(cfg.feature_dtype).itemsize
@@ -213,7 +218,7 @@ class _WriterThread(threading.Thread):
             while (index := self._get()) is not None:
                 with self.store.shard(index) as shard:
                     while (payload := self._get()) is not None:
-                        z, labels, ids, feats, inputs, keys = payload
+                        z, labels, ids, feats, inputs, targets, keys = payload
                         if feats is not None:
                             # Cast per batch, in torch: numpy's float32 -> float16 at commit was
                             # most of a shard's commit time (no SIMD), a serial tail at the end.
@@ -225,11 +230,12 @@ class _WriterThread(threading.Thread):
                             )
                         else:
                             columns, stats = encode_batch(
-                                z, labels, ids, self.store.codec, self.temperature
+                                z, labels, ids, self.store.codec, self.temperature, None, targets
                             )
                         columns.update(keys or {})  # a view's `view` and `input_hash`
                         add_stats(shard.stats, stats)
                         shard.add(columns, feats)
+                        faults.point("precompute.encoded")
                 add_stats(self.totals, shard.stats)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
@@ -249,6 +255,7 @@ def _prepare_store(loc, header, cfg, model, ds, device, augment=None) -> tuple:
         return ("hit", load_manifest(loc))
     # Probe the teacher before wiping anything, so that a bad option cannot cost the old store.
     header = _complete_header(header, model, ds, device, cfg, augment)
+    faults.point("precompute.probed")
     if state in ("replace", "complete"):
         log.warning("--force: replacing the store at %s", loc.url)
         wipe(loc)
@@ -299,10 +306,11 @@ def run(
     `augment` the callable `--augment` names (stages/views.py)."""
     started = time.perf_counter() if started is None else started
     loc = open_location(cfg.out, cfg.storage_options)
-    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds, cfg.task))
+    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds, cfg.task, cfg.data))
     lock = StoreLock(loc) if dist.is_main else None
 
     def prepare() -> tuple:
+        faults.point("precompute.start")
         _acquire(lock)
         return _prepare_store(loc, header, cfg, model, ds, device, augment)
 
@@ -321,16 +329,25 @@ def run(
             i for i in range(num_shards) if i % dist.world_size == dist.rank and i not in committed
         ]
         teacher_seconds = _compute(store, mine, model, ds, device, cfg, dist.is_main, augment)
+        faults.point("precompute.computed")
         dist.barrier()
         if not dist.is_main:
             return {"status": "done", "manifest": None, "seconds": time.perf_counter() - started}
         wall = time.perf_counter() - started
         lock.check()  # taken over as stale while we worked: the new owner publishes, not us
         manifest = _publish(store, {"teacher_seconds": teacher_seconds, "wall_seconds": wall})
+        faults.point("precompute.published")
         return {"status": "done", "manifest": manifest, "seconds": wall, "resumed": len(committed)}
+    except Exception as exc:
+        # Disk full, read-only, endpoint gone: one line naming the store, not a library's error.
+        failure = io_failure(exc, loc.url)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if lock is not None and lock._thread is not None:
             lock.release()
+            faults.point("precompute.released")
 
 
 def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) -> float:
@@ -365,6 +382,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) ->
                         writer.put(None)
                     writer.put(shard)
                     current = shard
+                    faults.point("precompute.new_shard")
                 t = time.perf_counter()
                 z, feats = _forward(model, x, device, cfg, tap)
                 ids_np, y_np = ids.numpy(), y.numpy()
@@ -373,13 +391,18 @@ def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) ->
                     z = check_token_logits(z, ids_np, tokens["attention_mask"])
                 else:
                     z = check_logits(z, ids_np, len(ids_np), cfg.task)
+                targets = None
                 if cfg.task == "classification":
                     check_labels(y_np, ids_np, z.shape[1])
+                elif cfg.task == "regression":  # float targets, kept in their own column
+                    targets = check_targets(y_np, ids_np, z.shape[1])
+                    y_np = np.full(len(ids_np), -1, np.int64)
                 else:
-                    y_np = np.full_like(y_np, -1)  # regression targets are not class labels
+                    y_np = np.full_like(y_np, -1)
                 busy += time.perf_counter() - t
                 keys = {k: v.numpy() for k, v in keys[0].items()} if keys else None
-                writer.put((z, y_np, ids_np, feats, tokens, keys))
+                faults.point("precompute.batch")
+                writer.put((z, y_np, ids_np, feats, tokens, targets, keys))
                 bar.update(len(ids_np))
             writer.put(None)
             writer.put(None)

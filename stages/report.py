@@ -30,7 +30,10 @@ import logging
 import os
 import time
 
+from kdcache.stages import relations, report_regression
 from kdcache.stages.config import ReportConfig
+from kdcache.stages.report_deploy import PLOT as DEPLOY_PLOT
+from kdcache.stages.report_deploy import collect_deploy
 from kdcache.stages.report_runs import agreements, load_run, load_runs, model_fields, open_cache
 from kdcache.stages.report_views import collect_views
 from kdcache.stages.run_folder import RunFolder
@@ -58,17 +61,24 @@ def _check(cfg: ReportConfig) -> None:
         )
 
 
+# Students trained on hard labels, the data's or the teacher's top-1 (--pseudo-labels): baselines.
+BASELINES = ("hard labels", "pseudo-labels")
+
+
 def _kind(s: dict) -> str:
     st = s.get("settings", {})
-    if not s.get("cache") or (st.get("alpha", 0) == 0 and st.get("beta", 0) == 0):
-        return "hard labels"
-    return "KD + features" if st.get("beta", 0) > 0 else "KD"
+    if not s.get("cache") or (
+        st.get("alpha", 0) == 0 and st.get("beta", 0) == 0 and not st.get("relation")
+    ):
+        return "pseudo-labels" if s.get("cache") and st.get("pseudo_labels") else "hard labels"
+    kind = "KD + features" if st.get("beta", 0) > 0 else "KD"
+    return kind + " + relations" if st.get("relation") else kind
 
 
 def _entry(s: dict, role: str) -> dict:
     st, best = s.get("settings", {}), s.get("best", {})
     kind = _kind(s)
-    distilled = role == "student" and kind != "hard labels"
+    distilled = role == "student" and kind not in BASELINES
     return {
         "name": s["name"] if role == "student" else "teacher",
         "role": role,
@@ -82,6 +92,7 @@ def _entry(s: dict, role: str) -> dict:
         "temperature": st.get("temperature") if distilled else None,
         "alpha": st.get("alpha") if distilled else None,
         "beta": st.get("beta") if distilled else None,
+        "relation": relations.describe(st) if distilled else None,
         "epochs": s.get("epochs"),
         "train_seconds": s.get("train_seconds"),
         "wall_seconds": s.get("wall_seconds"),
@@ -143,7 +154,7 @@ def _headline(report: dict) -> dict:
     students, by_name = report["students"], {e["name"]: e for e in report["students"]}
     hard = [e for e in students if e["kind"] == "hard labels" and e["test_accuracy"] is not None]
     distilled = [
-        e for e in students if e["kind"] != "hard labels" and e["test_accuracy"] is not None
+        e for e in students if e["kind"] not in BASELINES and e["test_accuracy"] is not None
     ]
     same = lambda a, b: (a["spec"], a["model_args"]) == (b["spec"], b["model_args"])  # noqa: E731
     # Prefer a baseline that has distilled siblings of its own architecture to compare with.
@@ -159,10 +170,29 @@ def _headline(report: dict) -> dict:
             if base is None or e["test_accuracy"] is None
             else round(100 * (e["test_accuracy"] - base["test_accuracy"]), 4)
         )
+    pseudo = [
+        e
+        for e in students
+        if e["kind"] == "pseudo-labels"
+        and e["test_accuracy"] is not None
+        and best
+        and same(e, best)
+    ]
+    pl = max(pseudo, key=lambda e: e["test_accuracy"]) if pseudo else None
     return {
+        "pseudo_baseline": pl and pl["name"],
+        "pseudo_accuracy": pl and pl["test_accuracy"],
+        "gain_over_pseudo_points": (
+            round(100 * (best["test_accuracy"] - pl["test_accuracy"]), 4) if pl else None
+        ),
         "baseline": base and base["name"],
         "baseline_accuracy": base and base["test_accuracy"],
         "best_student": best and best["name"],
+        "best_ties": [
+            e["name"]
+            for e in rivals
+            if e is not best and e["test_accuracy"] == best["test_accuracy"]
+        ],
         "best_accuracy": best and best["test_accuracy"],
         "gain_points": by_name[best["name"]]["gain_points"] if best else None,
         "best_overall": top and top["name"],
@@ -176,7 +206,8 @@ def collect(cfg: ReportConfig, build) -> dict:
     _check(cfg)
     lm = collect_lm(cfg, build)
     finished, unfinished = load_runs(cfg.students)
-    if not finished and not (lm and lm["students"]):
+    finished, regression_runs = report_regression.split(finished)
+    if not finished and not regression_runs and not (lm and lm["students"]):
         raise UsageError(
             f"--students {cfg.students}: no finished student (no */summary.json"
             + (f", nor in {cfg.lm}/students" if lm else "")
@@ -200,8 +231,12 @@ def collect(cfg: ReportConfig, build) -> dict:
     }
     report.update(_headline(report))
     report["views"] = collect_views(report)
+    if students and cfg.agreement and cfg.deploy:
+        report["deploy"] = collect_deploy(report, build)
     if lm is not None:
         report["lm"] = lm
+    if regression_runs:
+        report["regression"] = report_regression.collect(regression_runs)
     return report
 
 
@@ -226,14 +261,20 @@ def run(cfg: ReportConfig, build) -> dict:
                 jobs.append(
                     (report["lm"], rp.LM_PLOTS, (rp.plot_lm_loss_vs_bytes, rp.plot_lm_curves))
                 )
+            if "deploy" in report:
+                from kdcache.stages.report_deploy import plot_accuracy_vs_latency as plot
+
+                jobs.append((report["deploy"], (DEPLOY_PLOT,), (plot,)))
             for part, names, plots in jobs:
                 for png, plot in zip(names, plots, strict=True):
                     loc.write_bytes(plot(part), png)
                     written.append(png)
     # Each section lists its own plots: report.md shows the LM ones in the LM section.
     report["plots"] = [p for p in written if p in PLOTS]
+    if "deploy" in report:
+        report["deploy"]["plots"] = [p for p in written if p == DEPLOY_PLOT]
     if "lm" in report:
-        report["lm"]["plots"] = [p for p in written if p not in PLOTS]
+        report["lm"]["plots"] = [p for p in written if p not in (*PLOTS, DEPLOY_PLOT)]
     json_name = os.path.splitext(name)[0] + ".json"
     loc.write_bytes((json.dumps(report, indent=2) + "\n").encode(), json_name)
     loc.write_bytes(markdown(report).encode(), name)

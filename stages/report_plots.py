@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 COLORS = {"hard labels": "#7f7f7f", "KD": "#1f77b4", "KD + features": "#2ca02c"}
+COLORS |= {"pseudo-labels": "#8c564b", "KD + relations": "#ff7f0e"}
 TEACHER = "#d62728"
 LM_PLOTS = ("lm_loss_vs_bytes.png", "lm_loss_curves.png")
 LM_LINES = {"teacher online": "#9467bd", "hard labels": "#7f7f7f"}
@@ -27,7 +28,7 @@ def _png(fig: Figure) -> bytes:
 
 def _label(e: dict) -> str:
     bits = [e["model"]]
-    if e["kind"] != "hard labels":
+    if e["temperature"] is not None:  # distilled (not a hard- or pseudo-label baseline)
         bits.append(f"T={e['temperature']:g}")
         if e["beta"]:
             bits.append(f"beta={e['beta']:g}")

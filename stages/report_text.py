@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kdcache.stages import report_regression
+
 
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
@@ -38,6 +40,8 @@ def table(report: dict) -> str:
     rows = ([report["teacher"]] if report.get("teacher") else []) + report["students"]
     for e in rows:
         loss = "hard labels (teacher)" if e["role"] == "teacher" else e["kind"]
+        if e.get("relation"):  # which relation, at what weight
+            loss = loss.replace("relations", e["relation"])
         if e["name"] == base:
             loss += " (baseline)"
         if e.get("augment"):
@@ -76,8 +80,20 @@ def headline(report: dict) -> str:
         parts.append(
             f"Best distilled {best['model']}: **{best['name']}** at {_pct(best['test_accuracy'])} "
             f"against {_pct(base['test_accuracy'])} for the same model on hard labels only "
-            f"({base['name']}): **{report['gain_points']:+.1f} points**."
+            f"({base['name']}): **{report['gain_points']:+.1f} points**"
+            + (
+                f" (tied with {', '.join(report['best_ties'])})."
+                if report.get("best_ties")
+                else "."
+            )
         )
+        if report.get("pseudo_baseline"):
+            pl = by_name[report["pseudo_baseline"]]
+            parts.append(
+                f"Against the same model on the teacher's top-1 class as hard labels over the same "
+                f"rows ({pl['name']}, {_pct(pl['test_accuracy'])}): "
+                f"**{report['gain_over_pseudo_points']:+.1f} points**."
+            )
     elif report.get("baseline"):
         parts.append(
             f"No distilled student shares the baseline {report['baseline']}'s architecture."
@@ -148,6 +164,8 @@ def markdown(report: dict) -> str:
         f"Runs in `{report['runs']}`, generated {report['generated']}.",
     ]
     lines += [""] + _classifier(report) if report["students"] else [""]
+    if "regression" in report:
+        lines += report_regression.markdown(report["regression"])
     if "lm" in report:
         lines += lm_markdown(report["lm"])
     return "\n".join(lines)
@@ -164,7 +182,9 @@ def _classifier(report: dict) -> list[str]:
         "Test accuracy and ECE (15 bins) are each model's final epoch on its eval data; "
         '"agrees with teacher" is the share of those samples where its top-1 class is the '
         "teacher's. T, alpha, beta: distillation temperature and the weights in "
-        "`alpha * soft + (1 - alpha) * hard + beta * feature`. Train time excludes evaluation.",
+        "`alpha * soft + (1 - alpha) * hard + beta * feature`, plus `gamma * relation` where the "
+        "loss names a relation; pseudo-labels: cross-entropy on the teacher's top-1 class on "
+        "every cached row, no soft term. Train time excludes evaluation.",
         "",
     ]
     if report.get("unfinished"):
@@ -176,4 +196,8 @@ def _classifier(report: dict) -> list[str]:
     lines += views_markdown(report.get("views"))
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in report["plots"]] + [""]
+    if report.get("deploy"):
+        from kdcache.stages.report_deploy import deploy_markdown
+
+        lines += deploy_markdown(report["deploy"], report["deploy"].get("plots", []))
     return lines

@@ -1,11 +1,13 @@
 """Stage two: train a student from a cache (or from hard labels alone), in one readable loop.
 
 Loss per batch (formulas in stages/losses.py): ``alpha * soft + (1 - alpha) * hard + beta *
-feature``; without ``--cache`` only the hard term, or with ``--teacher`` the dense soft term
-against the teacher run online on the same batch (stages/online.py); a regression cache trains on MSE to the stored
-targets (plus ``beta * feature``). A causal-lm student's hard term is the next-token cross-entropy
-and its soft term is taken on the logits of the valid positions (stages/lm.py); its loss means and
-metrics are per token. AdamW with linear warmup then cosine decay, stepped per batch.
+feature`` (``+ gamma * relation`` with ``--relation``, stages/relations.py; ``--pseudo-labels``
+swaps the hard labels for the cached teacher's top-1); without ``--cache`` only the hard term, or
+with ``--teacher`` the dense soft term against the teacher run online on the same batch
+(stages/online.py); a regression student's soft and hard terms are MSE to the teacher's stored
+outputs and to the stored true targets (stages/regression.py). A causal-lm student's hard term is
+the next-token cross-entropy and its soft term is taken on the logits of the valid positions
+(stages/lm.py); its loss means and metrics are per token. AdamW with linear warmup then cosine decay, stepped per batch.
 With a cache the student never sees the teacher: only the cache's manifest and shards are read.
 
 Resume: after every epoch rank 0 writes ``checkpoint-{epoch}.pt`` (model, projector, optimizer,
@@ -31,8 +33,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.stages import checkpoint, lm, losses, views
-from kdcache.stages.config import EXECUTION, TrainConfig, default_temperature
+from kdcache.stages import checkpoint, lm, losses, regression, relations, views
+from kdcache.stages.config import EXECUTION, TrainConfig, cached_only, default_temperature
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.evaluate import (
     AgreementSet,
@@ -46,6 +48,7 @@ from kdcache.stages.loader import JoinedStream, LabelStream, check_data
 from kdcache.stages.metrics import epoch_line, run_totals, summarise
 from kdcache.stages.online import OnlineTeacher
 from kdcache.stages.run_folder import RunFolder
+from kdcache.storage import faults
 from kdcache.storage.errors import UsageError
 from kdcache.storage.manifest import diff
 from kdcache.storage.options import options_of
@@ -57,15 +60,16 @@ log = logging.getLogger("kdcache.train")
 class Distillee(nn.Module):
     """Student plus feature projector: one module, so DDP syncs both and one optimizer trains both."""
 
-    def __init__(self, student: nn.Module, tap: FeatureTap | None, projector: nn.Module, task):
+    def __init__(self, student, tap: FeatureTap | None, projector: nn.Module, task, project=True):
         super().__init__()
         self.student, self.projector, self.tap, self.task = student, projector, tap, task
+        self.project = project  # False: the tap feeds relation losses only (--beta 0)
 
     def forward(self, x):
         if self.tap is not None and isinstance(x, dict):
             self.tap.mask = x["attention_mask"]
         z = lm.logits(self.student, x, self.task)
-        if self.tap is None:
+        if self.tap is None or not self.project:
             return z, None
         f = self.tap.value
         return z, self.projector(f.reshape(len(f), -1))
@@ -121,6 +125,8 @@ def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
             "drop --task (a cache's task is the store's)"
         )
     cfg.task = reader.task if reader else cfg.task or "classification"
+    cached_only(cfg, reader)
+    regression.resolve_alpha(cfg, reader)
     if cfg.temperature is None and (reader or cfg.online):
         cfg.temperature = reader.temperature if reader else default_temperature(cfg.task)
     views.settle(cfg, reader)
@@ -195,7 +201,7 @@ class Trainer:
         if r and not cfg.ignore_fingerprint:  # (JoinedStream warns about an ignored mismatch)
             check_data(r, self.data)
         tap = None
-        if cfg.beta > 0:
+        if cfg.beta > 0 or cfg.relation:
             tap = FeatureTap(student, cfg.student_features, cfg.pool, "--student-features")
             self.cleanup_stack.enter_context(tap)
         width, sdim = _probe(student, self.data, tap, torch.device("cpu"), self.task)
@@ -216,9 +222,14 @@ class Trainer:
         self.student = student
         self.num_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
         projector: nn.Module = nn.Identity()
-        if tap is not None and sdim != r.features_info["dim"]:
+        if cfg.beta > 0 and sdim != r.features_info["dim"]:
             projector = nn.Linear(sdim, r.features_info["dim"])
-        self.model = Distillee(student, tap, projector, self.task)
+        self.model = Distillee(student, tap, projector, self.task, project=cfg.beta > 0)
+        self.regression = None
+        if self.task == regression.TASK:
+            self.regression = regression.RegressionTerms(r, cfg)
+            if self.eval_data is not None:
+                regression.has_targets(self.eval_data, width)
         # Every student of a [[students]] list is built before the first trains: each one trains
         # from the RNG state its own seeded build left, as it would alone.
         self.rng = checkpoint.rng_state()
@@ -241,11 +252,17 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world_size
         common = dict(seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
         if r:
-            common.update(buffer_size=cfg.buffer_size, prefetch=cfg.prefetch, features=cfg.beta > 0)
+            features = cfg.beta > 0 or cfg.relation is not None
+            common.update(buffer_size=cfg.buffer_size, prefetch=cfg.prefetch, features=features)
             common.update(views.replay_options(r, cfg, self.augment))  # {} unless views
             stream = views.ViewStream if r.views else JoinedStream
             self.stream = stream(
-                r, self.data, cfg.batch_size, ignore_fingerprint=cfg.ignore_fingerprint, **common
+                r,
+                self.data,
+                cfg.batch_size,
+                ignore_fingerprint=cfg.ignore_fingerprint,
+                pseudo_labels=cfg.pseudo_labels,
+                **common,
             )
         else:
             # Online KD sees every row, as a cache's student does; hard labels only the labeled.
@@ -273,10 +290,25 @@ class Trainer:
         self.agree = None
         if r and self.task in ("classification", lm.TASK):
             self.agree = AgreementSet(r, self.data, cfg.agree_rows)
+        elif r:
+            self.agree = regression.TeacherRows(r, self.data, cfg.agree_rows)
 
     # ----------------------------------------------------------------- one batch, one epoch
 
     def loss_terms(self, z, proj, batch) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        if self.task == regression.TASK:  # MSE to the teacher and to the true targets
+            terms = self.regression(z, proj, batch, self.device)
+        else:
+            terms = self._kd_terms(z, proj, batch)
+        rel = terms["loss"].new_zeros(())
+        if cfg.relation:  # the student's features are the tap's, unprojected
+            stored = to_device(batch["features"], self.device)
+            rel = relations.relation_loss(cfg.relation, self.model.tap.value, stored)
+            terms["loss"] = terms["loss"] + cfg.gamma * rel
+        return terms | {"relation_loss": rel}
+
+    def _kd_terms(self, z, proj, batch) -> dict[str, torch.Tensor]:
         cfg, r, dev = self.cfg, self.reader, self.device
         zero = z.new_zeros((), dtype=torch.float32)
         hard = soft = feat = zero
@@ -284,7 +316,7 @@ class Trainer:
             x = to_device(batch["input"], dev)
             hard = lm.next_token_loss(z, x["input_ids"], x["attention_mask"])
             z = lm.valid_tokens(z, x["attention_mask"])  # the stored columns' tokens, in order
-        elif self.task != "regression":
+        else:
             hard = losses.hard_loss(z, to_device(batch["label"], dev))
         if r:
             stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
@@ -295,8 +327,6 @@ class Trainer:
             feat = losses.feature_loss(proj, to_device(batch["features"], dev))
         if not (r or self.online):
             total = hard
-        elif self.task == "regression":
-            total = soft + cfg.beta * feat
         else:
             total = cfg.alpha * soft + (1 - cfg.alpha) * hard + cfg.beta * feat
         return {"loss": total, "hard_loss": hard, "soft_loss": soft, "feature_loss": feat}
@@ -309,7 +339,7 @@ class Trainer:
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        names = ("loss", "hard_loss", "soft_loss", "feature_loss")
+        names = ("loss", "hard_loss", "soft_loss", "feature_loss", "relation_loss")
         # Loss sums weighted by rows, or by tokens for causal-lm (means per token); then the rows
         # and tokens seen.
         sums = torch.zeros(len(names) + 2, dtype=sum_dtype(self.device), device=self.device)
@@ -337,6 +367,7 @@ class Trainer:
                 terms["loss"].backward()
                 self.opt.step()
                 self.sched.step()
+                faults.point("train.batch")
                 done += 1
                 n = len(batch["sample_id"])
                 tokens = lm.token_count(batch["input"]) if self.task == lm.TASK else 0
@@ -365,6 +396,14 @@ class Trainer:
     def evaluate(self) -> dict:
         cfg, world, rank, task = self.cfg, self.dist.world_size, self.dist.rank, self.task
         out = {"eval_loss": None, "eval_accuracy": None, "eval_ece": None, "agreement": None}
+        if task == regression.TASK:
+            reduce = lambda s: reduce_sums(s, self.dist.enabled)  # noqa: E731
+            out |= regression.metrics(
+                self.student, self.device, self.reader.num_classes, cfg.precision,
+                cfg.eval_batch_size, self.eval_data, self.agree, rank, world, reduce,
+            )  # fmt: skip
+            self.model.train()
+            return out
         if self.eval_data is not None and task in ("classification", lm.TASK):
             batches = dataset_batches(self.eval_data, cfg.eval_batch_size, rank, world, task)
             sums = eval_sums(self.student, batches, self.device, cfg.precision, task)
@@ -453,6 +492,8 @@ class Trainer:
     def train(self, stop_after_epoch: int | None = None) -> dict:
         cfg, d = self.cfg, self.dist
         started = self.started
+        if d.is_main:
+            self.folder.loc.sweep_temporaries()  # a killed run's half-written checkpoint
         first, rows, extra = self.resume()
         tb = self._tensorboard()
         history: list = []
@@ -473,6 +514,7 @@ class Trainer:
             if self.task == lm.TASK:
                 row["tokens_per_sec"] = train["tokens"] / seconds if seconds else None
             rows.append(row)
+            faults.point("train.epoch")
             if d.is_main:
                 log.info(epoch_line(row, cfg.epochs))
                 extra["wall_seconds"] = (
@@ -491,7 +533,9 @@ class Trainer:
         if d.is_main:
             wall = extra.get("wall_seconds", 0.0) + time.perf_counter() - started
             self.folder.write_model(self.student.state_dict())
+            faults.point("train.model")
             summary = self.summary(rows, wall)
             self.folder.write_summary(summary)
+            faults.point("train.summary")
         d.barrier()
         return {"status": "done", "summary": summary, "history": history, "rows": rows}

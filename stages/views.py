@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from kdcache.stages.data import BatchView, get_batch
-from kdcache.stages.loader import check_data
+from kdcache.stages.loader import check_data, with_pseudo_labels
+from kdcache.stages.targets import TargetView
 from kdcache.storage.errors import FormatError, UsageError
 from kdcache.storage.manifest import balanced_shard_rows
 from kdcache.storage.shards import decode_table
@@ -68,31 +69,30 @@ def replay(augment, x: torch.Tensor, ids, views, seed: int, spec: str) -> torch.
     return torch.stack(out)
 
 
-class ViewBatches(BatchView):
+class ViewBatches(torch.utils.data.Dataset):
     """Stage one's batches by store row: (sample ids, augmented inputs, labels, keys), with keys
-    the rows' `view` and `input_hash` columns."""
+    the rows' `view` and `input_hash` columns; `plain` fetches the un-augmented batch."""
 
-    def __init__(self, ds, spec: str, task: str, views: dict, augment):
-        super().__init__(ds, spec, task)
-        self.views, self.augment = views, augment
+    def __init__(self, plain, views: dict, augment):
+        self.plain, self.views, self.augment = plain, views, augment
 
     def __len__(self) -> int:
-        return len(self.ds) * self.views["count"]
+        return len(self.plain) * self.views["count"]
 
     def __getitem__(self, rows):
         rows = np.asarray(rows, dtype=np.int64)
         ids, view = np.divmod(rows, self.views["count"])
-        x, y = get_batch(self.ds, ids, self.spec, self.task)
+        ids_t, x, y = self.plain[ids]
         x = replay(self.augment, x, ids, view, self.views["seed"], self.views["augment"])
         keys = {"view": view.astype(np.int32), HASH_COLUMN: input_hashes(x)}
-        return torch.from_numpy(ids), x, torch.from_numpy(y), keys
+        return ids_t, x, y, keys
 
 
-def batches(ds, cfg, views: dict | None, augment) -> BatchView:
-    """Stage one's batches by store row: plain, or augmented views."""
-    if views is None:
-        return BatchView(ds, cfg.data, cfg.task)
-    return ViewBatches(ds, cfg.data, cfg.task, views, augment)
+def batches(ds, cfg, views: dict | None, augment):
+    """Stage one's batches by store row: plain (a regression teacher's with its float targets),
+    or augmented views of them."""
+    plain = (TargetView if cfg.task == "regression" else BatchView)(ds, cfg.data, cfg.task)
+    return plain if views is None else ViewBatches(plain, views, augment)
 
 
 def settle(cfg, reader) -> None:
@@ -118,11 +118,14 @@ class ViewStream(CacheStream):
     V rows of a sample live in one shard): each sample once per epoch. A piece reads its samples'
     V rows and keeps the epoch's chosen one (and its features)."""
 
-    def __init__(self, cache, data, *args, augment, check_inputs=True, **kwargs):
+    def __init__(
+        self, cache, data, *args, augment, check_inputs=True, pseudo_labels=False, **kwargs
+    ):
         ignore = kwargs.pop("ignore_fingerprint", False)
         super().__init__(cache, *args, **kwargs)
         check_data(self.reader, data, ignore)
         self.data, self.augment, self.check_inputs = data, augment, check_inputs
+        self.pseudo_labels = pseudo_labels
         self.per_sample = self.reader.views["count"]
 
     def _read(self, piece: tuple[int, int, int]) -> dict[str, np.ndarray]:
@@ -158,6 +161,8 @@ class ViewStream(CacheStream):
                         "randomness from the generator it is given (not the global RNG)"
                     )
             batch["input"] = x
+            if self.pseudo_labels:
+                with_pseudo_labels(batch, self.reader.codec)
             yield batch
 
 

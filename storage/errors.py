@@ -24,4 +24,7 @@ class FormatError(KdcacheError):
 
 
 class IntegrityError(KdcacheError):
-    """A store whose files do not match what its manifest recorded."""
+    """A store whose files do not match what its manifest recorded: rerunning cannot help, the
+    store must be recomputed (EX_DATAERR from sysexits.h)."""
+
+    exit_code = 65

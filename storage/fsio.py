@@ -7,14 +7,18 @@ but a single PUT is atomic there (an object is visible whole or not at all), so 
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import errno
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 
 import fsspec
 
-from kdcache.storage.errors import UsageError
+from kdcache.storage import faults
+from kdcache.storage.errors import KdcacheError, UsageError
+from kdcache.storage.integrity import Digester
 
 _CHUNK = 8 << 20
 
@@ -69,8 +73,11 @@ class Location:
         """Publish `data` under `parts` so that readers see all of it or nothing."""
         target = self.path(*parts)
         if self.is_local:
-            os.replace(self._durable_temporary(data, target), target)
+            tmp = self._durable_temporary(data, target)
+            faults.point("write." + "/".join(parts))  # the bytes are down, not yet published
+            os.replace(tmp, target)
         else:
+            faults.point("write." + "/".join(parts))
             self.fs.pipe_file(target, data)
 
     def create_bytes(self, data: bytes, *parts: str) -> None:
@@ -91,28 +98,50 @@ class Location:
 
     def _durable_temporary(self, data: bytes, target: str) -> str:
         """`data` fsynced into a unique sibling of `target` (local folders only); its path."""
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        parent = target.rsplit("/", 1)[0]
+        try:
+            self.fs.makedirs(parent, exist_ok=True)
+        except FileExistsError:
+            # A file where a folder should be: not "exists", which callers read as a lost race.
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", parent) from None
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            # A failed write() names no file: name the one being written (disk full, ...).
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OSError(exc.errno, exc.strerror, target) from None
         return tmp
+
+    def sweep_temporaries(self, keep: str | None = None) -> None:
+        """Delete the temporary files a killed writer left in a local folder (ours: `*.tmp-<hex>`,
+        zarr's: `*.<hex>.partial`), except those of names starting with `keep`. Object stores
+        have none: they get whole PUTs."""
+        if not self.is_local or not self.fs.exists(self.root):
+            return
+        for path in self.fs.find(self.root):
+            name = path.rsplit("/", 1)[-1]
+            if keep and name.startswith(keep):
+                continue
+            if ".tmp-" in name or name.endswith(".partial"):
+                self.fs.rm_file(path)
 
     def remove(self, *parts: str, recursive: bool = False) -> None:
         target = self.path(*parts)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=recursive)
 
-    def sha256(self, *parts: str) -> tuple[str, int]:
-        """Hash a file by streaming it; returns (hex digest, size in bytes)."""
-        h = hashlib.sha256()
-        size = 0
+    def digests(self, *parts: str) -> dict:
+        """A file's manifest entry (both checksums and its size), streamed in chunks."""
+        d = Digester()
         with self.fs.open(self.path(*parts), "rb") as f:
             while chunk := f.read(_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        return h.hexdigest(), size
+                d.update(chunk)
+        return d.entry()
 
     def modified(self, *parts: str) -> float:
         """Last modification time of a file, in seconds since the epoch."""
@@ -169,3 +198,44 @@ def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict:
         except json.JSONDecodeError:
             options[key] = value
     return options
+
+
+# Network failures of the object-store clients fsspec uses (botocore, aiohttp, requests), by class
+# name: none of those packages is a dependency of this module.
+_NETWORK = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "ConnectionClosedError",
+}
+
+
+def io_failure(exc: BaseException, where: str | None = None) -> KdcacheError | None:
+    """The one-line error for a storage failure (disk full, read-only, endpoint gone), naming
+    the location and what to do; None when `exc` is not one."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if names & _NETWORK or isinstance(exc, ConnectionError | TimeoutError):
+        return KdcacheError(
+            f"lost the connection to the storage{f' of {where}' if where else ''} "
+            f"({type(exc).__name__}: {text}): once the endpoint is reachable again, rerun the "
+            "same command; it resumes where it stopped"
+        )
+    if not isinstance(exc, OSError):
+        return None
+    # A temporary's name means nothing to the user: name the file it was to become.
+    path = re.sub(r"\.tmp-[0-9a-f]{32}$", "", str(exc.filename or where or "the output"))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return KdcacheError(
+            f"no space left on the device of {path}: free space there (or use another --out), "
+            "then rerun the same command; it keeps what is already committed and resumes"
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UsageError(
+            f"cannot write to {path}: {exc.strerror}; choose a writable location, or fix its "
+            "permissions and rerun the same command"
+        )
+    return None

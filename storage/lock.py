@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
 
+from kdcache.storage import faults
 from kdcache.storage.errors import LockedError
 from kdcache.storage.fsio import Location
 from kdcache.storage.manifest import LOCK_FILE, dumps
 
 HEARTBEAT_SECONDS = 60.0
+log = logging.getLogger("kdcache.lock")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -80,7 +83,7 @@ class StoreLock:
             raise LockedError(
                 f"{self.loc.url} is locked by pid {held.get('pid')} on {held.get('host')} "
                 f"(heartbeat {age:.0f}s ago): wait for that run to finish, or delete "
-                f"{self.loc.path(LOCK_FILE)} if you are sure it is dead "
+                f"{self.loc.url.rstrip('/')}/{LOCK_FILE} if you are sure it is dead "
                 f"(it goes stale by itself after {self.stale_after:.0f}s)"
             )
         if held is not None and held.get("token") != self.token or self._torn():
@@ -91,9 +94,16 @@ class StoreLock:
             raise LockedError(
                 f"{self.loc.url}: another run took the lock at the same moment; retry later"
             ) from None
-        self.check()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="kdcache-lock")
-        self._thread.start()
+        try:
+            self.check()
+            faults.point("lock.acquired")
+            self._thread = threading.Thread(target=self._beat, daemon=True, name="kdcache-lock")
+            self._thread.start()
+        except BaseException:
+            # Stopped (SIGTERM, Ctrl-C) between taking the lock and handing it to the caller,
+            # whose cleanup only covers a lock it got: free it here, or it blocks every rerun.
+            self.release()
+            raise
 
     def check(self) -> None:
         """LockedError unless the lock file still holds this run's token."""
@@ -116,9 +126,14 @@ class StoreLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        held = self._current()
-        if held is not None and held.get("token") == self.token:
-            self.loc.remove(LOCK_FILE)
+        try:
+            held = self._current()
+            if held is not None and held.get("token") == self.token:
+                self.loc.remove(LOCK_FILE)
+        except Exception as exc:  # noqa: BLE001 - never hide the error that ended the run
+            # The storage itself failed (endpoint gone, disk full): the lock stays and goes
+            # stale by the usual rule; a rerun on this host takes it over at once.
+            log.info("could not release the lock %s: %s", self.loc.path(LOCK_FILE), exc)
 
     def __enter__(self) -> StoreLock:
         self.acquire()

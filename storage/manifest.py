@@ -64,7 +64,8 @@ def read_json(loc: Location, name: str) -> dict | None:
         return json.loads(loc.read_bytes(name))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(
-            f"{loc.path(name)} is not valid JSON ({exc}); the store is damaged"
+            f"{loc.path(name)} is not valid JSON ({exc}); the store is damaged: recompute it "
+            "into the same --out with `kdcache precompute ... --force`"
         ) from None
 
 
@@ -77,7 +78,10 @@ def load_manifest(loc: Location) -> dict:
                 f"{loc.url} is an incomplete kdcache store (no {MANIFEST}): rerun the same "
                 "`kdcache precompute` command to finish it"
             )
-        raise FormatError(f"{loc.url} is not a kdcache store: {MANIFEST} not found")
+        raise FormatError(
+            f"{loc.url} is not a kdcache store: {MANIFEST} not found; point it at the --out of "
+            "a finished `kdcache precompute`"
+        )
     check_format(doc, loc.url)
     return doc
 
@@ -125,14 +129,18 @@ FINGERPRINT_FIELDS = (
     "task",
     "precision",
     "views",
+    # Regression stores written since targets were kept; absent from every other store, whose
+    # fingerprints must not change (so it is hashed only when present).
+    "targets",
 )
 
 
 def store_fingerprint(header: dict) -> str:
     teacher = {k: v for k, v in header["teacher"].items() if k != "checkpoint"}
-    # `views` only when present: a store without augmented views keeps the fingerprint it had
-    # before views existed (a cache hit, not a recompute).
-    doc = {k: header.get(k) for k in FINGERPRINT_FIELDS if k != "views" or header.get(k)}
+    # `views` and `targets` only when present: a store without them keeps the fingerprint it had
+    # before they existed (a cache hit, not a recompute).
+    optional = ("views", "targets")
+    doc = {k: header.get(k) for k in FINGERPRINT_FIELDS if k not in optional or header.get(k)}
     doc["teacher"] = teacher
     doc["data"] = {k: v for k, v in header["data"].items()}
     return hash_json(doc)

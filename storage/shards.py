@@ -1,7 +1,8 @@
 """Arrow/Parquet encoding of soft-label shards, and decoding them back to numpy without row loops.
 
 A shard's table is the row keys (``sample_id``, ``view``), the data set's ``label``, then the
-codec's own columns (`kdcache.storage.codecs`). `kdcache/1` shards have no ``view`` column: every
+codec's own columns (`kdcache.storage.codecs`), then, in a regression store that keeps them, the
+data set's float ``target`` per row (null where the item had none). `kdcache/1` shards have no ``view`` column: every
 row is view 0 of the sample it names.
 """
 
@@ -27,12 +28,20 @@ KEYS = [
 LENGTH = pa.field("length", pa.int32(), nullable=False)
 
 
-def shard_schema(codec, version: str = FORMAT, hashed: bool = False) -> pa.Schema:
+def target_field(width: int) -> pa.Field:
+    return pa.field("target", pa.list_(pa.float32(), width))
+
+
+def shard_schema(
+    codec, version: str = FORMAT, targets: int | None = None, hashed: bool = False
+) -> pa.Schema:
     """The Parquet schema a shard of this codec must have in this format version. Rows of a
     sequence codec also carry their `length` (tokens stored), so no padding is ever stored; rows
-    of augmented views (`hashed`) the `input_hash` of the input the teacher saw."""
+    of augmented views (`hashed`) the `input_hash` of the input the teacher saw; `targets` is the
+    width of a regression store's `target` column (None: no such column)."""
     keys = KEYS_V1 if version == "kdcache/1" else KEYS + ([LENGTH] if codec.sequence else [])
-    return pa.schema(keys + ([HASH_FIELD] if hashed else []) + codec.fields())
+    tail = [] if targets is None else [target_field(targets)]
+    return pa.schema(keys + ([HASH_FIELD] if hashed else []) + codec.fields() + tail)
 
 
 def encode_table(columns: dict[str, np.ndarray], codec) -> pa.Table:
@@ -51,7 +60,16 @@ def encode_table(columns: dict[str, np.ndarray], codec) -> pa.Table:
     if hashed:
         arrays.append(pa.array(columns[HASH_COLUMN].astype(np.uint64)))
     arrays += codec.arrays(columns, lengths)
-    return pa.Table.from_arrays(arrays, schema=shard_schema(codec, hashed=hashed))
+    width = None
+    if "target" in columns:
+        # Missing targets are NaN rows in memory and nulls on disk (finite ones were checked).
+        t = np.ascontiguousarray(columns["target"], np.float32)
+        width = t.shape[1]
+        flat = pa.array(np.nan_to_num(t, nan=0.0).reshape(-1), pa.float32())
+        arrays.append(
+            pa.FixedSizeListArray.from_arrays(flat, width, mask=pa.array(np.isnan(t).any(1)))
+        )
+    return pa.Table.from_arrays(arrays, schema=shard_schema(codec, targets=width, hashed=hashed))
 
 
 def payload_bytes(table: pa.Table) -> int:
@@ -87,4 +105,20 @@ def decode_table(table: pa.Table, codec) -> dict[str, np.ndarray]:
         if name in table.column_names:
             out[name] = table.column(name).to_numpy()
     out.update(codec.decode(table))
+    if "target" in table.column_names:
+        out["target"] = decode_targets(table.column("target"))
+    return out
+
+
+def decode_targets(column) -> np.ndarray:
+    """A `target` column -> (n, W) float32 with NaN rows where it is null."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = arr.type.list_size
+    # `.values` keeps the slots of null rows (`flatten()` drops them); a slice shares them.
+    values = arr.values.slice(arr.offset * width, len(arr) * width)
+    out = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), width)
+    missing = arr.is_null().to_numpy(zero_copy_only=False)
+    if missing.any():
+        out = out.copy()
+        out[missing] = np.nan
     return out

@@ -8,14 +8,14 @@ same fingerprint keeps every committed shard and rewrites the rest.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import zarr
 
+from kdcache.storage import faults
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import Location
+from kdcache.storage.integrity import digests
 from kdcache.storage.manifest import (
     COMMITS,
     FEATURES,
@@ -66,12 +66,14 @@ def existing_state(loc: Location, header: dict) -> str:
 def wipe(loc: Location) -> None:
     """Remove a store, manifest first so that it never looks complete while half deleted."""
     loc.remove(MANIFEST)
+    faults.point("writer.wipe")
     for name in (COMMITS, SOFT_LABELS, FEATURES, RUN_FILE):
         loc.remove(name, recursive=True)
+        faults.point(f"writer.wipe.{name}")
 
 
 # Sizes learnt from the teacher's first batch, not chosen by the user: left out of "what differs".
-_DERIVED = {"num_classes", "dim", "chunk_cols", "path", "checkpoint"}
+_DERIVED = {"num_classes", "dim", "chunk_cols", "path", "checkpoint", "width"}
 
 
 def _settings(doc: dict) -> dict:
@@ -97,8 +99,11 @@ class StoreWriter:
     def prepare(self) -> None:
         """Write the run header and create the feature array (rank 0 only, before the barrier)."""
         self.loc.fs.makedirs(self.loc.root, exist_ok=True)
-        self._sweep_temporaries()
+        # Not the lock's: another process may be writing its lock attempt right now.
+        self.loc.sweep_temporaries(keep=LOCK_FILE)
+        faults.point("writer.swept")
         self.loc.write_bytes(dumps(self.header), RUN_FILE)
+        faults.point("writer.run_header")
         if self.features and not self.loc.exists(FEATURES, "zarr.json"):
             f = self.features
             zarr.create_array(
@@ -113,18 +118,7 @@ class StoreWriter:
                 storage_options=self.loc.storage_options or None,
                 overwrite=True,
             )
-
-    def _sweep_temporaries(self) -> None:
-        """Delete the temporary files a killed writer left in a local folder (ours: `*.tmp-<hex>`,
-        zarr's: `*.<hex>.partial`). Object stores have none: they get whole PUTs."""
-        if not self.loc.is_local:
-            return
-        for path in self.loc.fs.find(self.loc.root):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(LOCK_FILE):
-                continue  # another process may be writing its lock attempt right now
-            if ".tmp-" in name or name.endswith(".partial"):
-                self.loc.fs.rm_file(path)
+            faults.point("writer.features_array")
 
     @property
     def array(self):
@@ -161,8 +155,7 @@ class StoreWriter:
             raise RuntimeError(f"cannot publish {self.loc.url}: shards {missing[:5]} not committed")
         files = {}
         if self.features:
-            digest, size = self.loc.sha256(FEATURES, "zarr.json")
-            files[f"{FEATURES}/zarr.json"] = {"sha256": digest, "bytes": size}
+            files[f"{FEATURES}/zarr.json"] = self.loc.digests(FEATURES, "zarr.json")
         manifest = {
             **self.header,
             **(extra or {}),
@@ -171,7 +164,9 @@ class StoreWriter:
             "shards": [entries[i] for i in range(expected)],
             "stats": stats,
         }
+        faults.point("publish.checked")
         self.loc.write_bytes(dumps(manifest), MANIFEST)
+        faults.point("publish.done")
         return manifest
 
 
@@ -208,20 +203,22 @@ class ShardWriter:
         key = parquet_key(self.index)
         table = encode_table(columns, store.codec)
         data = table_to_parquet_bytes(table)
+        faults.point("shard.encoded")
         loc.write_bytes(data, key)
-        files = {key: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+        faults.point("shard.parquet")
+        files = {key: digests(data)}
         keys = []
         payload = payload_bytes(table)
         if store.features:
             feats = np.concatenate(self._features).astype(store.features["dtype"], copy=False)
             store.array[self.first_row : self.first_row + rows] = feats
+            faults.point("shard.features")
             payload += feats.nbytes
             keys += feature_chunk_keys(
                 self.index, store.features["dim"], store.features["chunk_cols"]
             )
         for k in keys:
-            digest, size = loc.sha256(k)
-            files[k] = {"sha256": digest, "bytes": size}
+            files[k] = loc.digests(k)
         entry = {
             "index": self.index,
             "first_row": self.first_row,
@@ -237,4 +234,6 @@ class ShardWriter:
                 **store.codec.summarise(sums),
             }
         marker = {"fingerprint": header["fingerprint"], "entry": entry}
+        faults.point("shard.hashed")
         loc.write_bytes(dumps(marker), f"{COMMITS}/{shard_name(self.index)}.json")
+        faults.point("shard.marker")

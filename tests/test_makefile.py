@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import tomllib
 
 import pytest
@@ -28,6 +29,7 @@ TARGETS = [
     "report",
     "test",
     "test-quick",
+    "faults",
     "lint",
     "bench",
     "cron",
@@ -88,6 +90,16 @@ def test_variables_reach_the_commands(venv, tmp_path):
     out = make(*args, "CACHE=s3://bucket/c")
     assert "--out s3://bucket/c " in out and "--cache s3://bucket/c " in out
     assert "--epochs" not in out  # no EPOCHS: each student keeps the epochs of its config
+
+
+def test_faults_runs_the_fault_suite_then_renders_its_table(venv, tmp_path):
+    out = make("faults", f"VENV={venv}", f"RUNS={tmp_path}/r")
+    rows = f"{tmp_path}/r/faults.jsonl"
+    run = (
+        f"KDCACHE_FAULT_ROWS={rows} {venv}/bin/python -m pytest tests/faults -m 'slow or not slow'"
+    )
+    render = f"{venv}/bin/python -m tests.faults.render {rows} docs/RELIABILITY.md"
+    assert f"rm -f {rows}" in out and -1 < out.find(run) < out.find(render), out
 
 
 def test_teacher_is_skipped_once_its_model_exists(venv, tmp_path):
@@ -171,3 +183,35 @@ def test_views_students_are_mlp_kd_t4_with_augmentation():
         assert {k: v for k, v in vars(cfg).items() if k not in same} == {
             k: v for k, v in vars(twin).items() if k not in same
         }
+
+
+def _cron(runs, inner: str, **popen) -> subprocess.Popen:
+    """`make cron` for real, the job it wraps (`$(MAKE) run`) replaced by a shell command."""
+    cmd = ["make", "-C", str(REPO), "cron", f"RUNS={runs}", f"MAKE=sh -c '{inner}' --"]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def test_cron_while_another_cron_runs_skips_with_exit_0(tmp_path):
+    """README, Makefile and docs/scheduling.md agree: a second `make cron` exits 0 at once."""
+    runs, started, stop, ran = (tmp_path / n for n in ("runs", "started", "stop", "ran"))
+    first = _cron(runs, f"touch {started}; while [ ! -e {stop} ]; do sleep 0.05; done")
+    try:
+        deadline = time.time() + 30
+        while not started.exists():
+            assert first.poll() is None and time.time() < deadline, first.stdout.read()
+            time.sleep(0.05)
+        second = _cron(runs, f"touch {ran}")
+        out = second.communicate(timeout=30)[0]
+        assert second.returncode == 0, out
+        assert f"make cron: another run holds {runs}/.make.lock; skipped" in out
+        assert not ran.exists()  # the job did not run twice
+    finally:
+        stop.touch()
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+    third = _cron(runs, f"touch {ran}")  # the lock is free again: the job runs
+    assert third.communicate(timeout=30) and third.returncode == 0 and ran.exists()
+    failed = _cron(runs, "exit 3")  # a failing job is not hidden (make reports any as 2)
+    assert "Error 3" in failed.communicate(timeout=30)[0] and failed.returncode == 2

@@ -40,27 +40,30 @@ class ToyNet(nn.Module):
 
     sleep: seconds per forward (to make a run slow enough to kill); count_file: append one line per
     forward (to prove a cache hit runs none); out: how the logits are wrapped (tensor, dict, tuple,
-    object); sabotage: a path the first forward creates as a regular file (to break a store). With KDCACHE_TOY_FORBID_FORWARD set, forward raises.
+    object); sabotage: a path the first forward creates as a regular file (to break a store);
+    stamp_file: append the time of every forward. With KDCACHE_TOY_FORBID_FORWARD set, forward raises.
     """
 
     def __init__(
         self,
         num_classes: int = 10,
         dim: int = 16,
-        seed: int = 0,
+        seed: int | None = 0,  # None: torch's random initial weights, as an untrained spec has
         sleep: float = 0.0,
         count_file: str | None = None,
         out: str = "tensor",
         scale: float = 3.0,
         sabotage: str | None = None,
+        stamp_file: str | None = None,
     ):
         super().__init__()
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         self.body = Body(dim)
         self.head = nn.Linear(dim, num_classes)
         self.spare = nn.Identity()  # never called by forward
         self.sleep, self.count_file, self.out, self.scale = sleep, count_file, out, scale
-        self.sabotage = sabotage
+        self.sabotage, self.stamp_file = sabotage, stamp_file
 
     def forward(self, x: torch.Tensor):
         if os.environ.get(FORBID_ENV):
@@ -70,6 +73,9 @@ class ToyNet(nn.Module):
                 f.write(f"{len(x)}\n")
         if self.sleep:
             time.sleep(self.sleep)
+        if self.stamp_file:  # when each forward ran (to show two runs overlapping in time)
+            with open(self.stamp_file, "a") as f:
+                f.write(f"{time.time()}\n")
         if self.sabotage and not os.path.exists(self.sabotage):
             with open(self.sabotage, "w") as f:
                 f.write("not a folder")
@@ -119,6 +125,79 @@ class RegNet(nn.Module):
     def forward(self, x):
         y = self.head(torch.relu(self.body(x)))
         return y[:, 0] if self.outputs == 1 else y
+
+
+class LinearReg(nn.Module):
+    """A seeded linear map IN_DIM -> `outputs` (1 gives a (B,) output): a regression teacher or
+    student whose optimum is known in closed form."""
+
+    def __init__(self, outputs: int = 2, seed: int = 0, scale: float = 1.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.head = nn.Linear(IN_DIM, outputs)
+        with torch.no_grad():
+            self.head.weight.mul_(scale)
+            self.head.bias.mul_(scale)
+        self.outputs = outputs
+
+    def forward(self, x):
+        y = self.head(x)
+        return y[:, 0] if self.outputs == 1 else y
+
+
+class RegData:
+    """(x, float target) items: target = x @ W + noise, W fixed, `width` values per item (1 gives a
+    scalar). every_missing=m makes every m-th target None; bad_index gets a NaN target (`bad` =
+    "nan") or one of another width ("width"); vectorised=True serves `get_batch(ids)` instead."""
+
+    def __init__(
+        self,
+        n: int = 64,
+        width: int = 2,
+        seed: int = 0,
+        every_missing: int = 0,
+        noise: float = 0.1,
+        scale: float = 1.0,
+        bad_index: int = -1,
+        bad: str = "nan",
+        vectorised: bool = False,
+    ):
+        # One map W for every seed (eval splits share it); the seed draws the inputs and noise.
+        self.w = np.random.default_rng(1000).standard_normal((IN_DIM, width)).astype(np.float32)
+        rng = np.random.default_rng(seed + 1000)
+        self.x = toy_inputs(n, seed)
+        y = self.x @ self.w + noise * rng.standard_normal((n, width)).astype(np.float32)
+        self.y = (scale * y).astype(np.float32)
+        self.width, self.every_missing, self.bad_index, self.bad = (
+            width,
+            every_missing,
+            bad_index,
+            bad,
+        )
+        if vectorised:
+            self.get_batch = self._get_batch
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def target(self, i: int):
+        if self.every_missing and i % self.every_missing == 0:
+            return None
+        y = self.y[i] if self.width > 1 else float(self.y[i, 0])
+        if i == self.bad_index:
+            return (
+                np.append(self.y[i], 1.0)
+                if self.bad == "width"
+                else np.full_like(self.y[i], np.nan)
+            )
+        return y
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(self.x[i]), self.target(int(i))
+
+    def _get_batch(self, ids):
+        ids = np.asarray(ids)
+        return {"input": torch.from_numpy(self.x[ids]), "label": [self.target(int(i)) for i in ids]}
 
 
 def toy_inputs(n: int, seed: int = 0) -> np.ndarray:

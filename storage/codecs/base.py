@@ -180,3 +180,7 @@ class Codec:
     def teacher_top1(self, columns: dict) -> np.ndarray:
         """The teacher's predicted class per row, int64."""
         raise NotImplementedError
+
+    def teacher_values(self, columns: dict):
+        """A regression teacher's raw outputs per row (n, W), from numpy or torch columns."""
+        raise UsageError(f"the {self.name} codec does not store a regression teacher's outputs")

@@ -54,7 +54,7 @@ def _wait_until_up(endpoint: str, proc: subprocess.Popen, timeout: float = 30.0)
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """Start moto's S3 server, point the AWS variables at it, create BUCKET; yield the endpoint."""
-    pytest.importorskip("s3fs")
+    s3fs = pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -68,12 +68,14 @@ def s3_endpoint():
         _wait_until_up(endpoint, proc)
         for key, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
             mp.setenv(key, value)
-        import fsspec
-
-        fsspec.filesystem("s3").mkdir(BUCKET)
+        # Each conftest that imports this fixture starts its own server: a cached S3FileSystem
+        # would still point at an earlier session's (stopped) endpoint.
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
         yield endpoint
     finally:
         mp.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
         proc.terminate()
         try:
             proc.wait(timeout=10)

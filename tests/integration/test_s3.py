@@ -47,9 +47,13 @@ def test_precompute_inspect_verify_and_cache_hit(s3_url, cli, s3fs_fresh):
     data[len(data) // 2] ^= 0xFF
     s3fs_fresh.pipe_file(key, bytes(data))
     bad = cli("verify", s3_url)
-    assert bad.exit_code == 1
+    assert bad.exit_code == 65
     assert "soft_labels/part-00001.parquet: checksum mismatch" in bad.stderr
     assert "part-00000" not in bad.stderr
+    # A reader checks it too, before using its rows.
+    deep = cli("inspect", s3_url, "--deep")
+    assert deep.exit_code == 65
+    assert "soft_labels/part-00001.parquet does not match the checksum" in deep.stderr
 
 
 def test_store_without_manifest_is_refused(s3_url, cli, s3fs_fresh):

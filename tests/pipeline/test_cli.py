@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,7 +154,7 @@ def test_verify_catches_a_flipped_byte(tmp_path, cli, key):
     assert cli(*cli_args(out, "--features", "body")).exit_code == 0
     _flip(out / key)
     res = cli("verify", out)
-    assert res.exit_code == 1 and "Traceback" not in res.stderr
+    assert res.exit_code == 65 and "Traceback" not in res.stderr
     assert f"{out / key}: checksum mismatch" in res.stderr
     assert res.stderr.startswith(f"kdcache: error: {out}: 1 problem(s):")
 
@@ -377,14 +379,34 @@ def test_sigterm_releases_the_lock_and_the_rerun_resumes(tmp_path, cli):
     assert CacheReader(str(out)).verify() == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
-def test_read_only_folder_is_refused(tmp_path, cli):
-    locked = tmp_path / "ro"
-    locked.mkdir()
-    locked.chmod(0o555)
+@contextlib.contextmanager
+def read_only_folder(path):
+    """`path` made read-only for this process even as root (CI runs tests as root): chmod for a
+    user, the immutable attribute (chattr +i) for root, which root's writes cannot bypass."""
+    path.mkdir()
+    root = os.geteuid() == 0
+    if root and (
+        not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)]).returncode
+    ):
+        pytest.skip("root cannot make a folder read-only here (chattr +i is not permitted)")
+    if not root:
+        path.chmod(0o555)
     try:
-        res = cli(*cli_args(locked / "store"))
-        assert res.exit_code == 2
-        assert_one_line_error(res.stderr, f"cannot write to --out {locked / 'store'}")
+        with pytest.raises(PermissionError):
+            (path / "probe").touch()  # the folder really refuses writes
+        yield path
     finally:
-        locked.chmod(0o755)
+        if root:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            path.chmod(0o755)
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_read_only_folder_is_refused(tmp_path, cli, inside):
+    with read_only_folder(tmp_path / "ro") as locked:
+        out = locked / "store" if inside else locked
+        res = cli(*cli_args(out))
+        assert res.exit_code == 2, res.stderr
+        assert_one_line_error(res.stderr, f"cannot write to --out {out}")
+        assert not list(locked.iterdir())

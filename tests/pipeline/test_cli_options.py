@@ -77,7 +77,7 @@ def test_flag_spellings_of_dict_and_negative_options():
 def test_execution_settings_are_derived_from_the_declarations():
     assert {
         "quiet", "device", "num_workers", "prefetch", "storage_options", "ignore_fingerprint",
-        "threads", "check_inputs",
+        "threads", "check_inputs", "verify_reads",
     } == EXECUTION  # fmt: skip
 
 

@@ -155,8 +155,16 @@ def test_a_bad_later_student_fails_before_the_first_trains(tmp_path, cli, cache)
 
 
 def test_parallel_students_in_subprocesses(tmp_path, cache):
+    """--parallel 2 trains two students at once: the spans of their forwards overlap in time."""
     toml = tmp_path / "students.toml"
-    toml.write_text(STUDENTS.format(n=N, cache=cache))
+    stamps = {name: tmp_path / f"{name}.times" for name in ("t2", "hard")}
+    text = STUDENTS.format(n=N, cache=cache).replace("student_args = {dim = 8}\n", "")
+    for name, path in stamps.items():
+        text = text.replace(
+            f'name = "{name}"\n',
+            f'name = "{name}"\nstudent_args = {{sleep = 0.05, stamp_file = "{path}"}}\n',
+        )
+    toml.write_text(text)
     cmd = [sys.executable, "-c", "from kdcache.pipeline.cli import main; main()", "train"]
     cmd += ["--config", str(toml), "--out", str(tmp_path / "out"), "--parallel", "2", "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
@@ -164,6 +172,10 @@ def test_parallel_students_in_subprocesses(tmp_path, cache):
     for name in ("t2", "hard"):
         summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
         assert summary["name"] == name and summary["epochs"] == 3
+    spans = {n: [float(t) for t in p.read_text().split()] for n, p in stamps.items()}
+    assert all(len(times) >= 12 for times in spans.values())  # 3 epochs of 4 batches each
+    (a0, a1), (b0, b1) = ((min(t), max(t)) for t in spans.values())
+    assert max(a0, b0) < min(a1, b1), spans  # one ran while the other did: not one after another
 
 
 @pytest.mark.parametrize(

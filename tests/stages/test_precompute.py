@@ -73,12 +73,20 @@ def test_temperature_recorded_and_retempering_math(tmp_path):
     p = torch.softmax(z / T, 1).numpy()
     p_k = np.exp(got["topk_logits"] - got["logsumexp"][:, None])
     np.testing.assert_allclose(p_k, np.take_along_axis(p, got["topk_indices"], 1), rtol=1e-5)
-    np.testing.assert_allclose(1 - p_k.sum(1), p.sum(1) - p_k.sum(1), atol=1e-6)
+    # The residual is the mass of the classes not stored, from the teacher's own softmax, and
+    # FORMAT.md's formula -expm1(logsumexp(s_topk) - lse) gives it from the stored values.
+    unstored = np.ones_like(p, bool)
+    np.put_along_axis(unstored, got["topk_indices"], False, 1)
+    residual = np.where(unstored, p, 0).sum(1)
+    assert residual.min() > 0.05  # k = 3 of 10 at T = 4 leaves real mass out
+    lse_k = torch.logsumexp(torch.from_numpy(got["topk_logits"]), 1).numpy()
+    np.testing.assert_allclose(-np.expm1(lse_k - got["logsumexp"]), residual, rtol=1e-5)
+    np.testing.assert_allclose(1 - p_k.sum(1), residual, rtol=1e-5)
     np.testing.assert_allclose(
         got["topk_logits"] * T / T2, np.take_along_axis(z / T2, got["topk_indices"], 1), rtol=1e-5
     )
     stats = topk.manifest["stats"]
-    assert stats["mean_residual_mass"] == pytest.approx(float((1 - p_k.sum(1)).mean()), rel=1e-4)
+    assert stats["mean_residual_mass"] == pytest.approx(float(residual.mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["avg", "token-mean", "cls", "flatten"])
@@ -178,8 +186,10 @@ def test_regression_stores_raw_outputs_dense(tmp_path, outputs):
         task="regression",
         temperature=7.0,
         dtype="float32",
+        data_args={"n": N, "labels": False},  # no targets: teacher outputs only
     )
     r = CacheReader(str(tmp_path / "s"))
+    assert r.targets_info == {"dtype": "float32", "width": outputs} and r.target_rows == 0
     assert (r.task, r.codec.name, r.temperature, r.num_classes) == (
         "regression",
         "dense",
@@ -272,3 +282,27 @@ def test_writer_thread_error_reaches_the_caller(tmp_path):
         toy_precompute(out, teacher_args={"sabotage": str(out / "soft_labels")})
     assert not (out / "manifest.json").exists()
     assert not (out / "_commits").exists()
+
+
+def test_manifest_stats_recomputed_from_the_teachers_outputs(tmp_path):
+    """mean_topk_kl, mean_residual_mass and teacher_accuracy as docs/FORMAT.md defines them,
+    computed here from ToyNet's own logits (float64), not from anything the store holds."""
+    T, k, n = 2.0, 3, 120
+    toy_precompute(tmp_path / "s", temperature=T, top_k=k, data_args={"n": n, "every_missing": 3})
+    stats = CacheReader(str(tmp_path / "s")).manifest["stats"]
+    z = teacher_outputs(n)[0].double()
+    p = torch.softmax(z / T, 1).numpy()
+    C = p.shape[1]
+    unstored = np.ones_like(p, bool)
+    np.put_along_axis(unstored, torch.topk(z, k, 1).indices.numpy(), False, 1)
+    r = np.where(unstored, p, 0).sum(1)
+    # KL(p || p_hat), p_hat: the k exact probabilities and r spread evenly over the C - k others.
+    kl = np.where(unstored, p * np.log(p), 0).sum(1) - r * np.log(r / (C - k))
+    labels = labels_of(n, every_missing=3)
+    labeled = labels >= 0
+    accuracy = float((z.argmax(1).numpy() == labels)[labeled].mean())
+    assert 0 < accuracy < 1 and kl.min() > 0  # values that a wrong formula would miss
+    assert stats["labeled_rows"] == int(labeled.sum())
+    assert stats["teacher_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert stats["mean_residual_mass"] == pytest.approx(float(r.mean()), rel=1e-5)
+    assert stats["mean_topk_kl"] == pytest.approx(float(kl.mean()), rel=1e-4)

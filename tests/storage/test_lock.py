@@ -73,8 +73,21 @@ def test_lock_of_dead_pid_on_this_host_is_taken_over(loc, dead_pid):
         assert read_lock(loc)["token"] == lock.token
 
 
-def test_old_heartbeat_is_stale_on_any_host(loc):
+def test_heartbeat_older_than_600_s_is_stale_on_any_host(loc):
+    """docs/FORMAT.md's rule, pinned on both sides: 599 s old is live, 601 s old is stale."""
+    write_lock(loc, host="elsewhere", pid=12345, heartbeat=time.time() - 599)
+    with pytest.raises(LockedError, match="pid 12345 on elsewhere .*stale by itself after 600s"):
+        StoreLock(loc).acquire()
     write_lock(loc, host="elsewhere", pid=12345, heartbeat=time.time() - 601)
+    with StoreLock(loc) as lock:
+        assert read_lock(loc)["token"] == lock.token
+
+
+def test_a_live_pid_on_this_host_is_stale_only_by_its_heartbeat(loc, live_pid):
+    write_lock(loc, pid=live_pid, heartbeat=time.time() - 599)
+    with pytest.raises(LockedError, match=f"pid {live_pid}"):
+        StoreLock(loc).acquire()
+    write_lock(loc, pid=live_pid, heartbeat=time.time() - 601)
     with StoreLock(loc) as lock:
         assert read_lock(loc)["token"] == lock.token
 
@@ -120,19 +133,55 @@ def test_free_lock_is_an_exclusive_create(loc):
     assert loc.read_bytes(LOCK_FILE) == b"first"
 
 
-def test_racing_acquire_backs_off_with_locked_error(loc, monkeypatch):
-    lock = StoreLock(loc)
-    # The other run creates its lock between our look and our create.
-    real_create = loc.create_bytes
+def test_racing_acquire_backs_off_with_locked_error(tmp_path):
+    race_two_processes(str(tmp_path / "store"))
 
-    def create_after_thief(data, *parts):
-        write_lock(loc, token="thief", pid=os.getpid())
-        real_create(data, *parts)
 
-    monkeypatch.setattr(loc, "create_bytes", create_after_thief)
-    with pytest.raises(LockedError, match="at the same moment"):
-        lock.acquire()
-    assert read_lock(loc)["token"] == "thief"
+RACER = """
+import sys, time
+from kdcache.storage.errors import LockedError
+from kdcache.storage.fsio import open_location
+from kdcache.storage.lock import StoreLock
+url, blind = sys.argv[1], sys.argv[2] == "1"
+lock = StoreLock(open_location(url))
+if blind:  # this run looked before the other created its lock: only the create can decide
+    look, seen = lock._current, []
+    lock._current = lambda: look() if seen.append(1) or len(seen) > 1 else None
+print("ready", flush=True)
+sys.stdin.readline()  # both processes are released at once
+try:
+    lock.acquire()
+except LockedError as exc:
+    print("lost", exc, flush=True)
+    sys.exit(75)
+print("won", lock.token, flush=True)
+lock._stop.set()  # leave the lock behind for the test to read
+"""
+
+
+def race_two_processes(url: str, rounds: int = 2, blind_rounds: int = 2) -> None:
+    """Two real processes acquire the same free lock at the same moment, `rounds` times, then
+    `blind_rounds` times more after both looked and saw no lock: each time exactly one wins, the other exits
+    with LockedError, and the lock file holds the winner's token. Shared with the S3 test."""
+    loc = open_location(url)
+    for blind in [False] * rounds + [True] * blind_rounds:
+        loc.remove(LOCK_FILE)
+        cmd = [sys.executable, "-c", RACER, url, str(int(blind))]
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs = [subprocess.Popen(cmd, **pipes) for _ in range(2)]
+        assert [p.stdout.readline() for p in procs] == ["ready\n"] * 2
+        for p in procs:
+            p.stdin.write("go\n")
+        for p in procs:
+            p.stdin.flush()
+        outs = [p.communicate(timeout=60)[0].split(" ", 1) for p in procs]
+        codes = sorted(p.returncode for p in procs)
+        assert codes == [0, 75], outs
+        (winner,) = [o[1].strip() for o in outs if o[0] == "won"]
+        (loser,) = [o[1] for o in outs if o[0] == "lost"]
+        assert read_lock(loc)["token"] == winner
+        if blind:
+            assert "another run took the lock at the same moment" in loser
 
 
 def test_check_fails_once_the_lock_is_taken_over(loc):

@@ -102,11 +102,14 @@ def test_read_features_equals_zarr_for_every_range(tmp_path, compression, memory
             np.testing.assert_array_equal(got, want[start:stop])
 
 
-def test_short_raw_feature_chunk_is_an_integrity_error(copy):
+@pytest.mark.parametrize(
+    "verify, message", [(True, "c/1/0 does not match the checksum"), (False, "c/1/0: .* is short")]
+)
+def test_short_raw_feature_chunk_is_an_integrity_error(copy, verify, message):
     chunk = copy / "features.zarr" / "c" / "1" / "0"
     chunk.write_bytes(chunk.read_bytes()[:100])
-    with pytest.raises(IntegrityError, match="c/1/0: feature chunk is short"):
-        CacheReader(str(copy)).shard_features(1)
+    with pytest.raises(IntegrityError, match=message):
+        CacheReader(str(copy), verify=verify).shard_features(1)
 
 
 def test_read_features_without_features_is_refused(tmp_path):

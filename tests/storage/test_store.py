@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,7 +22,7 @@ from kdcache.storage.manifest import FORMAT, dumps
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.shards import decode_table, encode_table, table_to_parquet_bytes
 from kdcache.storage.writer import StoreWriter, existing_state, wipe
-from tests.conftest import teacher_outputs, toy_precompute
+from tests.conftest import REPO, files_under, teacher_outputs, toy_precompute
 
 
 @st.composite
@@ -81,6 +84,26 @@ def test_parquet_bytes_are_deterministic():
     one = table_to_parquet_bytes(encode_table(cols, codec))
     two = table_to_parquet_bytes(encode_table({k: v.copy() for k, v in cols.items()}, codec))
     assert one == two
+
+
+def test_a_store_has_the_same_bytes_from_two_processes(tmp_path):
+    """Resume and cache reuse across machines rely on it: the same rows give the same shard and
+    chunk bytes in another process (other hash seed, other memory layout), not only in this one."""
+    procs = {}
+    for name, hashseed in (("a", "1"), ("b", "2")):
+        code = (
+            "from tests.conftest import toy_precompute; "
+            f"toy_precompute({str(tmp_path / name)!r}, features='body', top_k=3, "
+            "data_args={'n': 40})"
+        )
+        env = {**os.environ, "PYTHONHASHSEED": hashseed}
+        procs[name] = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+    assert all(p.wait(timeout=120) == 0 for p in procs.values())
+    runs = {name: files_under(tmp_path / name) for name in procs}
+    toy_precompute(tmp_path / "here", features="body", top_k=3, data_args={"n": 40})
+    here = files_under(tmp_path / "here")
+    assert len(here) == 2 * 3 + 1 and any(k.endswith(".parquet") for k in here)
+    assert runs["a"] == runs["b"] == here
 
 
 def header(fingerprint: str = "f" * 64, temperature: float = 2.0, features: bool = True) -> dict:

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from kdcache.storage.reader import CacheReader
 from kdcache.storage.stream import (
     CacheStream,
     _Prefetcher,
@@ -74,10 +75,23 @@ def test_same_seed_same_order_other_epoch_or_seed_differs(stream_store):
 def test_unshuffled_batches_are_writable_tensors_not_arrow_views(stream_store):
     import warnings
 
+    reader = CacheReader(stream_store)
+    stored = np.concatenate(
+        [reader.read_shard(i)["topk_logits"] for i in range(len(reader.shards))]
+    )
+    stream = CacheStream(reader, batch_size=5, shuffle=False, buffer_size=0)  # batches span shards
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns on a read-only numpy array
-        for b in CacheStream(stream_store, batch_size=8, shuffle=False, buffer_size=0):
-            b["topk_logits"].mul_(2)  # in place: must not touch the reader's Arrow buffers
+        for _ in range(2):  # the second epoch reads what the first one's mutations left
+            rows = 0
+            for b in stream:
+                ids = b["sample_id"].numpy()
+                # Every batch holds the stored values, whatever earlier batches had done.
+                np.testing.assert_array_equal(b["topk_logits"].numpy(), stored[ids])
+                b["topk_logits"].mul_(2)  # in place: must not touch the reader's Arrow buffers
+                np.testing.assert_array_equal(b["topk_logits"].numpy(), 2 * stored[ids])
+                rows += len(ids)
+            assert rows == N
 
 
 def test_features_off_and_dense_columns(stream_store, tmp_path):

@@ -1,0 +1,308 @@
+"""Bad inputs through the real CLI: each gives one line naming the value and the fix, a non-zero
+exit, no traceback, and leaves nothing that looks complete (no manifest / no summary.json, and
+`kdcache verify` refuses the --out of a failed precompute).
+
+A case builds its command from a fresh tmp folder and a shared toy cache (copied when the case
+damages it); `needles` are what the one line must contain (the bad value and the fix).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import DATA, TEACHER, assert_one_line_error, cli_args, toy_precompute
+from tests.faults.conftest import invoke, run_with_fault
+from tests.toy_models import ToyNet
+
+
+@dataclass
+class Case:
+    name: str
+    fault: str
+    build: Callable  # (tmp: Path, cache: Path) -> list of CLI args
+    exit: int
+    needles: tuple[str, ...]
+    stage: str = "precompute"  # which output must not look complete
+    xfail: str | None = None
+    warning: bool = False  # the expected outcome is exit 0 with one warning line
+    features: bool = False  # built on the toy cache with stored features
+    args: list = field(default_factory=list)
+
+
+def pre(tmp: Path, *extra: str, n: int = 50) -> list[str]:
+    return cli_args(tmp / "store", *extra, n=n)
+
+
+def train(cache: Path, tmp: Path, *extra: str, n: int = 50) -> list[str]:
+    return [
+        "train", "--cache", str(cache), "--student", TEACHER, "--data", DATA,
+        "--data-arg", f"n={n}", "--epochs", "1", "--device", "cpu", "--threads", "1",
+        "--out", str(tmp / "student"), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def damaged(cache: Path, tmp: Path, damage) -> Path:
+    copy = tmp / "cache"
+    shutil.copytree(cache, copy)
+    damage(copy)
+    return copy
+
+
+def edit_manifest(fn):
+    def damage(root: Path) -> None:
+        doc = json.loads((root / "manifest.json").read_text())
+        fn(doc)
+        (root / "manifest.json").write_text(json.dumps(doc))
+
+    return damage
+
+
+def truncate(rel: str):
+    def damage(root: Path) -> None:
+        data = (root / rel).read_bytes()
+        (root / rel).write_bytes(data[: len(data) // 2])
+
+    return damage
+
+
+def flip(rel: str, at: float = 0.5):
+    def damage(root: Path) -> None:
+        data = bytearray((root / rel).read_bytes())
+        data[int(len(data) * at)] ^= 0x01
+        (root / rel).write_bytes(bytes(data))
+
+    return damage
+
+
+def write(tmp: Path, name: str, data: bytes | str) -> Path:
+    p = tmp / name
+    p.write_bytes(data.encode() if isinstance(data, str) else data)
+    return p
+
+
+def other_checkpoint(tmp: Path) -> Path:
+    buf = io.BytesIO()
+    torch.save(ToyNet(num_classes=5).state_dict(), buf)
+    return write(tmp, "other.pt", buf.getvalue())
+
+
+def train_once(cache: Path, tmp: Path) -> None:
+    invoke(*train(cache, tmp))
+
+
+def killed_after_epoch_1(cache: Path, tmp: Path) -> None:
+    res = run_with_fault(train(cache, tmp, "--epochs", "2"), "checkpoint.saved:1")
+    assert res.returncode == -9, res.stderr
+
+
+def second_run(tmp: Path, *first: str, second: tuple[str, ...]) -> list[str]:
+    invoke(*pre(tmp, *first))
+    return pre(tmp, *first, *second)
+
+
+M = "tests.toy_models"
+B = "tests.faults.bad_data"
+CASES = [
+    # ---------------------------------------------------------------- the teacher's outputs
+    Case("NaN logits", "a teacher returning NaN", lambda t, c: pre(t, "--teacher", f"{M}:NaNNet"),
+         2, ("NaN", "sample_id [0, 1]", "--precision fp32")),
+    Case("inf logits", "a teacher returning inf",
+         lambda t, c: pre(t, "--teacher", f"{M}:NaNNet", "--teacher-arg", "inf=true"),
+         2, ("Inf", "sample_id [0, 1]")),
+    Case("logits of the wrong shape", "a teacher returning (B, C, 2)",
+         lambda t, c: pre(t, "--teacher", f"{M}:WrongShapeNet"), 2, ("(2, 10, 2)",)),
+    Case("teacher not a module", "--teacher names a plain callable",
+         lambda t, c: pre(t, "--teacher", f"{M}:NotAModule"), 2, ("NotAModule",)),
+    # ---------------------------------------------------------------- the data set
+    Case("label >= C", "a label 99 with 10 classes",
+         lambda t, c: pre(t, "--data", f"{M}:BadLabelData"), 2,
+         ("label 99", "sample_id 30", "fix the data set")),
+    Case("label < 0", "a label -3",
+         lambda t, c: pre(t, "--data", f"{M}:BadLabelData", "--data-arg", "bad_label=-3"),
+         2, ("label -3", "sample_id 30")),
+    Case("empty data set", "a data set of length 0",
+         lambda t, c: pre(t, "--data", f"{M}:EmptyData"), 2, ("EmptyData", "empty")),
+    Case("items of the wrong type", "items are str",
+         lambda t, c: pre(t, "--data", f"{B}:StringItems"), 2,
+         (f"--data '{B}:StringItems' sample 0", "str", "return a tensor")),
+    Case("data set without __getitem__", "a class with __len__ only",
+         lambda t, c: pre(t, "--data", f"{B}:NotIndexable"), 2, ("NotIndexable",)),
+    Case("inputs of different shapes", "token blocks of 3-12 ids as classifier inputs",
+         lambda t, c: pre(t, "--data", f"{M}:ToyTokens"), 2, ("sample 1", "shape", "pad")),
+    Case("inputs the teacher cannot take", "16-d inputs for an 8-d teacher",
+         lambda t, c: pre(t, "--data", f"{B}:WideInputs"), 1, ("--teacher", "--data")),
+    # ---------------------------------------------------------------- specs and options
+    Case("malformed spec", "--teacher tests.toy_models.ToyNet (no colon)",
+         lambda t, c: pre(t, "--teacher", f"{M}.ToyNet"), 2, ("package.module:attr",)),
+    Case("module not found", "--teacher nosuch_pkg.models:Net",
+         lambda t, c: pre(t, "--teacher", "nosuch_pkg.models:Net"), 2, ("nosuch_pkg",)),
+    Case("attribute not found", "--teacher tests.toy_models:Nope",
+         lambda t, c: pre(t, "--teacher", f"{M}:Nope"), 2, ("Nope",)),
+    Case("unknown feature layer", "--features nosuch",
+         lambda t, c: pre(t, "--features", "nosuch"), 2,
+         ("'nosuch'", "named_modules(): body")),
+    Case("feature layer never called", "--features spare (not run by forward)",
+         lambda t, c: pre(t, "--features", "spare"), 2, ("spare", "forward")),
+    Case("top-k > classes", "--top-k 20 of 10 classes",
+         lambda t, c: pre(t, "--top-k", "20"), 2, ("20", "10")),
+    Case("temperature 0", "--temperature 0", lambda t, c: pre(t, "--temperature", "0"),
+         2, ("--temperature", "0")),
+    Case("bad key=value", "--data-arg n (no =)", lambda t, c: pre(t, "--data-arg", "n"),
+         2, ("--data-arg 'n'", "KEY=VALUE")),
+    Case("--config with an unknown key", "tempreature = 2 in the TOML",
+         lambda t, c: pre(t, "--config", write(t, "c.toml", "tempreature = 2\n")),
+         2, ("'tempreature'", "did you mean 'tempreature' -> 'temperature'")),
+    Case("--config not TOML", "a file of garbage",
+         lambda t, c: pre(t, "--config", write(t, "c.toml", "this is = = not toml\n")),
+         2, ("not valid TOML",)),
+    Case("--config missing", "a path that does not exist",
+         lambda t, c: pre(t, "--config", str(t / "nope.toml")), 2, ("nope.toml", "does not exist")),
+    Case("unknown device", "--device tpu9", lambda t, c: pre(t, "--device", "tpu9"),
+         2, ("tpu9", "cpu")),
+    # ---------------------------------------------------------------- checkpoints
+    Case("--checkpoint missing", "a path that does not exist",
+         lambda t, c: pre(t, "--checkpoint", str(t / "nope.pt")), 2, ("nope.pt",)),
+    Case("--checkpoint of another model", "a 5-class state dict for a 10-class teacher",
+         lambda t, c: pre(t, "--checkpoint", str(other_checkpoint(t))), 2, ("other.pt",)),
+    Case("garbage --checkpoint", "a file of random bytes",
+         lambda t, c: pre(t, "--checkpoint", str(write(t, "garbage.pt", b"\x00junk" * 50))),
+         2, ("garbage.pt",)),
+    Case("teacher without --checkpoint", "an unseeded teacher spec, no --checkpoint",
+         lambda t, c: pre(t, "--teacher-arg", "seed=null"), 2, ("--checkpoint", "--random-teacher")),
+    # ---------------------------------------------------------------- the --out store
+    Case("--out of other settings", "a store made at T=4, rerun at T=2",
+         lambda t, c: second_run(t, second=("--temperature", "2")), 2,
+         ("temperature: 4.0 -> 2.0", "--force")),
+    Case("--out not a store", "a folder of someone else's files",
+         lambda t, c: (write((t / "store").mkdir() or t / "store", "notes.txt", "x"), pre(t))[1],
+         2, ("notes.txt", "--out")),
+    Case("damaged _run.json in --out", "the run header of a killed run cut in half",
+         lambda t, c: (second_run(t, second=()), truncate("_run.json")(t / "store"),
+                       (t / "store/manifest.json").unlink(), pre(t))[3],
+         1, ("_run.json", "not valid JSON", "--force")),
+    Case("--out is a file", "--out names an existing regular file",
+         lambda t, c: (write(t, "store", "x"), pre(t))[1], 2, ("store", "--out")),
+    # ---------------------------------------------------------------- stage two's cache
+    Case("data length changed", "the cache has 50 rows, --data now 40",
+         lambda t, c: train(c, t, n=40), 2, ("--data",), stage="train"),
+    Case("store of another task", "--task regression on a classification cache",
+         lambda t, c: train(c, t, "--task", "regression"), 2, ("regression", "--task"),
+         stage="train"),
+    Case("student output width", "a 7-class student, a 10-class cache",
+         lambda t, c: train(c, t, "--student-arg", "num_classes=7"), 2,
+         ("7", "num_classes=10"), stage="train"),
+    Case("--beta without features", "--beta 1 on a cache with no features",
+         lambda t, c: train(c, t, "--beta", "1", "--student-features", "body"), 2,
+         ("--beta 1.0", "--features LAYER"), stage="train"),
+    Case("truncated manifest", "manifest.json cut in half",
+         lambda t, c: train(damaged(c, t, truncate("manifest.json")), t), 1,
+         ("manifest.json", "damaged"), stage="train"),
+    Case("shard listed but missing", "soft_labels/part-00001.parquet deleted",
+         lambda t, c: train(damaged(c, t, lambda r: (r / "soft_labels/part-00001.parquet").unlink()), t),
+         65, ("part-00001.parquet", "missing", "kdcache verify"), stage="train"),
+    Case("unknown format version", 'manifest format "kdcache/99"',
+         lambda t, c: train(damaged(c, t, edit_manifest(lambda d: d.update(format="kdcache/99"))), t),
+         1, ("kdcache/99", "Upgrade"), stage="train"),
+    Case("manifest lacks a field", "manifest without num_rows",
+         lambda t, c: train(damaged(c, t, edit_manifest(lambda d: d.pop("num_rows"))), t),
+         1, ("num_rows", "recompute"), stage="train"),
+    Case("--cache not a store", "an empty folder",
+         lambda t, c: (t / "empty").mkdir() or train(t / "empty", t), 1,
+         ("manifest.json not found", "--out of a finished"), stage="train"),
+    Case("--cache incomplete", "_run.json but no manifest (a killed precompute)",
+         lambda t, c: train(damaged(c, t, lambda r: (r / "manifest.json").unlink()), t), 1,
+         ("incomplete", "rerun"), stage="train"),
+    Case("unlabeled --eval-data", "--eval-data whose items carry no labels",
+         lambda t, c: train(c, t, "--eval-data", DATA, "--eval-data-arg", "labels=false"), 2,
+         ("--eval-data", "no labels", "labeled split"), stage="train"),
+    Case("unknown student layer", "--student-features nosuch",
+         lambda t, c: train(c, t, "--beta", "0.5", "--student-features", "nosuch"), 2,
+         ("'nosuch'", "named_modules(): body"), stage="train", features=True),
+    Case("finished run, other settings", "train --out holds a finished run at lr 1e-3; now 5e-3",
+         lambda t, c: (train_once(c, t), train(c, t, "--lr", "5e-3"))[1], 2,
+         ("lr: 0.001 -> 0.005", "another --out"), stage="train-finished"),
+    Case("checkpoints of other settings", "a killed run's checkpoint at lr 1e-3; now 5e-3",
+         lambda t, c: (killed_after_epoch_1(c, t), train(c, t, "--lr", "5e-3", "--epochs", "2"))[1],
+         2, ("checkpoints", "lr: 0.001 -> 0.005", "another --out"), stage="train"),
+    Case("flipped byte in a Parquet shard", "one bit of part-00001.parquet flipped",
+         lambda t, c: train(damaged(c, t, flip("soft_labels/part-00001.parquet", 0.4)), t), 65,
+         ("part-00001.parquet", "kdcache verify"), stage="train"),
+    Case("flipped byte in a feature chunk", "one bit of features.zarr/c/0/0 flipped",
+         lambda t, c: train(damaged(c, t, flip("features.zarr/c/0/0")), t, "--beta", "1",
+                            "--student-features", "body"), 65,
+         ("features.zarr/c/0/0", "kdcache verify"), stage="train", features=True),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "store"
+    toy_precompute(out, data_args={"n": 50})
+    return out
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fcache") / "store"
+    toy_precompute(out, data_args={"n": 50}, features="body")
+    return out
+
+
+def nothing_complete(case: Case, tmp: Path, cli) -> None:
+    """What a failed command left must not pass for finished work."""
+    if case.stage == "train":
+        assert not (tmp / "student" / "summary.json").exists()
+        return
+    if case.stage == "train-finished":  # the finished run is left as it was
+        summary = json.loads((tmp / "student" / "summary.json").read_text())
+        assert summary["settings"]["lr"] == 1e-3
+        return
+    store = tmp / "store"
+    if case.name == "--out of other settings":  # the old store stays as it was, complete
+        assert cli("verify", store).exit_code == 0
+        return
+    assert not (store / "manifest.json").exists()
+    assert cli("verify", store).exit_code != 0
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.xfail(reason=c.xfail, strict=True)) if c.xfail else c
+     for c in CASES],
+    ids=[c.name for c in CASES],
+)  # fmt: skip
+def test_bad_input(tmp_path, cli, cache, feature_cache, fault_row, case):
+    source = feature_cache if case.features else cache
+    args = [str(a) for a in case.build(tmp_path, source)]
+    res = cli(*args)
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    fault_row(
+        kind="bad input",
+        case=case.name,
+        fault=case.fault,
+        seen=" / ".join(lines) or "(nothing)",
+        exit=str(res.exit_code),
+        recovery="fix the input as the message says",
+    )
+    if case.warning:
+        assert res.exit_code == 0, res.stderr
+        # One line, whatever its wording: the logger prints "kdcache: MESSAGE".
+        assert len(lines) == 1 and lines[0].startswith("kdcache: "), res.stderr
+        assert all(n in lines[0] for n in case.needles), res.stderr
+        return
+    assert res.exit_code == case.exit, res.stderr
+    assert_one_line_error(res.stderr, *case.needles)
+    nothing_complete(case, tmp_path, cli)
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) >= 25
+    assert len({c.name for c in CASES}) == len(CASES)

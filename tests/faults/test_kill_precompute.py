@@ -1,0 +1,206 @@
+"""`kill -9` (and SIGTERM) at every instrumented point of `kdcache precompute`, then the same
+command again: the store must end byte-identical to an uninterrupted run's.
+
+The killed run is a real process that sends itself the signal at the named point
+(kdcache.storage.faults); the rerun and the reference run in this process. 96 rows in 6 shards
+of 16, batches of 8, features stored: every point is reached at least once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdcache.storage.errors import FormatError
+from kdcache.storage.reader import CacheReader
+from tests.conftest import cli_args
+from tests.faults.conftest import exit_text, interrupt, invoke, last_line, seen_after
+
+N = 96
+# Bookkeeping that records when and how long, not what: the only manifest fields that may differ.
+VOLATILE = {"created", "teacher_seconds", "wall_seconds"}
+
+# (point, nth, where it is): the order in which a run reaches them.
+POINTS = [
+    ("precompute.start", 1, "before the lock"),
+    ("lock.acquired", 1, "right after the lock is taken"),
+    ("precompute.probed", 1, "after the teacher probe, before any store file"),
+    ("writer.swept", 1, "after the temporary-file sweep, before the run header"),
+    ("write._run.json", 1, "while writing the run header (temporary written, not renamed)"),
+    ("writer.run_header", 1, "after the run header"),
+    ("writer.features_array", 1, "after creating the feature array"),
+    ("precompute.new_shard", 1, "as the first shard opens"),
+    ("precompute.batch", 1, "after the first teacher batch"),
+    ("precompute.encoded", 1, "mid-shard, after a batch is encoded"),
+    ("precompute.batch", 3, "mid-batch stream of the second shard"),
+    ("shard.encoded", 1, "a shard encoded, nothing of it written"),
+    ("write.soft_labels/part-00000.parquet", 1, "while writing a Parquet shard"),
+    ("shard.parquet", 1, "after a shard's Parquet, before its features"),
+    ("shard.features", 1, "after a shard's feature write, before hashing"),
+    ("shard.hashed", 1, "a shard's data down, before its commit marker"),
+    ("write._commits/part-00001.json", 1, "while writing a commit marker"),
+    ("shard.marker", 1, "between shards (first marker written)"),
+    ("precompute.new_shard", 4, "between shards, the fourth opening"),
+    ("shard.marker", 6, "after the last shard's marker"),
+    ("precompute.computed", 1, "every shard committed, before publish"),
+    ("publish.checked", 1, "during publish: commits checked, manifest not written"),
+    ("write.manifest.json", 1, "during publish: manifest temporary written, not renamed"),
+    ("publish.done", 1, "right after publish, lock still held"),
+    ("precompute.published", 1, "after publish, before the lock is released"),
+    ("precompute.released", 1, "after the lock is released"),
+]
+TERM_POINTS = [
+    ("precompute.start", 1),
+    ("lock.acquired", 1),
+    ("writer.run_header", 1),
+    ("precompute.batch", 3),
+    ("shard.parquet", 2),
+    ("shard.marker", 2),
+    ("write.manifest.json", 1),
+    ("publish.done", 1),
+]
+
+
+# A language model's per-token store (ragged rows, the sampled codec's seeded draws, features of
+# each real token): 24 token blocks in 3 shards of 8, batches of 3.
+LM_POINTS = [
+    ("precompute.batch", 2, "mid-shard"),
+    ("shard.features", 1, "after a shard's token features, before hashing"),
+    ("shard.marker", 2, "between shards"),
+    ("write.manifest.json", 1, "during publish"),
+]
+
+
+def lm_args(out) -> list[str]:
+    from tests.stages.test_precompute_lm import lm_args as args
+
+    return args(out, "--features", "body", "--pool", "token-mean")
+
+
+@pytest.fixture(scope="module")
+def lm_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm-reference") / "store"
+    invoke(*lm_args(out))
+    return store_files(out), manifest_of(out)
+
+
+def args_for(out) -> list[str]:
+    return cli_args(out, "--features", "body", n=N)
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every file of a store but the manifest (compared apart) and the lock (must be gone)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in ("manifest.json",):
+            out[rel] = p.read_bytes()
+    return out
+
+
+def manifest_of(root: Path) -> dict:
+    doc = json.loads((root / "manifest.json").read_text())
+    doc = {k: v for k, v in doc.items() if k not in VOLATILE}
+    doc["stats"] = {k: v for k, v in doc["stats"].items() if k not in VOLATILE}
+    return doc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "store"
+    invoke(*args_for(out))
+    return store_files(out), manifest_of(out)
+
+
+def assert_like_reference(out: Path, reference) -> None:
+    files, manifest = reference
+    got = store_files(out)
+    assert sorted(got) == sorted(files)  # no temporaries, no lock, nothing extra or missing
+    for key in files:
+        assert got[key] == files[key], key
+    assert manifest_of(out) == manifest
+    assert CacheReader(str(out)).verify() == []
+
+
+def partial_state(out: Path) -> str:
+    """What a reader makes of the store the kill left behind."""
+    if (out / "manifest.json").exists():
+        problems = CacheReader(str(out)).verify()
+        return "complete, verify ok" if not problems else f"damaged: {problems}"
+    with pytest.raises(FormatError):
+        CacheReader(str(out))
+    return "readers refuse it (incomplete)" if out.exists() else "nothing written"
+
+
+def interrupted_then_rerun(out: Path, args: list, fault: str, cli, reference) -> tuple:
+    """(the interrupted run, what it left, the rerun): the rerun must give the reference."""
+    stopped = interrupt(args, fault)
+    if fault.endswith(":TERM"):
+        assert not (out / "_lock.json").exists()  # freed: a requeued job need not wait
+    state = partial_state(out)
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    assert_like_reference(out, reference)
+    return stopped, state, "rerun the same command: " + last_line(res.stdout).split(" in ")[0]
+
+
+@pytest.mark.parametrize(
+    ("store", "point", "nth", "where"),
+    [("", *p) for p in POINTS] + [("causal-lm", *p) for p in LM_POINTS],
+    ids=[f"{p}:{n}" for p, n, _ in POINTS] + [f"causal-lm-{p}:{n}" for p, n, _ in LM_POINTS],
+)
+def test_kill_9_then_rerun_is_byte_identical(
+    tmp_path, cli, request, fault_row, store, point, nth, where
+):
+    out = tmp_path / "store"
+    reference = request.getfixturevalue("lm_reference" if store else "reference")
+    args = lm_args(out) if store else args_for(out)
+    killed, state, recovery = interrupted_then_rerun(out, args, f"{point}:{nth}", cli, reference)
+    fault_row(
+        kind="kill -9: precompute",
+        case=f"{store} {point}:{nth}".strip(),
+        fault=f"SIGKILL {where}" + (" (per-token sampled store)" if store else ""),
+        seen=seen_after(killed, f"store left: {state}"),
+        exit=exit_text(killed.returncode),
+        recovery=recovery,
+    )
+
+
+@pytest.mark.parametrize(("point", "nth"), TERM_POINTS, ids=[f"{p}:{n}" for p, n in TERM_POINTS])
+def test_sigterm_then_rerun_is_byte_identical(tmp_path, cli, reference, fault_row, point, nth):
+    out = tmp_path / "store"
+    stopped, state, recovery = interrupted_then_rerun(
+        out, args_for(out), f"{point}:{nth}:TERM", cli, reference
+    )
+    fault_row(
+        kind="SIGTERM: precompute",
+        case=f"{point}:{nth}",
+        fault="SIGTERM at the point",
+        seen=seen_after(stopped, f"lock freed; store left: {state}"),
+        exit=exit_text(stopped.returncode),
+        recovery=recovery,
+    )
+
+
+@pytest.mark.parametrize(
+    "point", ["writer.wipe", "writer.wipe._commits", "writer.wipe.soft_labels"]
+)
+def test_kill_9_while_force_replaces_a_store(tmp_path, cli, reference, fault_row, point):
+    """--force over a store of other settings (T = 2) is killed while it deletes the old one:
+    the old store no longer looks complete, and the same --force command finishes the new one."""
+    out = tmp_path / "store"
+    assert cli(*args_for(out), "--temperature", "2").exit_code == 0
+    killed, state, recovery = interrupted_then_rerun(
+        out, [*args_for(out), "--force"], f"{point}:1", cli, reference
+    )
+    assert state != "complete, verify ok"
+    fault_row(
+        kind="kill -9: precompute",
+        case=f"--force {point}:1",
+        fault="SIGKILL while --force deletes a store of other settings (manifest first)",
+        seen=seen_after(killed, f"store left: {state}"),
+        exit=exit_text(killed.returncode),
+        recovery=recovery.replace("command", "--force command"),
+    )
