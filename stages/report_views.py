@@ -2,16 +2,16 @@
 very view they see (a cache of views, replayed) or of the plain input (the naive pairing), beside
 the same student without augmentation, with what each cache cost.
 
-"The same student" is the same model spec and arguments, T, alpha and beta. Bytes per view are
-also given for the soft labels alone (keys, label, codec columns and the input hash), since a
-plain cache may also hold features its students do not read.
+"The same student" is the same model spec and arguments, T, alpha, beta and relation loss. Bytes
+per view are also given for the soft labels alone (keys, label, codec columns and the input hash),
+since a plain cache may also hold features its students do not read.
 """
 
 from __future__ import annotations
 
 from kdcache.stages.report_text import _bytes, _num, _pct, _seconds
 
-TWINS = ("spec", "model_args", "temperature", "alpha", "beta")
+TWINS = ("spec", "model_args", "temperature", "alpha", "beta", "relation")
 
 
 def _twin(a: dict, b: dict) -> bool:

@@ -38,6 +38,11 @@ def job(tmp_path_factory):
         "naive": ("plain", {"augment": SHIFT}),
         "views": ("views", {}),
         "kd-t2": ("plain", {"temperature": 2.0}),  # another student: not in the section
+        # Another loss (a relation term) on the same model, T, alpha, beta: not the twin either.
+        "kd-rkd": (
+            "plain",
+            {"relation": "rkd-distance", "gamma": 1.0, "student_features": "body"},
+        ),
     }
     for name, (cache, extra) in students.items():
         out = str(root / "students" / name)
@@ -73,7 +78,7 @@ def test_online_kd_against_a_cache_of_views_pays_one_forward_per_sample_and_epoc
     # cost 2 / 3 of it, so the cache saved nothing (a negative saving, reported as such).
     assert saved["views"] == 3 and saved["online_seconds"] == pytest.approx((2 / 3 - 1) * t)
     assert caches["plain"]["time_saved"]["online_seconds"] == pytest.approx(
-        (3 * 2 - 1) * caches["plain"]["teacher_seconds"]
+        (4 * 2 - 1) * caches["plain"]["teacher_seconds"]
     )
 
 
