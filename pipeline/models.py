@@ -109,9 +109,10 @@ def load_model(
             try:
                 model.load_state_dict(_state_dict(state))
             except (RuntimeError, KeyError, ValueError, UsageError) as exc:
-                first = str(exc).strip().splitlines()[0]
+                why = _mismatch(model, state) or str(exc).strip().splitlines()[0]
                 raise UsageError(
-                    f"{flag} {checkpoint!r} does not fit {what} {spec!r}: {first}"
+                    f"{flag} {checkpoint!r} does not fit {what} {spec!r}: {why}; build the model "
+                    "with the arguments it was trained with (or pass that model's checkpoint)"
                 ) from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{what} {spec!r} built a {type(model).__name__}, not a torch.nn.Module")
@@ -119,6 +120,28 @@ def load_model(
         # No file to hash: the weights themselves (e.g. a seeded factory) are the identity.
         identity["params_sha256"] = params_hash(model)
     return model.eval(), identity
+
+
+def _mismatch(model: torch.nn.Module, state) -> str:
+    """torch's message is one line per key; the first few differences, on one line."""
+    try:
+        got = {k: tuple(v.shape) for k, v in _state_dict(state).items()}
+    except Exception:  # noqa: BLE001 - not a mapping of tensors: torch's own message says so
+        return ""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    parts = []
+    for label, keys in (("missing", want.keys() - got.keys()), ("unexpected", got.keys() - want)):
+        if keys:
+            shown = ", ".join(sorted(keys)[:3]) + (", ..." if len(keys) > 3 else "")
+            parts.append(f"{len(keys)} {label} key(s) ({shown})")
+    shapes = [k for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
+    if shapes:
+        k = shapes[0]
+        more = f" and {len(shapes) - 1} more" if len(shapes) > 1 else ""
+        parts.append(
+            f"{k} has shape {list(got[k])} in the file, {list(want[k])} in the model{more}"
+        )
+    return "; ".join(parts)
 
 
 def saved_settings(url: str, storage_options: dict | None = None) -> dict:

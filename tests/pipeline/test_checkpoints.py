@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import zipfile
 
 import pytest
@@ -73,6 +74,9 @@ def test_teacher_checkpoint_errors_name_the_teacher_checkpoint_flag(tmp_path, cl
     assert res.exit_code == 2
     assert_one_line_error(res.stderr, f"--teacher-checkpoint '{other}' does not fit --teacher")
     assert "--checkpoint '" not in res.stderr
+    # The line names what differs (torch's own message spends a line per key).
+    assert re.search(r"body\.\S+ has shape \[128\] in the file, \[64\] in the model", res.stderr)
+    assert "the arguments it was trained with" in res.stderr
 
 
 def test_evaluate_names_the_damaged_model_file(tmp_path, cli):
