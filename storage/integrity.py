@@ -26,16 +26,6 @@ def _fast():
     return xxhash.xxh3_64()
 
 
-def digests(data) -> dict:
-    """The manifest entry of a file's bytes: both checksums and the size."""
-    view = memoryview(data).cast("B")
-    return {
-        STRONG: hashlib.sha256(view).hexdigest(),
-        FAST: xxhash.xxh3_64_hexdigest(view),
-        "bytes": view.nbytes,
-    }
-
-
 class Digester:
     """Both checksums of a file fed in pieces (`update`), as `digests` gives for the whole."""
 
@@ -49,6 +39,13 @@ class Digester:
 
     def entry(self) -> dict:
         return {STRONG: self.strong.hexdigest(), FAST: self.fast.hexdigest(), "bytes": self.size}
+
+
+def digests(data) -> dict:
+    """The manifest entry of a file's bytes: both checksums and the size."""
+    d = Digester()
+    d.update(memoryview(data).cast("B"))
+    return d.entry()
 
 
 def listed_files(manifest: dict) -> dict[str, dict]:
