@@ -16,7 +16,6 @@ not depend on; its deprecation warnings are silenced here, once, where it is cal
 from __future__ import annotations
 
 import copy
-import io
 import statistics
 import time
 import warnings
@@ -27,6 +26,7 @@ from torch import nn
 from kdcache.stages import lm
 from kdcache.stages.evaluate import dataset_batches, eval_sums
 from kdcache.stages.metrics import summarise
+from kdcache.stages.run_folder import torch_bytes
 
 BATCHES = (1, 256)
 WARMUP, REPEATS, BUDGET = 5, 50, 1.5
@@ -34,9 +34,8 @@ QUANTIZATION = "int8 dynamic quantization of the Linear layers (torch.ao.quantiz
 
 
 def weight_bytes(model: nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getbuffer().nbytes
+    """The size of its model.pt (stages/run_folder.py writes the same bytes)."""
+    return len(torch_bytes(model.state_dict()))
 
 
 def num_params(model: nn.Module) -> int:

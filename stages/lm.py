@@ -24,9 +24,7 @@ TASK = "causal-lm"
 
 def inputs(ds, ids: np.ndarray, task: str):
     """The model inputs of rows `ids` of `ds` for `task` (token ids and mask for causal-lm)."""
-    if task == TASK:
-        return data.get_batch(ds, ids, task=TASK)[0]
-    return data.get_batch(ds, ids)[0]
+    return data.get_batch(ds, ids, task=task)[0]
 
 
 def logits(model, x, task: str) -> torch.Tensor:

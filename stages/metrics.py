@@ -113,10 +113,6 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def _num(v, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def epoch_line(row: dict, epochs: int) -> str:
     losses = (
         f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} (hard {row['hard_loss']:.4f} "
@@ -131,9 +127,9 @@ def epoch_line(row: dict, epochs: int) -> str:
             f"{_pct(row['agreement'])} [{row['epoch_seconds']:.1f}s]"
         )
     return (
-        f"{losses} eval_loss {_num(row['eval_loss'], '.4f')} eval_perplexity "
-        f"{_num(row['eval_perplexity'], '.2f')} agreement {_pct(row['agreement'])} "
-        f"[{row['epoch_seconds']:.1f}s, {_num(row.get('tokens_per_sec'), '.0f')} tokens/s]"
+        f"{losses} eval_loss {regression_metrics.num(row['eval_loss'], '.4f')} eval_perplexity "
+        f"{regression_metrics.num(row['eval_perplexity'], '.2f')} agreement {_pct(row['agreement'])} "
+        f"[{row['epoch_seconds']:.1f}s, {regression_metrics.num(row.get('tokens_per_sec'), '.0f')} tokens/s]"
     )
 
 

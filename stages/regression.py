@@ -38,7 +38,7 @@ DEFAULT_ALPHA = 0.9
 def resolve_alpha(cfg, reader) -> None:
     """Fill `cfg.alpha` when it was not given, and refuse what a regression store cannot give."""
     regression = reader is not None and reader.task == TASK
-    if getattr(cfg, "normalize_targets", False) and not (regression and reader.target_rows):
+    if cfg.normalize_targets and not (regression and reader.target_rows):
         what = f"the cache {reader.url} holds no targets" if reader else "there is no --cache"
         raise UsageError(
             f"--normalize-targets divides by the stored targets' std, but {what}: drop it, or "
@@ -72,14 +72,16 @@ class RegressionTerms:
     def __init__(self, reader, cfg):
         self.codec, self.alpha, self.beta = reader.codec, cfg.alpha, cfg.beta
         self.weight = None
-        if getattr(cfg, "normalize_targets", False):
+        if cfg.normalize_targets:
             std = np.asarray(reader.manifest["stats"]["target_std"], np.float64)
             std = np.where(std > 0, std, 1.0)  # a constant output keeps its raw scale
             self.weight = torch.as_tensor(1.0 / std**2, dtype=torch.float32)
 
     def __call__(self, z, proj, batch, device) -> dict[str, torch.Tensor]:
         z = z.reshape(len(z), -1)
-        w = None if self.weight is None else self.weight.to(z.device)
+        w = self.weight
+        if w is not None and w.device != z.device:
+            self.weight = w = w.to(z.device)  # once: it is the same every batch
         teacher = to_device(self.codec.teacher_values(batch), device)
         soft = mse(z, teacher, w)
         hard = feat = z.new_zeros(())

@@ -56,16 +56,16 @@ def summarise(sums: torch.Tensor | np.ndarray | None) -> dict:
     }
 
 
-def _num(v, fmt: str) -> str:
+def num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
 def scores(row: dict) -> str:
     """`eval_mse 0.0123 eval_mae ... vs_teacher mse ... r2 ...` of one epoch (or summary) row."""
     return (
-        f"eval_mse {_num(row.get('eval_mse'), '.4g')} eval_mae {_num(row.get('eval_mae'), '.4g')}"
-        f" eval_r2 {_num(row.get('eval_r2'), '.4f')} teacher_mse "
-        f"{_num(row.get('teacher_mse'), '.4g')} teacher_r2 {_num(row.get('teacher_r2'), '.4f')}"
+        f"eval_mse {num(row.get('eval_mse'), '.4g')} eval_mae {num(row.get('eval_mae'), '.4g')}"
+        f" eval_r2 {num(row.get('eval_r2'), '.4f')} teacher_mse "
+        f"{num(row.get('teacher_mse'), '.4g')} teacher_r2 {num(row.get('teacher_r2'), '.4f')}"
     )
 
 

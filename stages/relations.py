@@ -36,10 +36,11 @@ def _flat(a: torch.Tensor) -> torch.Tensor:
     return a.reshape(len(a), -1).float()
 
 
-def distances(a: torch.Tensor) -> torch.Tensor:
-    """(B, B) Euclidean distances between rows; exactly 0 on the diagonal."""
+def distances(a: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, B) Euclidean distances between rows; exactly 0 on the diagonal. `g` is `a @ a.T`
+    when the caller has it already."""
     sq = a.pow(2).sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * a @ a.T).clamp_min(EPS).sqrt()
+    d = (sq[:, None] + sq[None, :] - 2 * (a @ a.T if g is None else g)).clamp_min(EPS).sqrt()
     return d * (1 - torch.eye(len(a), dtype=d.dtype, device=d.device))
 
 
@@ -60,7 +61,7 @@ def angle_relation(a: torch.Tensor) -> torch.Tensor:
     a = _flat(a)
     a = a - a.mean(0)
     g = a @ a.T
-    d = distances(a)
+    d = distances(a, g)
     gd = g.diagonal()
     dot = g[None, :, :] - g[:, :, None] - g[:, None, :] + gd[:, None, None]
     norm = d.clamp_min(EPS)

@@ -20,7 +20,7 @@ SUMMARY, MODEL, METRICS = "summary.json", "model.pt", "metrics.csv"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
-def _torch_bytes(obj) -> bytes:
+def torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -58,7 +58,7 @@ class RunFolder:
         self.loc.write_bytes((json.dumps(summary, indent=2) + "\n").encode(), SUMMARY)
 
     def write_model(self, state_dict: dict) -> None:
-        self.loc.write_bytes(_torch_bytes(state_dict), MODEL)
+        self.loc.write_bytes(torch_bytes(state_dict), MODEL)
 
     def rows(self) -> list[dict]:
         """metrics.csv parsed; empty when there is none."""
@@ -73,7 +73,7 @@ class RunFolder:
         return sorted(int(m.group(1)) for n in self.loc.listdir() if (m := CHECKPOINT.match(n)))
 
     def write_checkpoint(self, epoch: int, state: dict) -> None:
-        self.loc.write_bytes(_torch_bytes(state), f"checkpoint-{epoch}.pt")
+        self.loc.write_bytes(torch_bytes(state), f"checkpoint-{epoch}.pt")
 
     def read_checkpoint(self, epoch: int) -> dict:
         data = self.loc.read_bytes(f"checkpoint-{epoch}.pt")
