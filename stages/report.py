@@ -34,7 +34,14 @@ from kdcache.stages import relations, report_regression
 from kdcache.stages.config import ReportConfig
 from kdcache.stages.report_deploy import PLOT as DEPLOY_PLOT
 from kdcache.stages.report_deploy import collect_deploy
-from kdcache.stages.report_runs import agreements, load_run, load_runs, model_fields, open_cache
+from kdcache.stages.report_runs import (
+    agreements,
+    load_run,
+    load_runs,
+    memo_build,
+    model_fields,
+    open_cache,
+)
 from kdcache.stages.report_views import collect_views
 from kdcache.stages.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
@@ -205,6 +212,7 @@ def collect(cfg: ReportConfig, build) -> dict:
 
     _check(cfg)
     lm = collect_lm(cfg, build)
+    build = memo_build(build)  # agreement and the deployment figures load the same models
     finished, unfinished = load_runs(cfg.students)
     finished, regression_runs = report_regression.split(finished)
     if not finished and not regression_runs and not (lm and lm["students"]):

@@ -8,8 +8,6 @@ One plot: test accuracy against batch-1 latency (log scale), int8 copies marked.
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from kdcache.stages import deploy
@@ -18,16 +16,15 @@ PLOT = "accuracy_vs_latency.png"
 
 
 def collect_deploy(report: dict, build) -> dict:
-    """report.json's `deploy`: the timing settings and one row per model and precision."""
-    rows, datasets = [], {}
+    """report.json's `deploy`: the timing settings and one row per model and precision.
+    `build` should be report_runs.memo_build's, so that models agreement loaded are reused."""
+    rows = []
     for e in ([report["teacher"]] if report.get("teacher") else []) + report["students"]:
         spec, args = e["eval_data"]
         if not spec:
             continue
-        key = json.dumps([spec, args], sort_keys=True)
-        if key not in datasets:
-            datasets[key] = build.dataset(spec, args)
-        f = deploy.figures(build.student(e["folder"]), datasets[key], int8=e["role"] == "student")
+        data = build.dataset(spec, args)
+        f = deploy.figures(build.student(e["folder"]), data, int8=e["role"] == "student")
         base = {"name": e["name"], "role": e["role"], "kind": e["kind"], "model": e["model"]}
         rows.append(base | _figures(f) | {"precision": "float32", "accuracy": e["test_accuracy"]})
         if "int8" in f:

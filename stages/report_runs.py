@@ -4,6 +4,7 @@ students' top-1 agreement with their teacher recomputed on their eval data."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -59,6 +60,25 @@ def load_runs(url: str) -> tuple[list[dict], list[str]]:
     return finished, [n for n, s in runs if s is None]
 
 
+def memo_build(build) -> SimpleNamespace:
+    """`build` that loads each run's model and each eval data set once: agreement and the
+    deployment figures both need them."""
+    students, datasets = {}, {}
+
+    def student(folder: str):
+        if folder not in students:
+            students[folder] = build.student(folder)
+        return students[folder]
+
+    def dataset(spec: str, args: dict):
+        key = json.dumps([spec, args], sort_keys=True)
+        if key not in datasets:
+            datasets[key] = build.dataset(spec, args)
+        return datasets[key]
+
+    return SimpleNamespace(student=student, dataset=dataset)
+
+
 @torch.no_grad()
 def row_predictions(model, data) -> np.ndarray:
     """The model's top-1 class for every row of a classifier's data."""
@@ -71,15 +91,15 @@ def agreements(teacher: dict, students: list[dict], build, predictions=row_predi
     """Fill each student's `agreement`: the share of its eval data's predictions (rows, or tokens
     with the LM's `predictions`) where its top-1 is the teacher's."""
     t_model = build.student(teacher["folder"])
-    cached: dict[str, tuple] = {}
+    t_preds: dict[str, np.ndarray] = {}
     for e in students:
         spec, args = e["eval_data"]
         if not spec:
             continue
         key = json.dumps([spec, args], sort_keys=True)
-        if key not in cached:
-            data = build.dataset(spec, args)
-            cached[key] = (data, predictions(t_model, data))
-        data, t_pred = cached[key]
+        data = build.dataset(spec, args)
+        if key not in t_preds:
+            t_preds[key] = predictions(t_model, data)
+        t_pred = t_preds[key]
         s_model = build.student(e["folder"])
         e["agreement"] = float((predictions(s_model, data) == t_pred).mean())
