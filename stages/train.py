@@ -269,9 +269,15 @@ class Trainer:
         )
         with join:
             for batch in bar:
+                # Copied once: the forward, the LM / online teacher terms and the feature and
+                # relation terms all read them (the to_device calls there are then no-ops).
+                on_device = batch | {
+                    k: to_device(batch[k], self.device) for k in ("input", "features") if k in batch
+                }
                 with autocast(self.device, self.cfg.precision):
-                    z, proj = self.ddp(to_device(batch["input"], self.device))
-                terms = self.loss_terms(z.float(), None if proj is None else proj.float(), batch)
+                    z, proj = self.ddp(on_device["input"])
+                proj = None if proj is None else proj.float()
+                terms = self.loss_terms(z.float(), proj, on_device)
                 self.opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 self.opt.step()
