@@ -68,7 +68,8 @@ TEACHER_DIR := $(RUNS)/teacher
 MNIST1D := kdcache.pipeline.examples.mnist1d:MNIST1D
 DATA_PY := from kdcache.pipeline.examples.mnist1d import MNIST1D; [print(MNIST1D(split=s)) for s in ("train+transfer", "test")]
 # Job commands see the data cache dir (MNIST-1D is generated once into it) and the thread count.
-KDCACHE := KDCACHE_DATA_DIR=$(DATA_DIR) $(if $(THREADS),OMP_NUM_THREADS=$(THREADS)) $(VENV)/bin/kdcache
+kdcache_with = KDCACHE_DATA_DIR=$(DATA_DIR) $(if $(1),OMP_NUM_THREADS=$(1)) $(VENV)/bin/kdcache
+KDCACHE := $(call kdcache_with,$(THREADS))
 
 .PHONY: help setup data teacher precompute students report run test test-quick faults lint bench \
 	cron clean distclean run-lm lm-teacher lm-caches lm-students views-cache views-students
@@ -84,7 +85,7 @@ LM_EVAL_ARGS := $(call kv,--eval-data-arg,$(LM_TEXT) max_tokens=$(LM_EVAL_TOKENS
 LM_SIZE := vocab_size=$(LM_VOCAB) n_positions=$(LM_BLOCK)
 LM_TEACHER_MODEL := --teacher $(GPT2) $(call kv,--teacher-arg,$(LM_SIZE) $(LM_TEACHER)) \
 	--checkpoint $(LM_RUNS)/teacher/model.pt
-LM_KDCACHE := $(subst OMP_NUM_THREADS=$(THREADS),OMP_NUM_THREADS=$(LM_THREADS),$(KDCACHE))
+LM_KDCACHE := $(call kdcache_with,$(LM_THREADS))
 LM_PRECOMPUTE := $(LM_KDCACHE) precompute --task causal-lm $(LM_TEACHER_MODEL) --data $(LM_DATA) \
 	$(LM_DATA_ARGS) --shard-rows 1024 --device $(DEVICE) $(PRECOMPUTE_ARGS)
 LM_TRAIN := $(LM_KDCACHE) train --config $(LM_CONFIG)/students.toml --out $(LM_RUNS)/students \
