@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kdcache.stages import deploy
+from kdcache.stages.report_text import _pct
 
 PLOT = "accuracy_vs_latency.png"
 
@@ -65,13 +66,12 @@ def deploy_markdown(d: dict, plots: list[str]) -> list[str]:
         "|" + "---|" * 8,
     ]
     for r in d["models"]:
-        acc = "-" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"
         cells = [
             r["name"],
             r["precision"],
             f"{r['params']:,}",
             f"{r['weight_bytes'] / 1024:.1f} KiB",
-            acc,
+            _pct(r.get("accuracy")),
             _ms(r["latency_b1"]),
             _ms(r["latency_b256"]),
             f"{r['samples_per_sec']:,.0f}",
