@@ -143,15 +143,18 @@ def run_totals(rows: list[dict]) -> dict:
     highest eval_accuracy, or for a causal-lm run (rows with perplexity) the lowest eval_loss, or
     for a regression run (rows with eval_mse) the lowest eval_mse."""
     keys = ("epoch", "eval_accuracy", "eval_ece", "agreement", "eval_loss")
-    lm = "eval_perplexity" in rows[-1]
+    lm, regression = "eval_perplexity" in rows[-1], "eval_mse" in rows[-1]
+    metric, sign = ("eval_accuracy", 1)
     if lm:
         keys += ("eval_perplexity",)
-    final = {k: rows[-1][k] for k in keys}
-    metric, sign = ("eval_loss", -1) if lm else ("eval_accuracy", 1)
-    scored = [r for r in rows if r[metric] is not None]
-    best = {k: max(scored, key=lambda r: sign * r[metric])[k] for k in keys} if scored else final
-    if "eval_mse" in rows[-1]:
-        final, best = regression_metrics.run_totals(rows, keys)
+        metric, sign = ("eval_loss", -1)
+    elif regression:
+        keys += regression_metrics.FIELDS
+        metric, sign = ("eval_mse", -1)
+    final = {k: rows[-1].get(k) for k in keys}
+    scored = [r for r in rows if r.get(metric) is not None]
+    top = max(scored, key=lambda r: sign * r[metric]) if scored else rows[-1]
+    best = {k: top.get(k) for k in keys}
     seconds = sum(r["epoch_seconds"] for r in rows)
     totals = {
         "train_seconds": seconds,

@@ -67,12 +67,3 @@ def scores(row: dict) -> str:
         f" eval_r2 {num(row.get('eval_r2'), '.4f')} teacher_mse "
         f"{num(row.get('teacher_mse'), '.4g')} teacher_r2 {num(row.get('teacher_r2'), '.4f')}"
     )
-
-
-def run_totals(rows: list[dict], keys: tuple) -> tuple[dict, dict]:
-    """(final, best) of a regression run: the best epoch has the lowest eval_mse."""
-    keys = keys + FIELDS
-    final = {k: rows[-1].get(k) for k in keys}
-    scored = [r for r in rows if r.get("eval_mse") is not None]
-    best = {k: min(scored, key=lambda r: r["eval_mse"]).get(k) for k in keys} if scored else final
-    return final, best
