@@ -17,7 +17,9 @@ from bench.lm_models import entropy, shifted
 
 
 class HeadLM(nn.Module):
-    def __init__(self, vocab_size: int = 32768, hidden: int = 512, scale: float = 1.0, seed: int = 0):
+    def __init__(
+        self, vocab_size: int = 32768, hidden: int = 512, scale: float = 1.0, seed: int = 0
+    ):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(vocab_size, hidden)

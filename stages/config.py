@@ -117,6 +117,15 @@ class PrecomputeConfig:
     )
     quiet: bool = option(False, QUIET_HELP, cli=False, execution=True)
     storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)
+    # Device memory per chunk of tokens while a causal LM's batch is encoded (stages/
+    # device_encode.py): the peak beyond the teacher's own logits. Not part of the fingerprint:
+    # the stored bytes do not depend on it.
+    encode_chunk_bytes: int = option(
+        256 << 20,
+        "Device bytes one chunk of tokens may use while encoding.",
+        minimum=1,
+        execution=True,
+    )
     queue_depth: int = option(
         4, "Encoded batches queued for the writer thread.", minimum=1, cli=False, execution=True
     )

@@ -9,14 +9,18 @@ from kdcache.stages.targets import summarise_targets, target_stats
 from kdcache.storage.errors import UsageError
 
 
-def check_token_logits(z: torch.Tensor, ids: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
-    """A causal LM's logits (B, L, V) for inputs (B, L), finite at every real token."""
+def check_token_logits(
+    z: torch.Tensor, ids: np.ndarray, mask: torch.Tensor, finite: bool = True
+) -> torch.Tensor:
+    """A causal LM's logits (B, L, V) for inputs (B, L), finite at every real token (checked
+    here, a full pass and a host sync, unless `finite` is False: the encoder checks then)."""
     if z.dim() != 3 or tuple(z.shape[:2]) != tuple(mask.shape):
         raise UsageError(
             f"the teacher returned shape {tuple(z.shape)} for input_ids of shape "
             f"{tuple(mask.shape)}; a causal LM must return logits of shape (batch, length, vocab)"
         )
-    _refuse_non_finite(~(torch.isfinite(z).all(-1) | ~mask.to(z.device).bool()).all(-1), ids)
+    if finite:
+        _refuse_non_finite(~(torch.isfinite(z).all(-1) | ~mask.to(z.device).bool()).all(-1), ids)
     return z
 
 
@@ -80,30 +84,6 @@ def encode_batch(
     if targets is not None:
         columns["target"] = targets
         stats |= target_stats(z, targets)
-    return columns, stats | codec_stats
-
-
-def encode_tokens(z: torch.Tensor, inputs: dict, ids: np.ndarray, codec, temperature: float):
-    """(columns, stats) of a causal-lm batch: the teacher's distributions at its real tokens.
-
-    Position t holds the distribution of the token after t, as the teacher computed it; only
-    positions with attention_mask 1 are stored, each row with its `length`. The teacher's accuracy
-    here is next-token top-1 over positions whose next token is real too.
-    """
-    mask = inputs["attention_mask"].to(z.device).bool()
-    z = z.float()
-    lengths = mask.sum(1).cpu().numpy().astype(np.int32)
-    keys = {"sample_id": ids, "view": np.zeros(len(ids), np.int32), "length": lengths}
-    columns, codec_stats = codec.encode(z[mask] / temperature, keys)
-    nxt = mask[:, :-1] & mask[:, 1:]
-    hit = z[:, :-1].argmax(-1) == inputs["input_ids"][:, 1:].to(z.device)
-    stats = {
-        "rows": len(ids),
-        "tokens": int(lengths.sum()),
-        "labeled": int(nxt.sum()),
-        "teacher_correct": int((hit & nxt).sum()),
-    }
-    columns.update(keys, label=np.full(len(ids), -1, np.int64))
     return columns, stats | codec_stats
 
 

@@ -21,13 +21,20 @@ from kdcache.stages import views
 from kdcache.stages.config import PrecomputeConfig
 from kdcache.stages.data import data_fingerprint, forward_tokens
 from kdcache.stages.device import autocast, to_device
+from kdcache.stages.device_encode import (
+    DeviceStats,
+    Encoded,
+    ShardEnd,
+    copied_event,
+    encode_sequences,
+    to_host,
+)
 from kdcache.stages.encode import (
     add_stats,
     check_labels,
     check_logits,
     check_token_logits,
     encode_batch,
-    encode_tokens,
     summarise,
 )
 from kdcache.stages.hooks import FeatureTap, logits_of
@@ -129,7 +136,7 @@ def _complete_header(header, model, ds, device, cfg, augment=None) -> dict:
     if cfg.budget_bytes_per_token is not None:
         kind = codecs.codec_class(cfg.codec)
         s = z[x["attention_mask"].to(z.device).bool()].float() / header["temperature"]
-        chosen = kind.fit_budget(cfg.budget_bytes_per_token, s.cpu(), {"dtype": cfg.dtype})
+        chosen = kind.fit_budget(cfg.budget_bytes_per_token, s, {"dtype": cfg.dtype})
         header["soft_labels"].update(chosen)
         log.info(
             "--budget-bytes-per-token %g: %s chose %s",
@@ -173,10 +180,6 @@ class _WriterThread(threading.Thread):
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self.totals: dict = {}
-        h = store.header
-        if h["features"]:
-            self.feature_dtype = getattr(torch, h["features"]["dtype"])
-        self.temperature = h["temperature"]
 
     def put(self, item) -> None:
         while True:
@@ -212,30 +215,24 @@ class _WriterThread(threading.Thread):
                 continue
 
     def run(self) -> None:
-        # Protocol: a shard index, its batches, None (commit); a None in place of an index stops.
-        # An abort raises inside the open shard, so its partial rows are never committed.
+        # Protocol: a shard index, its batches (`Encoded`), a `ShardEnd` (commit, with the
+        # statistics the device summed); a None in place of an index stops. An abort raises
+        # inside the open shard, so its partial rows are never committed.
+        codec = self.store.codec
         try:
             while (index := self._get()) is not None:
                 with self.store.shard(index) as shard:
-                    while (payload := self._get()) is not None:
-                        z, labels, ids, feats, inputs, targets, keys = payload
-                        if feats is not None:
-                            # Cast per batch, in torch: numpy's float32 -> float16 at commit was
-                            # most of a shard's commit time (no SIMD), a serial tail at the end.
-                            feats = feats.reshape(len(ids), -1).to(self.feature_dtype)
-                            feats = feats.cpu().numpy()
-                        if inputs is not None:
-                            columns, stats = encode_tokens(
-                                z, inputs, ids, self.store.codec, self.temperature
-                            )
-                        else:
-                            columns, stats = encode_batch(
-                                z, labels, ids, self.store.codec, self.temperature, None, targets
-                            )
-                        columns.update(keys or {})  # a view's `view` and `input_hash`
-                        add_stats(shard.stats, stats)
-                        shard.add(columns, feats)
+                    while not isinstance(item := self._get(), ShardEnd):
+                        item.wait()  # the batch's non-blocking copies to pinned memory
+                        columns = {}
+                        if item.chunks:
+                            parts = [codec.finish(c) for c in item.chunks]
+                            columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                        columns.update(item.columns)
+                        add_stats(shard.stats, item.stats)
+                        shard.add(columns, item.features)
                         faults.point("precompute.encoded")
+                    add_stats(shard.stats, item.stats)
                 add_stats(self.totals, shard.stats)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
@@ -350,6 +347,22 @@ def run(
             faults.point("precompute.released")
 
 
+def _encode_rows(z, y_np, ids_np, codec, temperature, task) -> Encoded:
+    """A classifier's or regressor's batch (B, C): small, so encoded whole; its checks and
+    statistics read back per batch (host syncs, B x C values)."""
+    z = check_logits(z, ids_np, len(ids_np), task)
+    targets = None
+    if task == "classification":
+        check_labels(y_np, ids_np, z.shape[1])
+    elif task == "regression":  # float targets, kept in their own column
+        targets = check_targets(y_np, ids_np, z.shape[1])
+        y_np = np.full(len(ids_np), -1, np.int64)
+    else:
+        y_np = np.full_like(y_np, -1)
+    columns, stats = encode_batch(z, y_np, ids_np, codec, temperature, None, targets)
+    return Encoded(columns=columns, stats=stats)
+
+
 def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) -> float:
     """Teacher forward over this rank's shards, handing batches to the writer thread."""
     n = store.header["num_rows"]
@@ -374,37 +387,44 @@ def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) ->
     )
     busy = 0.0
     current = None
+    stats = DeviceStats()
+    codec = store.codec
+    temperature = store.header["temperature"]
+    feature_dtype = getattr(torch, store.header["features"]["dtype"]) if cfg.features else None
     try:
         with tap or contextlib.nullcontext(), bar:
             for (shard, _), (ids, x, y, *keys) in zip(plan, loader, strict=True):
                 if shard != current:
                     if current is not None:
-                        writer.put(None)
+                        writer.put(ShardEnd(stats.read()))
                     writer.put(shard)
                     current = shard
                     faults.point("precompute.new_shard")
                 t = time.perf_counter()
                 z, feats = _forward(model, x, device, cfg, tap)
                 ids_np, y_np = ids.numpy(), y.numpy()
-                tokens = x if isinstance(x, dict) else None
-                if tokens is not None:
-                    z = check_token_logits(z, ids_np, tokens["attention_mask"])
+                if isinstance(x, dict):
+                    # Finiteness folds into the codec's logsumexp (read per shard), if it has one.
+                    z = check_token_logits(z, ids_np, x["attention_mask"], not codec.on_device)
+                    item = encode_sequences(
+                        z, x, ids_np, codec, temperature, stats, cfg.encode_chunk_bytes
+                    )
                 else:
-                    z = check_logits(z, ids_np, len(ids_np), cfg.task)
-                targets = None
-                if cfg.task == "classification":
-                    check_labels(y_np, ids_np, z.shape[1])
-                elif cfg.task == "regression":  # float targets, kept in their own column
-                    targets = check_targets(y_np, ids_np, z.shape[1])
-                    y_np = np.full(len(ids_np), -1, np.int64)
-                else:
-                    y_np = np.full_like(y_np, -1)
+                    item = _encode_rows(z, y_np, ids_np, codec, temperature, cfg.task)
+                del z  # the logits go now: nothing below or in the queue holds them
+                if feats is not None:
+                    # Cast on the device, then copy: the stored width crosses, not float32.
+                    feats = to_host(feats.reshape(len(ids_np), -1).to(feature_dtype))
+                    item.ready = copied_event(torch.device(device))
+                item.features = feats
+                if keys:
+                    item.columns.update({k: v.numpy() for k, v in keys[0].items()})
                 busy += time.perf_counter() - t
-                keys = {k: v.numpy() for k, v in keys[0].items()} if keys else None
                 faults.point("precompute.batch")
-                writer.put((z, y_np, ids_np, feats, tokens, targets, keys))
+                writer.put(item)
                 bar.update(len(ids_np))
-            writer.put(None)
+            if current is not None:
+                writer.put(ShardEnd(stats.read()))
             writer.put(None)
             writer.join()
     except BaseException:

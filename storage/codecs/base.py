@@ -31,6 +31,35 @@ def id_type(num_classes: int) -> pa.DataType:
     return pa.uint64()
 
 
+_TORCH = {
+    pa.uint8(): torch.uint8,
+    pa.uint16(): torch.uint16,
+    pa.uint32(): torch.uint32,
+    pa.uint64(): torch.uint64,
+    pa.int32(): torch.int32,
+    pa.float16(): torch.float16,
+    pa.float32(): torch.float32,
+}
+
+
+def torch_dtype(arrow_type: pa.DataType) -> torch.dtype:
+    """The torch dtype a column is cast to on the device, so that it leaves at its stored width."""
+    return _TORCH[arrow_type]
+
+
+def token_keys(keys: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Per-row `sample_id`, `view`, `length` -> per-token int64 `sample_id`, `view`, `position`
+    (the token's index among its row's stored tokens) on `device`."""
+    lengths = np.asarray(keys["length"], np.int64)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out = {
+        "sample_id": np.repeat(np.asarray(keys["sample_id"], np.int64), lengths),
+        "view": np.repeat(np.asarray(keys["view"], np.int64), lengths),
+        "position": np.arange(int(lengths.sum()), dtype=np.int64) - starts,
+    }
+    return {k: torch.from_numpy(v).to(device) for k, v in out.items()}
+
+
 def rows_of(values: pa.Array, counts: np.ndarray) -> pa.ListArray:
     """Flat per-token (or per-draw) values -> one list per row, `counts[r]` entries in row r."""
     offsets = np.zeros(len(counts) + 1, np.int32)
@@ -122,8 +151,35 @@ class Codec:
 
     def encode(self, s: torch.Tensor, keys: dict | None = None) -> tuple[dict, dict]:
         """Tempered logits (items, C) float32 -> (numpy columns, additive error statistics).
-        `keys` holds the items' `sample_id`, `view` and, for sequences, each row's `length`."""
+        `keys` holds the items' `sample_id`, `view` and, for sequences, each row's `length`.
+
+        The host form of `encode_device` (tests, small batches): it reads everything back."""
+        tokens = token_keys(keys, s.device) if self.sequence and keys is not None else None
+        cols, stats, _ = self.encode_device(s, tokens)
+        host = self.finish({k: v.cpu().numpy() for k, v in cols.items()})
+        return host, {k: v.item() for k, v in stats.items()}
+
+    #: Whether `encode_device` is implemented (a codec written before it only has `encode`).
+    on_device: ClassVar[bool] = False
+
+    def work_bytes(self, num_classes: int) -> int:
+        """Device bytes per item that `encode_device` holds at once beyond its input chunk."""
+        return 4 * num_classes
+
+    def encode_device(self, s: torch.Tensor, tokens: dict | None = None) -> tuple:
+        """Tempered logits (items, C) float32 on the teacher's device, which the codec may
+        overwrite -> (columns as tensors already at their stored widths, on that device;
+        statistics as 0-d tensors there; per-item bool tensor, True where `s` was finite).
+
+        Nothing is read back: the caller copies the columns to pinned host memory and reads
+        the statistics once per shard. `tokens`: per-token int64 `sample_id`, `view`,
+        `position` tensors for sequence codecs (see `token_keys`)."""
         raise NotImplementedError
+
+    def finish(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host columns from `encode_device` -> the columns `token_arrays` takes (run on the
+        writer thread: cheap, O(stored values))."""
+        return columns
 
     def token_arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
         """The encoded numpy columns as Arrow arrays, in `token_fields()` order."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.storage.codecs import register
-from kdcache.storage.codecs.base import DTYPES, Codec, fixed_list
+from kdcache.storage.codecs.base import DTYPES, Codec, fixed_list, torch_dtype
 from kdcache.storage.codecs.losses import (
     Temperature,
     check_same_shape,
@@ -53,8 +53,15 @@ class Dense(Codec):
         value = DTYPES[self.dtype]
         return [pa.field("logits", pa.list_(value, self.num_classes), nullable=False)]
 
-    def encode(self, s: torch.Tensor, keys: dict | None = None) -> tuple[dict, dict]:
-        return {"logits": s.cpu().numpy()}, {}
+    on_device = True
+
+    def work_bytes(self, num_classes: int) -> int:
+        return 3 * num_classes  # the stored-width copy and the finite mask
+
+    def encode_device(self, s: torch.Tensor, tokens: dict | None = None) -> tuple:
+        # Cast before the copy: float16 halves what crosses to the host.
+        logits = s.to(torch_dtype(DTYPES[self.dtype]))
+        return {"logits": logits}, {}, torch.isfinite(s).all(-1)
 
     def token_arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
         return [fixed_list(columns["logits"].astype(self.dtype), DTYPES[self.dtype])]

@@ -6,10 +6,15 @@ with replacement from ``softmax(z / T)`` and training on their empirical distrib
 (Sparse Logit Sampling, ACL 2025). At N = 50 a language model's token has ~12 unique ids.
 
 Per token: ``sampled_n`` (uint8, unique ids drawn); per draw entry, ``sampled_ids`` (the narrowest
-unsigned type holding V) and ``sampled_counts`` (uint8). Each row's draws come from a generator
-seeded by (``sample_seed``, sample_id, view) on the CPU, so a rerun, a resume or another batch size
-writes the same bytes. Statistic: ``tv_sum``, the total-variation distance of each token's
-empirical distribution from the teacher's.
+unsigned type holding V) and ``sampled_counts`` (uint8). Statistic: ``tv_sum``, the
+total-variation distance of each token's empirical distribution from the teacher's.
+
+Two samplers (the manifest's ``soft_labels.sampler``): 2, the default of new stores, draws on the
+teacher's device from counter-based uniforms of (``sample_seed``, sample_id, view, position, draw)
+(`draws.py`, specified in docs/FORMAT.md); 1 (stores without the key) drew row by row on the CPU
+from a generator seeded by (``sample_seed``, sample_id, view). Both write the same bytes for a
+rerun, a resume or another batch size; they differ from each other, so the version is part of the
+store's fingerprint and a resume never mixes them.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from kdcache.storage.codecs import register
-from kdcache.storage.codecs.base import Codec, id_type
+from kdcache.storage.codecs import draws, register
+from kdcache.storage.codecs.base import Codec, id_type, torch_dtype
 from kdcache.storage.codecs.losses import upcast
 from kdcache.storage.errors import UsageError
 from kdcache.storage.options import Option
@@ -28,19 +33,13 @@ from kdcache.storage.views import row_generator
 
 
 def draw(p: torch.Tensor, n: int, g: torch.Generator) -> tuple:
-    """(unique ids, their counts, uniques per token) of n draws per row of probabilities p."""
+    """Sampler 1: (unique ids, their counts, uniques per token) of n draws per row of p."""
     d = torch.multinomial(p, n, replacement=True, generator=g).sort(dim=1).values
     new = torch.ones_like(d, dtype=torch.bool)
     new[:, 1:] = d[:, 1:] != d[:, :-1]
     starts = new.reshape(-1).nonzero().squeeze(1)
     ends = torch.cat([starts[1:], starts.new_tensor([d.numel()])])
     return d.reshape(-1)[starts], ends - starts, new.sum(1)
-
-
-def mean_uniques(s: torch.Tensor, n: int, seed: int = 0) -> float:
-    """Expected unique ids per token at n draws, measured on probe logits `s`."""
-    _, _, per = draw(torch.softmax(s.float(), -1), n, torch.Generator().manual_seed(seed))
-    return float(per.double().mean())
 
 
 @register
@@ -58,17 +57,32 @@ class Sampled(Codec):
         return int(self.settings["samples"])
 
     @property
+    def version(self) -> int:
+        return int(self.settings.get("sampler", 1))
+
+    @property
+    def on_device(self) -> bool:
+        return self.version >= 2
+
+    @classmethod
+    def configure(cls, values: dict, task: str) -> dict:
+        return super().configure(values, task) | {"sampler": draws.VERSION}
+
+    @property
     def ids(self) -> pa.DataType:
         return id_type(self.num_classes)
 
     @classmethod
     def fit_budget(cls, budget: float, s: torch.Tensor, values: dict) -> dict:
         per_id = id_type(s.shape[-1]).bit_width // 8 + 1
-        best = None
-        for n in range(1, 256):  # bytes grow with n: keep the largest n that fits
-            if 1 + mean_uniques(s, n) * per_id > budget:
-                break
-            best = n
+        # Sampler 2's first n draws are the same for every N >= n: draw 255 once, on the probe's
+        # device, and read the unique ids of every prefix off one sort.
+        tokens = torch.arange(len(s), device=s.device, dtype=torch.int64)
+        keys = {"sample_id": tokens, "view": torch.zeros_like(tokens), "position": tokens}
+        p, _ = draws.probabilities(s.float().clone())
+        curve = draws.unique_curve(draws.draw(p, draws.token_words(0, keys, 255), sort=False))
+        fits = (1 + curve.cpu() * per_id <= budget).nonzero()  # a sync, once per run
+        best = int(fits.max()) + 1 if len(fits) else None
         if best is None:
             raise UsageError(
                 f"--budget-bytes-per-token {budget:g} is below the sampled codec's minimum of "
@@ -92,7 +106,31 @@ class Sampled(Codec):
         per_row = np.add.reduceat(per_token, starts) if len(per_token) else per_token
         return [lengths, np.where(lengths > 0, per_row, 0)]
 
+    def work_bytes(self, num_classes: int) -> int:
+        return 8 * num_classes + 64 * self.n  # the int64 cumulative sums; per-draw words, ids
+
+    def encode_device(self, s: torch.Tensor, tokens: dict | None = None) -> tuple:
+        p, lse = draws.probabilities(s)  # p overwrites s
+        words = draws.token_words(int(self.settings["sample_seed"]), tokens, self.n)
+        ids = draws.draw(p, words)  # p is now p * 2^40
+        tv = draws.total_variation(p, ids, draws.SCALE)
+        acc = torch.float32 if s.device.type == "mps" else torch.float64  # mps has no float64
+        # Sorted draws at the stored id width (2 or 4 bytes each) cross to the host as they are:
+        # their run-length form (`finish`) has a data-dependent size, which would cost a sync.
+        columns = {"draws": ids.to(torch_dtype(self.ids))}
+        stats = {"tv_sum": tv.to(acc).sum(), "unique_sum": (ids[:, 1:] != ids[:, :-1]).sum()}
+        stats["unique_sum"] = stats["unique_sum"] + len(ids)
+        return columns, stats, torch.isfinite(lse)
+
+    def finish(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "draws" not in columns:
+            return columns
+        ids, counts, per = draws.runs(columns["draws"])
+        return {"sampled_ids": ids, "sampled_counts": counts, "sampled_n": per}
+
     def encode(self, s: torch.Tensor, keys: dict | None = None) -> tuple[dict, dict]:
+        if self.version >= 2:
+            return super().encode(s.float().clone(), keys)
         p = torch.softmax(s.float(), -1).cpu()
         out = {"sampled_ids": [], "sampled_counts": [], "sampled_n": []}
         tv = 0.0

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.storage.codecs import register
-from kdcache.storage.codecs.base import DTYPES, Codec, fixed_list, id_type
+from kdcache.storage.codecs.base import DTYPES, Codec, fixed_list, id_type, torch_dtype
 from kdcache.storage.codecs.losses import (
     Temperature,
     check_same_shape,
@@ -47,6 +47,24 @@ def topk_kl_cost(s: torch.Tensor, idx: torch.Tensor, lse: torch.Tensor) -> tuple
     safe = r.clamp_min(1e-30)
     kl = (ent - r * (safe.log() - math.log(c - k))).clamp_min(0)
     return kl, r
+
+
+def topk_stats(s: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, lse: torch.Tensor):
+    """`topk_kl_cost` from the k values and one logsumexp, with one (items, C) temporary.
+
+    Residual ``r = -expm1(logsumexp(vals) - lse)`` (as the loss computes it); the unstored
+    classes' ``sum p log p`` is a dot product of the temporary (p with the top-k zeroed) with
+    ``s - lse``, taken as ``p . s - lse * sum p`` so that no second temporary is made.
+    """
+    c, k = s.shape[1], idx.shape[1]
+    r = (-torch.expm1(vals.logsumexp(1) - lse)).clamp_min(0)
+    if k >= c:
+        return torch.zeros_like(r), torch.zeros_like(r)
+    rest = torch.sub(s, lse[:, None]).exp_().scatter_(1, idx, 0.0)  # the one temporary
+    dot = torch.bmm(rest.unsqueeze(1), s.unsqueeze(2)).reshape(-1)
+    ent = dot - lse * rest.sum(1)
+    safe = r.clamp_min(1e-30)
+    return (ent - r * (safe.log() - math.log(c - k))).clamp_min(0), r
 
 
 def soft_loss_topk(
@@ -153,17 +171,24 @@ class TopK(Codec):
             pa.field("logsumexp", pa.float32(), nullable=False),
         ]
 
-    def encode(self, s: torch.Tensor, keys: dict | None = None) -> tuple[dict, dict]:
+    on_device = True
+
+    def work_bytes(self, num_classes: int) -> int:
+        # logsumexp's own temporary, then topk_stats' one: never both at once.
+        return 4 * num_classes
+
+    def encode_device(self, s: torch.Tensor, tokens: dict | None = None) -> tuple:
         vals, idx = torch.topk(s, self.k, dim=1)
-        lse = torch.logsumexp(s, dim=1)
-        kl, r = topk_kl_cost(s, idx, lse)
-        stats = {"kl_sum": float(kl.double().sum()), "residual_sum": float(r.double().sum())}
+        lse = torch.logsumexp(s, dim=1)  # also the non-finite check: NaN/+inf make it NaN
+        kl, r = topk_stats(s, vals, idx, lse)
+        acc = torch.float32 if s.device.type == "mps" else torch.float64  # mps has no float64
+        stats = {"kl_sum": kl.to(acc).sum(), "residual_sum": r.to(acc).sum()}
         columns = {
-            "topk_indices": idx.int().cpu().numpy(),
-            "topk_logits": vals.cpu().numpy(),
-            "logsumexp": lse.cpu().numpy(),
+            "topk_indices": idx.to(torch_dtype(self.ids)),
+            "topk_logits": vals.to(torch_dtype(DTYPES[self.dtype])),
+            "logsumexp": lse,
         }
-        return columns, stats
+        return columns, stats, torch.isfinite(lse)
 
     def token_arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
         return [
