@@ -120,9 +120,10 @@ class PrecomputeConfig:
     # Device memory per chunk of tokens while a causal LM's batch is encoded (stages/
     # device_encode.py): the peak beyond the teacher's own logits. Not part of the fingerprint:
     # the stored bytes do not depend on it.
-    encode_chunk_bytes: int = option(
-        256 << 20,
-        "Device bytes one chunk of tokens may use while encoding.",
+    encode_chunk_bytes: int | None = option(
+        None,
+        "Device bytes one chunk of tokens may use while encoding (default 32 MiB on the CPU, "
+        "1 GiB on an accelerator).",
         minimum=1,
         execution=True,
     )

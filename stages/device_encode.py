@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kdcache.stages.encode import _refuse_non_finite
-from kdcache.storage.codecs.base import token_keys
+from kdcache.storage.codecs.base import Workspace, token_keys
 from kdcache.storage.errors import UsageError
 
 
@@ -110,7 +110,9 @@ def chunk_tokens(codec, vocab: int, teacher_itemsize: int, budget: int) -> int:
     return budget // per_token
 
 
-def encode_sequences(z, inputs, ids, codec, temperature, stats: DeviceStats, budget) -> Encoded:
+def encode_sequences(
+    z, inputs, ids, codec, temperature, stats: DeviceStats, budget: int | None, work: Workspace
+) -> Encoded:
     """A causal-LM batch (logits z (B, L, V) on the teacher's device) as host columns.
 
     Only real tokens (attention_mask 1) are stored, row-major, each row with its `length`. The
@@ -130,6 +132,8 @@ def encode_sequences(z, inputs, ids, codec, temperature, stats: DeviceStats, bud
         cols, codec_stats = codec.encode(s, keys)
         return Encoded(columns=cols | columns, stats=host | codec_stats)
     flat = np.flatnonzero(mask.reshape(-1))
+    if budget is None:  # cache-sized chunks on the CPU; on an accelerator, few large ones
+        budget = 32 << 20 if dev.type == "cpu" else 1 << 30
     per = chunk_tokens(codec, vocab, z.element_size(), budget)
     tokens = token_keys(keys, dev)
     where = torch.from_numpy(flat).to(dev)
@@ -139,11 +143,20 @@ def encode_sequences(z, inputs, ids, codec, temperature, stats: DeviceStats, bud
     chunks = []
     for a in range(0, max(1, len(flat)), per):
         sel = slice(a, a + per)
-        s = logits.index_select(0, where[sel]).float()  # float32: the precision of every codec
+        n = len(where[sel])
+        s = work.get("s", (n, vocab), torch.float32, dev)  # float32: every codec's precision
+        if z.dtype == torch.float32:
+            torch.index_select(logits, 0, where[sel], out=s)
+        else:
+            s.copy_(
+                torch.index_select(
+                    logits, 0, where[sel], out=work.get("z", (n, vocab), z.dtype, dev)
+                )
+            )
         if temperature != 1:
             s.div_(temperature)
-        cols, codec_stats, finite = codec.encode_device(s, {k: v[sel] for k, v in tokens.items()})
-        del s
+        got = codec.encode_device(s, {k: v[sel] for k, v in tokens.items()}, work)
+        cols, codec_stats, finite = got
         stats.add(codec_stats)
         bad.index_add_(0, rows[sel], (~finite).int())
         chunks.append({k: to_host(v) for k, v in cols.items()})

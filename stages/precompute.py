@@ -40,6 +40,7 @@ from kdcache.stages.encode import (
 from kdcache.stages.hooks import FeatureTap, logits_of
 from kdcache.stages.targets import check_targets
 from kdcache.storage import codecs, faults
+from kdcache.storage.codecs.base import Workspace
 from kdcache.storage.errors import FormatError, KdcacheError, UsageError
 from kdcache.storage.fsio import io_failure, open_location
 from kdcache.storage.lock import StoreLock
@@ -387,7 +388,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) ->
     )
     busy = 0.0
     current = None
-    stats = DeviceStats()
+    stats, work = DeviceStats(), Workspace()
     codec = store.codec
     temperature = store.header["temperature"]
     feature_dtype = getattr(torch, store.header["features"]["dtype"]) if cfg.features else None
@@ -407,7 +408,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) ->
                     # Finiteness folds into the codec's logsumexp (read per shard), if it has one.
                     z = check_token_logits(z, ids_np, x["attention_mask"], not codec.on_device)
                     item = encode_sequences(
-                        z, x, ids_np, codec, temperature, stats, cfg.encode_chunk_bytes
+                        z, x, ids_np, codec, temperature, stats, cfg.encode_chunk_bytes, work
                     )
                 else:
                     item = _encode_rows(z, y_np, ids_np, codec, temperature, cfg.task)

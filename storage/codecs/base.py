@@ -9,6 +9,7 @@ codec is one new module that calls `register`.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -45,6 +46,30 @@ _TORCH = {
 def torch_dtype(arrow_type: pa.DataType) -> torch.dtype:
     """The torch dtype a column is cast to on the device, so that it leaves at its stored width."""
     return _TORCH[arrow_type]
+
+
+class Workspace:
+    """Reusable device buffers for chunked encoding: a chunk's temporaries are allocated once a
+    run, not once a chunk (on the CPU a fresh array of 100 MB costs its page faults each time;
+    on CUDA the caching allocator would reuse them anyway)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
+class _Fresh(Workspace):
+    def get(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+
+FRESH = _Fresh()  # no reuse: every buffer new (the host `encode`, tests)
 
 
 def token_keys(keys: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -166,14 +191,17 @@ class Codec:
         """Device bytes per item that `encode_device` holds at once beyond its input chunk."""
         return 4 * num_classes
 
-    def encode_device(self, s: torch.Tensor, tokens: dict | None = None) -> tuple:
+    def encode_device(
+        self, s: torch.Tensor, tokens: dict | None = None, work: Workspace = FRESH
+    ) -> tuple:
         """Tempered logits (items, C) float32 on the teacher's device, which the codec may
         overwrite -> (columns as tensors already at their stored widths, on that device;
         statistics as 0-d tensors there; per-item bool tensor, True where `s` was finite).
 
         Nothing is read back: the caller copies the columns to pinned host memory and reads
         the statistics once per shard. `tokens`: per-token int64 `sample_id`, `view`,
-        `position` tensors for sequence codecs (see `token_keys`)."""
+        `position` tensors for sequence codecs (see `token_keys`); `work`: where to take the
+        chunk's temporaries from."""
         raise NotImplementedError
 
     def finish(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

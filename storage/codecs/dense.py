@@ -58,7 +58,7 @@ class Dense(Codec):
     def work_bytes(self, num_classes: int) -> int:
         return 3 * num_classes  # the stored-width copy and the finite mask
 
-    def encode_device(self, s: torch.Tensor, tokens: dict | None = None) -> tuple:
+    def encode_device(self, s: torch.Tensor, tokens: dict | None = None, work=None) -> tuple:
         # Cast before the copy: float16 halves what crosses to the host.
         logits = s.to(torch_dtype(DTYPES[self.dtype]))
         return {"logits": logits}, {}, torch.isfinite(s).all(-1)

@@ -3,7 +3,7 @@
 docs/FORMAT.md ("sampler 2") specifies them; in short, for a token with probabilities ``p`` (float32,
 the device's softmax) at position ``pos`` of row (``sample_id``, ``view``):
 
-1. ``q_i = trunc(p_i * 2^40)`` as int64 (exact: a power-of-two scale), ``c = cumsum(q)`` (exact
+1. ``q_i = trunc(2^40 p_i)`` as int64 (exact: a power-of-two scale), ``c = cumsum(q)`` (exact
    integers, so the order of the sum cannot matter), ``Q = c[-1]`` (< 2^41);
 2. the token's key ``k = mix(mix(mix(mix(seed) ^ sample_id) ^ view) ^ pos)`` and draw j's word
    ``x_j = mix(k + j * GOLDEN)`` (splitmix64's stream; `mix` is storage/views.py's `_mix`);
@@ -56,21 +56,30 @@ def token_words(seed: int, tokens: dict, n: int) -> torch.Tensor:
 
 
 def probabilities(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, lse) of tempered logits `s` (tokens, V) float32, p computed in place over `s`.
+    """(2^40 p, lse) of tempered logits `s` (tokens, V) float32, computed in place over `s`:
+    ``w = exp(s - max)``, ``W = sum(w)`` and ``2^40 p = w / (W * 2^-40)``, one float32 division
+    (equal to ``2^40 * (w / W)``, the scale being a power of two).
 
-    The logsumexp is also the non-finite check: NaN or +inf anywhere (or every logit -inf) makes
-    it non-finite, so no separate pass over the vocabulary is needed."""
-    lse = torch.logsumexp(s, dim=-1)
-    return s.sub_(lse[:, None]).exp_(), lse
+    The logsumexp ``max + log W`` is also the non-finite check: NaN or +inf anywhere (or every
+    logit -inf) makes it non-finite, so no separate pass over the vocabulary is needed."""
+    m = s.amax(dim=-1, keepdim=True)
+    w = s.sub_(m).exp_()
+    total = w.sum(dim=-1, keepdim=True)
+    lse = total.log()[:, 0] + m[:, 0]
+    return w.div_(total * 2.0**-40), lse
 
 
-def draw(p: torch.Tensor, words: torch.Tensor, sort: bool = True) -> torch.Tensor:
+def draw(p: torch.Tensor, words: torch.Tensor, sort: bool = True, work=None) -> torch.Tensor:
     """(tokens, n) int64 drawn ids (sorted per token unless `sort` is False: then in draw order)
-    from probabilities `p` (tokens, V) float32.
+    from `p` (tokens, V) float32 holding 2^40 times the probabilities (`probabilities`).
 
-    `p` is scaled by 2^40 in place (p * 2^40 is exact; the caller reads p back as p / 2^40).
-    Work: `p` plus one int64 (tokens, V) array, its cumulative sum taken in place."""
-    c = p.mul_(SCALE).to(torch.int64)
+    Work: one int64 (tokens, V) array (from `work`, a `Workspace`, if given), the cumulative
+    sums taken in place."""
+    shape = p.shape
+    c = torch.empty(shape, dtype=torch.int64, device=p.device) if work is None else (
+        work.get("sampled.c", shape, torch.int64, p.device)
+    )  # fmt: skip
+    c.copy_(p)  # truncation toward zero: q_i = trunc(2^40 p_i), exact integers from here on
     c.cumsum_(dim=-1)
     total = c[:, -1:]
     u = _srl(words, 11).to(torch.float64) * 2.0**-53

@@ -109,10 +109,10 @@ class Sampled(Codec):
     def work_bytes(self, num_classes: int) -> int:
         return 8 * num_classes + 64 * self.n  # the int64 cumulative sums; per-draw words, ids
 
-    def encode_device(self, s: torch.Tensor, tokens: dict | None = None) -> tuple:
-        p, lse = draws.probabilities(s)  # p overwrites s
+    def encode_device(self, s: torch.Tensor, tokens: dict | None = None, work=None) -> tuple:
+        p, lse = draws.probabilities(s)  # 2^40 p, over s
         words = draws.token_words(int(self.settings["sample_seed"]), tokens, self.n)
-        ids = draws.draw(p, words)  # p is now p * 2^40
+        ids = draws.draw(p, words, work=work)
         tv = draws.total_variation(p, ids, draws.SCALE)
         acc = torch.float32 if s.device.type == "mps" else torch.float64  # mps has no float64
         # Sorted draws at the stored id width (2 or 4 bytes each) cross to the host as they are:

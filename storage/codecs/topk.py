@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.storage.codecs import register
-from kdcache.storage.codecs.base import DTYPES, Codec, fixed_list, id_type, torch_dtype
+from kdcache.storage.codecs.base import (
+    DTYPES,
+    FRESH,
+    Codec,
+    fixed_list,
+    id_type,
+    torch_dtype,
+)
 from kdcache.storage.codecs.losses import (
     Temperature,
     check_same_shape,
@@ -49,22 +56,27 @@ def topk_kl_cost(s: torch.Tensor, idx: torch.Tensor, lse: torch.Tensor) -> tuple
     return kl, r
 
 
-def topk_stats(s: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, lse: torch.Tensor):
-    """`topk_kl_cost` from the k values and one logsumexp, with one (items, C) temporary.
+def topk_stats(s: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, work=FRESH) -> tuple:
+    """(logsumexp, KL, residual) per item from the k values and one (items, C) temporary.
 
-    Residual ``r = -expm1(logsumexp(vals) - lse)`` (as the loss computes it); the unstored
-    classes' ``sum p log p`` is a dot product of the temporary (p with the top-k zeroed) with
-    ``s - lse``, taken as ``p . s - lse * sum p`` so that no second temporary is made.
+    The logsumexp is ``torch.logsumexp``'s own formula with the top-1 as the max (bit for bit
+    the same); its ``exp(s - max)`` is then reused: zeroed at the top k, it gives the unstored
+    classes' ``sum p log p`` as a dot product with ``s - lse``. The residual is
+    ``r = -expm1(logsumexp(vals) - lse)``, as the loss computes it; the KL is `topk_kl_cost`'s.
     """
     c, k = s.shape[1], idx.shape[1]
+    m = vals[:, :1]
+    e = torch.sub(s, m, out=work.get("topk.e", s.shape, s.dtype, s.device)).exp_()
+    total = e.sum(1)
+    lse = total.log().add_(m[:, 0])
     r = (-torch.expm1(vals.logsumexp(1) - lse)).clamp_min(0)
     if k >= c:
-        return torch.zeros_like(r), torch.zeros_like(r)
-    rest = torch.sub(s, lse[:, None]).exp_().scatter_(1, idx, 0.0)  # the one temporary
-    dot = torch.bmm(rest.unsqueeze(1), s.unsqueeze(2)).reshape(-1)
-    ent = dot - lse * rest.sum(1)
+        return lse, torch.zeros_like(r), torch.zeros_like(r)
+    e.scatter_(1, idx, 0.0)
+    dot = torch.bmm(e.unsqueeze(1), s.unsqueeze(2)).reshape(-1)
+    ent = (dot - lse * e.sum(1)) / total
     safe = r.clamp_min(1e-30)
-    return (ent - r * (safe.log() - math.log(c - k))).clamp_min(0), r
+    return lse, (ent - r * (safe.log() - math.log(c - k))).clamp_min(0), r
 
 
 def soft_loss_topk(
@@ -174,13 +186,12 @@ class TopK(Codec):
     on_device = True
 
     def work_bytes(self, num_classes: int) -> int:
-        # logsumexp's own temporary, then topk_stats' one: never both at once.
-        return 4 * num_classes
+        return 4 * num_classes  # topk_stats' one temporary
 
-    def encode_device(self, s: torch.Tensor, tokens: dict | None = None) -> tuple:
+    def encode_device(self, s: torch.Tensor, tokens: dict | None = None, work=FRESH) -> tuple:
         vals, idx = torch.topk(s, self.k, dim=1)
-        lse = torch.logsumexp(s, dim=1)  # also the non-finite check: NaN/+inf make it NaN
-        kl, r = topk_stats(s, vals, idx, lse)
+        # The logsumexp is also the non-finite check: NaN or +inf anywhere make it NaN.
+        lse, kl, r = topk_stats(s, vals, idx, work)
         acc = torch.float32 if s.device.type == "mps" else torch.float64  # mps has no float64
         stats = {"kl_sum": kl.to(acc).sum(), "residual_sum": r.to(acc).sum()}
         columns = {
