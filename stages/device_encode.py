@@ -124,14 +124,19 @@ def encode_sequences(
     nxt = mask[:, :-1] & mask[:, 1:]
     host = {"rows": len(ids), "tokens": int(lengths.sum()), "labeled": int(nxt.sum())}
     dev = z.device
-    hit = z[:, :-1].argmax(-1) == inputs["input_ids"][:, 1:].to(dev)
-    stats.add({"teacher_correct": (hit & torch.from_numpy(nxt).to(dev)).sum()})
     columns = dict(keys, label=np.full(len(ids), -1, np.int64))
     if not codec.on_device:  # a codec with only the host `encode`: the old, whole-batch path
+        hit = z[:, :-1].argmax(-1) == inputs["input_ids"][:, 1:].to(dev)
+        stats.add({"teacher_correct": (hit & torch.from_numpy(nxt).to(dev)).sum()})
         s = z.float()[torch.from_numpy(mask).to(dev)] / temperature
         cols, codec_stats = codec.encode(s, keys)
         return Encoded(columns=cols | columns, stats=host | codec_stats)
     flat = np.flatnonzero(mask.reshape(-1))
+    # Each stored token's next token where that is real too (-1: not counted); the top-1 is
+    # taken per chunk, while the chunk is in cache.
+    follow = np.full(mask.shape, -1, np.int64)
+    follow[:, :-1] = np.where(nxt, inputs["input_ids"][:, 1:].cpu().numpy(), -1)
+    follow = torch.from_numpy(follow.reshape(-1)[flat]).to(dev)
     if budget is None:  # cache-sized chunks on the CPU; on an accelerator, few large ones
         budget = 32 << 20 if dev.type == "cpu" else 1 << 30
     per = chunk_tokens(codec, vocab, z.element_size(), budget)
@@ -140,6 +145,7 @@ def encode_sequences(
     rows = where // length
     logits = z.reshape(b * length, vocab)
     bad = torch.zeros(len(ids), dtype=torch.int32, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
     chunks = []
     for a in range(0, max(1, len(flat)), per):
         sel = slice(a, a + per)
@@ -153,6 +159,7 @@ def encode_sequences(
                     logits, 0, where[sel], out=work.get("z", (n, vocab), z.dtype, dev)
                 )
             )
+        correct = correct + (s.argmax(-1) == follow[sel]).sum()  # before / T: z's own top-1
         if temperature != 1:
             s.div_(temperature)
         got = codec.encode_device(s, {k: v[sel] for k, v in tokens.items()}, work)
@@ -161,4 +168,5 @@ def encode_sequences(
         bad.index_add_(0, rows[sel], (~finite).int())
         chunks.append({k: to_host(v) for k, v in cols.items()})
     stats.bad.append((ids, bad))
+    stats.add({"teacher_correct": correct})
     return Encoded(columns=columns, chunks=chunks, stats=host, ready=copied_event(dev))

@@ -73,8 +73,9 @@ def topk_stats(s: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, work=FRES
     if k >= c:
         return lse, torch.zeros_like(r), torch.zeros_like(r)
     e.scatter_(1, idx, 0.0)
-    dot = torch.bmm(e.unsqueeze(1), s.unsqueeze(2)).reshape(-1)
-    ent = (dot - lse * e.sum(1)) / total
+    rest = e.sum(1)
+    dot = e.mul_(s).sum(1)  # in place: still the one temporary
+    ent = (dot - lse * rest) / total
     safe = r.clamp_min(1e-30)
     return lse, (ent - r * (safe.log() - math.log(c - k))).clamp_min(0), r
 
