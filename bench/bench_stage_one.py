@@ -47,7 +47,6 @@ def child(args) -> dict:
 
     from bench.lm_models import Blocks
     from bench.stage_one_models import HeadLM
-
     from kdcache.pipeline.jobs import precompute
     from kdcache.stages.precompute import PrecomputeConfig
 
