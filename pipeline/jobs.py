@@ -23,6 +23,7 @@ from kdcache.stages import deploy, views
 from kdcache.stages import evaluate as evaluate_stage
 from kdcache.stages import precompute as precompute_stage
 from kdcache.stages import report as report_stage
+from kdcache.stages.device import placed_device
 from kdcache.stages.run_folder import RunFolder
 from kdcache.stages.train import TrainConfig, Trainer, finished
 from kdcache.storage.errors import UsageError
@@ -45,9 +46,12 @@ def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
         if cfg.checkpoint is None and not cfg.random_teacher:
             untrained_teacher(cfg.teacher, cfg.teacher_args, model, refuse=True)
         augment = augmentation(cfg.augment, cfg.augment_args)
-        return precompute_stage.run(
-            cfg, model.to(device), teacher_id, ds, dist, device, started, augment
-        )
+        placed = placed_device(model)
+        if placed is not None:  # spread over devices by its loader: used as placed
+            device = placed
+        else:
+            model = model.to(device)
+        return precompute_stage.run(cfg, model, teacher_id, ds, dist, device, started, augment)
 
 
 def untrained_teacher(spec: str, kwargs: dict, model, refuse: bool) -> None:

@@ -27,6 +27,18 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def placed_device(model) -> torch.device | None:
+    """The input device of a teacher already spread over devices by its loader (Hugging Face
+    `device_map=...` sets `hf_device_map`): such a model is used as placed, never moved, and its
+    inputs go where its embedding is. None for an ordinary model."""
+    if not getattr(model, "hf_device_map", None):
+        return None
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    params = embed.parameters() if embed is not None else model.parameters()
+    first = next(iter(params), None)
+    return first.device if first is not None else None
+
+
 def to_device(t, device: torch.device):
     """A tensor, or a dict of them (token inputs), on `device`."""
     if isinstance(t, dict):

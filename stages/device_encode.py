@@ -28,11 +28,13 @@ class Encoded:
     chunks: list = field(default_factory=list)  # codec columns per token chunk, to `finish`
     features: np.ndarray | None = None
     stats: dict = field(default_factory=dict)  # additive, known on the host
-    ready: object = None  # a CUDA event after the copies: the writer waits on it, not us
+    # CUDA events after the copies (one per device copied from): the writer waits on them.
+    ready: list = field(default_factory=list)
 
     def wait(self) -> None:
-        if self.ready is not None:
-            self.ready.synchronize()
+        for event in self.ready:
+            if event is not None:
+                event.synchronize()
 
 
 @dataclass
@@ -169,4 +171,4 @@ def encode_sequences(
         chunks.append({k: to_host(v) for k, v in cols.items()})
     stats.bad.append((ids, bad))
     stats.add({"teacher_correct": correct})
-    return Encoded(columns=columns, chunks=chunks, stats=host, ready=copied_event(dev))
+    return Encoded(columns=columns, chunks=chunks, stats=host, ready=[copied_event(dev)])

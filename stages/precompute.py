@@ -415,8 +415,10 @@ def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) ->
                 del z  # the logits go now: nothing below or in the queue holds them
                 if feats is not None:
                     # Cast on the device, then copy: the stored width crosses, not float32.
-                    feats = to_host(feats.reshape(len(ids_np), -1).to(feature_dtype))
-                    item.ready = copied_event(torch.device(device))
+                    feats = feats.reshape(len(ids_np), -1).to(feature_dtype)
+                    host = to_host(feats)
+                    item.ready.append(copied_event(feats.device))  # after the copy is queued
+                    feats = host
                 item.features = feats
                 if keys:
                     item.columns.update({k: v.numpy() for k, v in keys[0].items()})

@@ -96,3 +96,24 @@ def test_device_stats_are_read_once_and_name_non_finite_rows():
     stats.bad.append((np.array([7, 8]), torch.tensor([0, 2], dtype=torch.int32)))
     with pytest.raises(UsageError, match=r"sample_id \[8\]"):
         stats.read()
+
+
+class PlacedLM(toy_models.ToyCausalLM):
+    """As a Hugging Face model loaded with device_map=...: placed already, never to be moved."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.hf_device_map = {"embed": "cpu", "body": "cpu", "head": "cpu"}
+
+    def to(self, *args, **kwargs):
+        raise AssertionError("a placed teacher was moved")
+
+
+def test_a_teacher_placed_by_its_loader_is_used_as_placed(tmp_path, cli):
+    from kdcache.stages.device import placed_device
+
+    assert placed_device(toy_models.ToyCausalLM()) is None
+    assert placed_device(PlacedLM()) == torch.device("cpu")
+    teacher = "tests.stages.test_device_encode:PlacedLM"
+    res = cli(*lm_args(tmp_path / "s", "--teacher", teacher, "--codec", "topk"))
+    assert res.exit_code == 0, res.stderr
