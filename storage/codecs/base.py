@@ -43,9 +43,19 @@ _TORCH = {
 }
 
 
-def torch_dtype(arrow_type: pa.DataType) -> torch.dtype:
-    """The torch dtype a column is cast to on the device, so that it leaves at its stored width."""
-    return _TORCH[arrow_type]
+_SIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+def torch_dtype(arrow_type: pa.DataType, device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype a column is cast to on `device`, so that it leaves at its stored width.
+
+    Off the CPU, wide unsigned ids travel as the signed type of the same width (CUDA and MPS
+    support uint16/32/64 barely or not at all): the same bits, which `token_arrays`' unsigned
+    `astype` restores."""
+    dtype = _TORCH[arrow_type]
+    if device is not None and torch.device(device).type != "cpu":
+        return _SIGNED.get(dtype, dtype)
+    return dtype
 
 
 class Workspace:

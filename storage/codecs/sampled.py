@@ -117,7 +117,7 @@ class Sampled(Codec):
         acc = torch.float32 if s.device.type == "mps" else torch.float64  # mps has no float64
         # Sorted draws at the stored id width (2 or 4 bytes each) cross to the host as they are:
         # their run-length form (`finish`) has a data-dependent size, which would cost a sync.
-        columns = {"draws": ids.to(torch_dtype(self.ids))}
+        columns = {"draws": ids.to(torch_dtype(self.ids, ids.device))}
         stats = {"tv_sum": tv.to(acc).sum(), "unique_sum": (ids[:, 1:] != ids[:, :-1]).sum()}
         stats["unique_sum"] = stats["unique_sum"] + len(ids)
         return columns, stats, torch.isfinite(lse)

@@ -196,7 +196,7 @@ class TopK(Codec):
         acc = torch.float32 if s.device.type == "mps" else torch.float64  # mps has no float64
         stats = {"kl_sum": kl.to(acc).sum(), "residual_sum": r.to(acc).sum()}
         columns = {
-            "topk_indices": idx.to(torch_dtype(self.ids)),
+            "topk_indices": idx.to(torch_dtype(self.ids, idx.device)),
             "topk_logits": vals.to(torch_dtype(DTYPES[self.dtype])),
             "logsumexp": lse,
         }

@@ -42,3 +42,21 @@ def test_dense_casts_on_the_device_to_its_stored_dtype():
     cols, _, finite = codec.encode_device(s, None)
     assert cols["logits"].dtype == torch.float16 and finite.all()
     np.testing.assert_array_equal(cols["logits"].numpy(), s.numpy().astype(np.float16))
+
+
+def test_wide_ids_travel_signed_off_the_cpu_and_come_back_unsigned():
+    import pyarrow as pa
+
+    from kdcache.storage.codecs.base import torch_dtype
+
+    assert torch_dtype(pa.uint16()) == torch_dtype(pa.uint16(), "cpu") == torch.uint16
+    assert torch_dtype(pa.uint16(), "cuda") == torch.int16
+    assert torch_dtype(pa.uint32(), "mps") == torch.int32
+    assert torch_dtype(pa.uint8(), "cuda") == torch.uint8
+    ids = torch.tensor([0, 40000, 65535]).to(torch.int16).numpy()
+    codec = open_codec(
+        {"codec": "sampled", "dtype": "float16", "samples": 2, "sample_seed": 0,
+         "num_classes": 65536, "sampler": 2}, "causal-lm",
+    )  # fmt: skip
+    cols = codec.finish({"draws": ids.reshape(-1, 1)})
+    assert codec.token_arrays(cols)[1].to_pylist() == [0, 40000, 65535]
