@@ -55,6 +55,15 @@ def to_host(t: torch.Tensor) -> np.ndarray:
     return buf.numpy()
 
 
+def to_device(a, device: torch.device) -> torch.Tensor:
+    """A small host array or CPU tensor on `device`: through pinned memory, non-blocking, on
+    CUDA (a copy from pageable memory can wait for the stream, i.e. for the forward)."""
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def copied_event(device: torch.device):
     """An event after every copy queued so far on `device`'s stream (None off CUDA)."""
     if device.type != "cuda":
@@ -138,12 +147,12 @@ def encode_sequences(
     # taken per chunk, while the chunk is in cache.
     follow = np.full(mask.shape, -1, np.int64)
     follow[:, :-1] = np.where(nxt, inputs["input_ids"][:, 1:].cpu().numpy(), -1)
-    follow = torch.from_numpy(follow.reshape(-1)[flat]).to(dev)
+    follow = to_device(follow.reshape(-1)[flat], dev)
     if budget is None:  # cache-sized chunks on the CPU; on an accelerator, few large ones
         budget = 32 << 20 if dev.type == "cpu" else 1 << 30
     per = chunk_tokens(codec, vocab, z.element_size(), budget)
-    tokens = token_keys(keys, dev)
-    where = torch.from_numpy(flat).to(dev)
+    tokens = {k: to_device(v, dev) for k, v in token_keys(keys).items()}
+    where = to_device(flat, dev)
     rows = where // length
     logits = z.reshape(b * length, vocab)
     bad = torch.zeros(len(ids), dtype=torch.int32, device=dev)
