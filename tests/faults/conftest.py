@@ -16,7 +16,6 @@ import re
 import subprocess
 
 import pytest
-import torch
 
 from tests.conftest import REPO
 from tests.faults.launcher import Launcher
@@ -89,14 +88,6 @@ def fault_row(request, placeholders):
         if path:
             with open(path, "a") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """Cases pass --threads 1 (bitwise-equal training across processes); leave the rest as it was."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def fault_env(fault: str | None = None, **extra: str) -> dict:

@@ -1,8 +1,9 @@
 """Both stages under `torchrun --standalone --nproc-per-node 2` with gloo on CPU.
 
 Every run here, single-process references included, is a subprocess with OMP_NUM_THREADS=1
-(torchrun sets that for its workers anyway): with the same thread count the teacher's float
-arithmetic is the same, so stores can be compared byte for byte.
+(torchrun sets that for its workers anyway) and precompute runs with --threads 1 besides: with the
+same thread count the teacher's float arithmetic is the same, so stores can be compared byte for
+byte (the conditions of the promise: stages/conditions.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.conftest import (
     DATA,
     REPO,
     TEACHER,
+    THREADS,
     files_under,
     kdcache_cmd,
     toy_precompute,
@@ -57,6 +59,7 @@ def precompute_args(out, *extra: str, teacher: str = TEACHER) -> list[str]:
         "body",
         "--device",
         "cpu",
+        *THREADS,
         "--quiet",
         *extra,
     ]
@@ -361,7 +364,7 @@ def test_causal_lm_under_torchrun_matches_one_process_and_trains(tmp_path):
     lm = [
         "precompute", "--task", "causal-lm", "--teacher", "tests.toy_models:ToyCausalLM",
         "--data", "tests.toy_models:ToyTokens", "--data-arg", "n=40", "--shard-rows", "8",
-        "--batch-size", "4", "--device", "cpu", "--quiet",
+        "--batch-size", "4", "--device", "cpu", *THREADS, "--quiet",
     ]  # fmt: skip
     two = run_proc(torchrun(2, *lm, "--out", tmp_path / "two"))
     assert two.returncode == 0, two.stderr

@@ -12,6 +12,7 @@ from kdcache.storage.reader import CacheReader
 from tests import toy_models
 from tests.conftest import (
     REPO,
+    THREADS,
     assert_one_line_error,
     files_under,
     kdcache_cmd,
@@ -26,7 +27,7 @@ def lm_args(out, *extra: str, n: int = 24) -> list[str]:
     return [
         "precompute", "--task", "causal-lm", "--teacher", TEACHER, "--data", DATA,
         "--data-arg", f"n={n}", "--out", str(out), "--shard-rows", "8", "--batch-size", "3",
-        "--device", "cpu", "--quiet", *extra,
+        "--device", "cpu", *THREADS, "--quiet", *extra,
     ]  # fmt: skip
 
 
