@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import fsspec
 import pytest
 import torch
 
+from kdcache.storage import faults
 from kdcache.storage.reader import CacheReader
 from tests import toy_models
 
@@ -130,8 +132,10 @@ def test_pooled_token_features_with_the_feature_loss(tmp_path, cli, mode):
     assert float(first[header.index("feature_loss")]) > 0
 
 
-def test_lm_store_and_student_on_memory_urls(cli, memory_url):
-    """The causal-lm store and the student's run folder on an fsspec URL, resumed after a stop."""
+def test_lm_store_and_student_on_memory_urls(cli, memory_url, monkeypatch):
+    """The causal-lm store and the student's run folder on an fsspec URL, resumed after a stop:
+    Ctrl-C right after checkpoint-2 is written (in this process: the memory filesystem is this
+    process's), then the same command trains only epoch 3 from the checkpoint on the URL."""
     store, out = memory_url + "/store", memory_url + "/student"
     res = cli(
         "precompute", "--task", "causal-lm", "--teacher", "tests.toy_models:ToyCausalLM",
@@ -144,7 +148,23 @@ def test_lm_store_and_student_on_memory_urls(cli, memory_url):
         "--data-arg", "n=16", "--eval-data", DATA, "--eval-data-arg", "n=4", "--batch-size", "4",
         "--out", out, "--device", "cpu", "--quiet",
     ]  # fmt: skip
+    real = faults.point
+
+    def ctrl_c_after_the_second_checkpoint(name: str) -> None:
+        real(name)
+        if name == "checkpoint.saved" and faults.reached[name] - before[name] == 2:
+            raise KeyboardInterrupt
+
+    before = faults.reached.copy()
+    monkeypatch.setattr(faults, "point", ctrl_c_after_the_second_checkpoint)
+    stopped = cli(*args, "--epochs", "3")
+    assert stopped.exit_code == 130, stopped.stderr
+    monkeypatch.setattr(faults, "point", real)
+    before = faults.reached.copy()
     assert cli(*args, "--epochs", "3").exit_code == 0
+    assert (faults.reached - before)["train.epoch"] == 1  # epochs 1-2 came from checkpoint-2
+    with fsspec.open(out + "/summary.json") as f:
+        assert json.load(f)["epochs"] == 3
     again = cli(*args, "--epochs", "3")
     assert again.exit_code == 0 and "already trained" in again.stdout
     assert cli("evaluate", "--checkpoint", out, "--data", DATA, "--data-arg", "n=4").exit_code == 0
