@@ -39,7 +39,9 @@ def _result(item) -> str:
     if hasattr(rep, "wasxfail"):
         return f"xfail: {rep.wasxfail}" if rep.skipped else "pass (xfail no longer needed)"
     if rep.skipped:
-        return "skipped"
+        # longrepr of a skip is (file, line, "Skipped: why"): the table says why
+        why = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else ""
+        return f"skipped: {why.removeprefix('Skipped: ')}" if why else "skipped"
     return "pass" if rep.passed else "FAIL"
 
 
@@ -73,15 +75,19 @@ def placeholders(tmp_path) -> Placeholders:
 @pytest.fixture
 def fault_row(request, placeholders):
     """`fault_row(kind=, case=, fault=, seen=, exit=, recovery=)`: a row of this case (a test
-    may record several; each gets the test's result)."""
+    may record several; each gets the test's result). It returns the row: a case that may be
+    skipped records kind, case and fault first and updates the rest once it ran, so a skipped
+    case still has its row ("skipped: why"), never a silent gap in the table."""
     rows: list[dict] = []
 
-    def record(**fields) -> None:
+    def record(**fields) -> dict:
         rows.append(fields)
+        return fields
 
     yield record
     path = os.environ.get(ROWS_ENV)
     for row in rows:
+        row = {"seen": "-", "exit": "-", "recovery": "-", **row}
         row = {k: placeholders(v) if isinstance(v, str) else v for k, v in row.items()}
         row["result"] = _result(request.node)
         row["test"] = request.node.nodeid
