@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import fsspec
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,34 @@ def kv(flag: str, pairs: list[str]) -> list[str]:
     return [a for p in pairs for a in (flag, p)]
 
 
+def assert_stored_labels_are_gpt2s(r: CacheReader, codec: str) -> None:
+    """What the store holds, against GPT-2's own logits computed here for each stored row."""
+    from kdcache.pipeline.models import load_model
+
+    kwargs = {k: int(v) for k, v in (p.split("=") for p in SMALL)}
+    model, _ = load_model(GPT2, kwargs)
+    tokens = toy_models.ToyTokens(20)
+    for i in range(len(r.shards)):
+        cols = r.read_shard(i, features=False)
+        with torch.no_grad():
+            z = torch.cat([model(tokens[j][None]).logits[0] for j in cols["sample_id"]])
+        z = z / r.temperature
+        if codec == "dense":
+            torch.testing.assert_close(
+                torch.tensor(cols["logits"]).float(), z, atol=2e-3, rtol=1e-3
+            )
+        elif codec == "topk":
+            want = torch.topk(z, 4)
+            got = torch.tensor(cols["topk_indices"])
+            assert torch.equal(got.sort(-1).values, want.indices.sort(-1).values)
+            torch.testing.assert_close(torch.tensor(cols["logsumexp"]), z.logsumexp(-1))
+        else:  # N = 50 draws per token from softmax(z): ids in range, counts summing to N
+            n = cols["sampled_n"]
+            assert len(n) == len(z) and cols["sampled_ids"].max() < z.shape[1]
+            per_token = np.add.reduceat(cols["sampled_counts"], np.cumsum(n) - n)
+            assert (per_token == r.codec.n).all()
+
+
 @pytest.mark.parametrize("codec", ["sampled", "topk", "dense"])
 def test_gpt2_teacher_and_student_through_the_cli(tmp_path, cli, codec):
     store, out = tmp_path / "store", tmp_path / "student"
@@ -34,6 +63,7 @@ def test_gpt2_teacher_and_student_through_the_cli(tmp_path, cli, codec):
     assert "bytes/sample" in res.stdout
     r = CacheReader(str(store))
     assert r.task == "causal-lm" and r.codec.name == codec and r.verify() == []
+    assert_stored_labels_are_gpt2s(r, codec)
     res = cli(
         "train", "--cache", store, "--student", GPT2,
         *kv("--student-arg", [*SMALL[:-1], "n_positions=32", "seed=1"]),
@@ -48,6 +78,9 @@ def test_gpt2_teacher_and_student_through_the_cli(tmp_path, cli, codec):
         2.718281828 ** final["eval_loss"], rel=1e-6
     )
     assert 0 <= final["agreement"] <= 1
+    rows = (out / "metrics.csv").read_text().splitlines()
+    soft = [float(row.split(",")[rows[0].split(",").index("soft_loss")]) for row in rows[1:]]
+    assert soft[1] < soft[0], soft  # the student moves toward the stored labels
     res = cli("evaluate", "--checkpoint", out, "--data", DATA, "--data-arg", "n=6",
               "--data-arg", "seed=3", "--json")  # fmt: skip
     assert res.exit_code == 0, res.stderr
