@@ -286,3 +286,28 @@ def test_loader_workers_write_the_same_views(tmp_path):
     toy_precompute(tmp_path / "w0", **common)
     toy_precompute(tmp_path / "w2", num_workers=2, **common)
     assert files_under(tmp_path / "w2") == files_under(tmp_path / "w0")
+
+
+@pytest.mark.parametrize(("n", "views", "requested"), [(40, 3, 16), (40, 3, 100), (7, 4, 5)])
+def test_whole_samples_per_shard_by_formats_rule(tmp_path, n, views, requested):
+    """FORMAT.md: shard_rows = V * balanced(N, floor(R / V)), balanced(N, r) = ceil(N / S) with
+    S = ceil(N / r) (computed here); every sample's V views lie in one shard."""
+    r = max(1, requested // views)
+    shards = -(-n // r)
+    want = views * -(-n // shards)
+    out = tmp_path / "s"
+    toy_precompute(out, views=views, augment=SHIFT, data_args={"n": n}, shard_rows=requested)
+    reader = CacheReader(str(out))
+    assert reader.manifest["shard_rows"] == want and reader.num_rows == n * views
+    for i in range(len(reader.shards)):
+        ids = reader.read_shard(i, features=False)["sample_id"]
+        assert all(c == views for c in np.unique(ids, return_counts=True)[1]), i
+
+
+def test_views_of_token_blocks_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="views of token blocks are not supported"):
+        toy_precompute(
+            tmp_path / "s", task="causal-lm", teacher="tests.toy_models:ToyCausalLM",
+            data="tests.toy_models:ToyTokens", codec="sampled", views=2, augment=SHIFT,
+        )  # fmt: skip
+    assert not (tmp_path / "s").exists()
