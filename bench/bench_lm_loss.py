@@ -144,13 +144,14 @@ def eval_table(report: Report, work: Path, sizes, model: Path | None, device: st
     # The code before issue 22 built every eval row's logits at once (and float64 copies): its
     # "before" numbers were taken with BENCH_EVAL_MAX_BLOCKS capping B so as not to OOM the box.
     cap = int(os.environ.get("BENCH_EVAL_MAX_BLOCKS", "0")) or max(counts)
-    for b in [c for c in counts if c <= cap]:
+    measured = [c for c in counts if c <= cap]
+    for b in measured:
         args = ["evaluate", "--checkpoint", model, "--data", DATA, "--data-arg", f"n={b}",
                 "--data-arg", f"length={length}", "--data-arg", f"vocab={v}", "--device",
                 device, "--json"]  # fmt: skip
         wall, peak, _ = run(args)
         t.add(b, b * length, b * length * v * 4 / 2**20, peak / 2**20, wall)
-    report.target(f"evaluate peak RSS at {counts[-1]} blocks x {length}, V={v:,} (GB)",
+    report.target(f"evaluate peak RSS at {measured[-1]} blocks x {length}, V={v:,} (GB)",
                   peak / 2**30, "<=", 2.0)  # fmt: skip
 
 

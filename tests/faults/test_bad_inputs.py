@@ -106,10 +106,36 @@ def killed_after_epoch_1(cache: Path, tmp: Path) -> None:
 def lm_train(tmp: Path, *extra: str, student: str = "tests.toy_models:ToyCausalLM") -> list[str]:
     """A student of a small sampled causal-lm store (V = 64), built in `tmp` (issue 22's cases)."""
     data = ["--data", "tests.toy_models:ToyTokens", "--data-arg", "n=8"]
-    invoke("precompute", "--task", "causal-lm", "--teacher", "tests.toy_models:ToyCausalLM",
-           *data, "--out", str(tmp / "lm"), "--random-teacher", "--device", "cpu", "--quiet")
-    return ["train", "--cache", str(tmp / "lm"), "--student", student, *data, "--epochs", "1",
-            "--device", "cpu", "--out", str(tmp / "student"), "--quiet", *extra]
+    invoke(
+        "precompute",
+        "--task",
+        "causal-lm",
+        "--teacher",
+        "tests.toy_models:ToyCausalLM",
+        *data,
+        "--out",
+        str(tmp / "lm"),
+        "--random-teacher",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    return [
+        "train",
+        "--cache",
+        str(tmp / "lm"),
+        "--student",
+        student,
+        *data,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp / "student"),
+        "--quiet",
+        *extra,
+    ]
 
 
 def second_run(tmp: Path, *first: str, second: tuple[str, ...]) -> list[str]:
