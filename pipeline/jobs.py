@@ -8,6 +8,7 @@ receive built objects, a `Dist` (rank, world_size, is_main, barrier, broadcast, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -36,7 +37,7 @@ def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
     """Stage one; returns {"status": "hit" | "done", "manifest": ..., ...}."""
     cfg.validate()
     started = time.perf_counter()
-    with process_group(cfg.device) as dist:
+    with process_group(cfg.device) as dist, cpu_threads(cfg.threads):
         device = resolve_device(cfg.device, dist.local_rank)
         ds = load_dataset(cfg.data, cfg.data_args)
         model, teacher_id = load_model(
@@ -48,6 +49,20 @@ def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
         return precompute_stage.run(
             cfg, model.to(device), teacher_id, ds, dist, device, started, augment
         )
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """torch's intra-op thread count set to `n` for the job (None: left as it is), then restored:
+    an in-process caller (a notebook, the tests) keeps its own."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
 
 
 def untrained_teacher(spec: str, kwargs: dict, model, refuse: bool) -> None:

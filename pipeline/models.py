@@ -19,7 +19,7 @@ def _read_checkpoint(url: str, storage_options: dict | None, flag: str = "--chec
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             return f.read()
     except FileNotFoundError:
-        raise UsageError(f"{flag} {url!r} does not exist") from None
+        raise UsageError(f"{flag} {url!r} does not exist; check the path") from None
 
 
 def _unreadable(flag: str, url: str, exc: Exception) -> UsageError:
@@ -115,7 +115,10 @@ def load_model(
                     "with the arguments it was trained with (or pass that model's checkpoint)"
                 ) from None
     if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"{what} {spec!r} built a {type(model).__name__}, not a torch.nn.Module")
+        raise UsageError(
+            f"{what} {spec!r} built a {type(model).__name__}, not a torch.nn.Module: name a "
+            "module class or a factory that returns one"
+        )
     if identity["weights_sha256"] is None:
         # No file to hash: the weights themselves (e.g. a seeded factory) are the identity.
         identity["params_sha256"] = params_hash(model)

@@ -39,7 +39,8 @@ def resolve(spec: str, what: str = "spec") -> Any:
             obj = getattr(obj, part)
         except AttributeError:
             raise UsageError(
-                f"{what} {spec!r}: {module_name!r} has no attribute {attr!r}"
+                f"{what} {spec!r}: {module_name!r} has no attribute {attr!r}; check the name "
+                "after the colon"
             ) from None
     return obj
 
@@ -99,7 +100,7 @@ def load_config(path: str | None) -> dict:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--config {path!r} does not exist")
+        raise UsageError(f"--config {path!r} does not exist; check the path")
     try:
         doc = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as exc:

@@ -113,6 +113,11 @@ class PrecomputeConfig:
     shard_rows: int = option(65536, "Rows per shard.", minimum=1)
     num_workers: int = option(0, "DataLoader workers.", minimum=0, execution=True)
     device: str = option("auto", DEVICE_HELP, execution=True)
+    # Not fingerprinted, but recorded per shard: on CPU the count decides the logits' last bits,
+    # so a byte-identical resume needs the count of the first run (stages/conditions.py).
+    threads: int | None = option(
+        None, "Torch CPU threads (default: torch's choice).", minimum=1, execution=True
+    )
     precision: str = option("fp32", "Autocast precision.", choices=("fp32", "bf16", "fp16"))
     task: str = option(
         "classification", "Teacher kind.", choices=("classification", "regression", "causal-lm")

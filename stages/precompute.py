@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from kdcache.stages import views
+from kdcache.stages.conditions import conditions, warn_if_resumed_elsewhere
 from kdcache.stages.config import PrecomputeConfig
 from kdcache.stages.data import data_fingerprint, forward_tokens
 from kdcache.stages.device import autocast, to_device
@@ -261,7 +262,10 @@ def _prepare_store(loc, header, cfg, model, ds, device, augment=None) -> tuple:
         wipe(loc)
     store = StoreWriter(loc, header)
     store.prepare()
-    return ("run", header, sorted(store.committed()))
+    markers = store.markers()
+    now = conditions(device, cfg.precision, cfg.batch_size)
+    warn_if_resumed_elsewhere(loc.url, {i: m.get("conditions") for i, m in markers.items()}, now)
+    return ("run", header, sorted(markers))
 
 
 def _acquire(lock: StoreLock) -> None:
@@ -323,7 +327,7 @@ def run(
                 "seconds": time.perf_counter() - started,
             }
         _, header, committed = decision
-        store = StoreWriter(loc, header)
+        store = StoreWriter(loc, header, conditions(device, cfg.precision, cfg.batch_size))
         num_shards = -(-header["num_rows"] // header["shard_rows"])
         mine = [
             i for i in range(num_shards) if i % dist.world_size == dist.rank and i not in committed

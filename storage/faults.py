@@ -6,6 +6,10 @@ reaches the point it sends itself SIGNAL (default KILL; TERM, INT, ...). The var
 each call, not at import, so a forked child or a test that sets it late still sees it; a point
 sits at a batch, shard or file boundary, never inside a per-row loop, so the lookup costs nothing
 measurable. tests/faults/ drives every point and docs/RELIABILITY.md lists what each one proves.
+
+`reached` counts every point this process passes, fault or not: what a rerun actually did (the
+teacher batches it ran, the shards it committed, the training steps it took) is measured there,
+not taken from the run's own report of it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 
 ENV = "KDCACHE_FAULT"
 _hits: dict[str, int] = {}
 _lock = threading.Lock()
+reached: Counter[str] = Counter()
 
 
 def parse(spec: str) -> tuple[str, int, signal.Signals]:
@@ -28,6 +34,8 @@ def parse(spec: str) -> tuple[str, int, signal.Signals]:
 
 
 def point(name: str) -> None:
+    with _lock:  # the writer thread passes points too
+        reached[name] += 1
     spec = os.environ.get(ENV)
     if not spec or not spec.startswith(name):
         return

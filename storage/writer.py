@@ -89,9 +89,12 @@ def _settings(doc: dict) -> dict:
 class StoreWriter:
     """Owns one store's layout: the run header, the feature array, commits and the manifest."""
 
-    def __init__(self, loc: Location, header: dict):
+    def __init__(self, loc: Location, header: dict, conditions: dict | None = None):
         self.loc = loc
         self.header = header
+        # What else decided this process's bytes (threads, device, software): recorded in each
+        # marker it writes, never fingerprinted (a resume elsewhere stays a valid store).
+        self.conditions = conditions
         self.features = header.get("features")
         self.codec = open_codec(header["soft_labels"], header.get("task", "classification"))
         self._array = None
@@ -130,24 +133,28 @@ class StoreWriter:
             )
         return self._array
 
-    def committed(self) -> dict[int, dict]:
-        """Shard index -> entry for every shard committed under this run's fingerprint."""
+    def markers(self) -> dict[int, dict]:
+        """Shard index -> commit marker for every shard committed under this run's fingerprint."""
         out = {}
         for name in self.loc.listdir(COMMITS):
             if not name.endswith(".json"):
                 continue
             marker = read_json(self.loc, f"{COMMITS}/{name}")
             if marker and marker.get("fingerprint") == self.header["fingerprint"]:
-                entry = marker["entry"]
-                out[entry["index"]] = entry
+                out[marker["entry"]["index"]] = marker
         return out
+
+    def committed(self) -> dict[int, dict]:
+        """Shard index -> entry for every shard committed under this run's fingerprint."""
+        return {i: m["entry"] for i, m in self.markers().items()}
 
     def shard(self, index: int) -> ShardWriter:
         return ShardWriter(self, index)
 
     def publish(self, stats: dict, extra: dict | None = None) -> dict:
         """Check every shard is committed, then write the manifest as the last, atomic step."""
-        entries = self.committed()
+        markers = self.markers()
+        entries = {i: m["entry"] for i, m in markers.items()}
         n = self.header["num_rows"]
         expected = -(-n // self.header["shard_rows"])
         missing = sorted(set(range(expected)) - set(entries))
@@ -164,6 +171,11 @@ class StoreWriter:
             "shards": [entries[i] for i in range(expected)],
             "stats": stats,
         }
+        # Each distinct set of conditions the shards were computed under, in shard order: more
+        # than one says the store was resumed elsewhere (valid, not byte-identical to one run).
+        seen = [m["conditions"] for _, m in sorted(markers.items()) if "conditions" in m]
+        if seen:
+            manifest["conditions"] = [c for i, c in enumerate(seen) if c not in seen[:i]]
         faults.point("publish.checked")
         self.loc.write_bytes(dumps(manifest), MANIFEST)
         faults.point("publish.done")
@@ -234,6 +246,8 @@ class ShardWriter:
                 **store.codec.summarise(sums),
             }
         marker = {"fingerprint": header["fingerprint"], "entry": entry}
+        if store.conditions is not None:
+            marker["conditions"] = store.conditions
         faults.point("shard.hashed")
         loc.write_bytes(dumps(marker), f"{COMMITS}/{shard_name(self.index)}.json")
         faults.point("shard.marker")

@@ -19,6 +19,11 @@ from click.testing import CliRunner
 from tests import toy_models
 
 REPO = Path(__file__).resolve().parents[1]
+# The conditions every stage-one run of the suite holds, in this process or a child, whatever
+# OMP_NUM_THREADS the suite runs under: one CPU thread, fp32, the helpers' batch plan. A store's
+# bytes are promised identical across reruns and resumes only under equal conditions
+# (stages/conditions.py), so byte-identity tests must hold them fixed, not inherit them.
+THREADS = ("--threads", "1")
 TEACHER = "tests.toy_models:ToyNet"
 DATA = "tests.toy_models:ToyData"
 
@@ -36,6 +41,7 @@ def toy_config(out, **overrides):
         batch_size=8,
         quiet=True,
         device="cpu",
+        threads=1,
     )
     if "top_k" in overrides:  # the topk codec's option, as the --top-k flag would pass it
         fields["codec_options"] = {"top_k": overrides.pop("top_k")}
@@ -74,9 +80,19 @@ def cli_args(out, *extra: str, n: int = 50) -> list[str]:
         "8",
         "--device",
         "cpu",
+        *THREADS,
         "--quiet",
         *extra,
     ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Runs in this process may set torch's thread count (`train --threads 1`): leave it as it
+    was, so that no test's conditions depend on the tests before it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 STREAM_ROWS = 100

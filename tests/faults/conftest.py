@@ -16,7 +16,6 @@ import re
 import subprocess
 
 import pytest
-import torch
 
 from tests.conftest import REPO
 from tests.faults.launcher import Launcher
@@ -40,7 +39,9 @@ def _result(item) -> str:
     if hasattr(rep, "wasxfail"):
         return f"xfail: {rep.wasxfail}" if rep.skipped else "pass (xfail no longer needed)"
     if rep.skipped:
-        return "skipped"
+        # longrepr of a skip is (file, line, "Skipped: why"): the table says why
+        why = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else ""
+        return f"skipped: {why.removeprefix('Skipped: ')}" if why else "skipped"
     return "pass" if rep.passed else "FAIL"
 
 
@@ -74,29 +75,25 @@ def placeholders(tmp_path) -> Placeholders:
 @pytest.fixture
 def fault_row(request, placeholders):
     """`fault_row(kind=, case=, fault=, seen=, exit=, recovery=)`: a row of this case (a test
-    may record several; each gets the test's result)."""
+    may record several; each gets the test's result). It returns the row: a case that may be
+    skipped records kind, case and fault first and updates the rest once it ran, so a skipped
+    case still has its row ("skipped: why"), never a silent gap in the table."""
     rows: list[dict] = []
 
-    def record(**fields) -> None:
+    def record(**fields) -> dict:
         rows.append(fields)
+        return fields
 
     yield record
     path = os.environ.get(ROWS_ENV)
     for row in rows:
+        row = {"seen": "-", "exit": "-", "recovery": "-", **row}
         row = {k: placeholders(v) if isinstance(v, str) else v for k, v in row.items()}
         row["result"] = _result(request.node)
         row["test"] = request.node.nodeid
         if path:
             with open(path, "a") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """Cases pass --threads 1 (bitwise-equal training across processes); leave the rest as it was."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def fault_env(fault: str | None = None, **extra: str) -> dict:

@@ -37,6 +37,12 @@ How the faults are injected:
   renamed. The recovery is always the same command again; the result is checked against an
   uninterrupted run: every store file byte-identical (the manifest up to its timestamps), or the
   student's weights, metrics.csv and summary.json equal (up to timings).
+- **The conditions of byte identity.** The killed run, the rerun and the reference all run with
+  `--threads 1` on the CPU in fp32 with one batch plan, whatever `OMP_NUM_THREADS` the suite
+  runs under: a store's bytes are promised identical only under the same device type, CPU thread
+  count and ISA, torch version, precision and batch size (each commit marker records them). One
+  case breaks them on purpose, resuming a 1-thread run with 2 threads: a valid store and one
+  warning line, not byte identity.
 - **S3 outage**: kdcache talks to a moto server through a TCP relay; the process stops itself at
   a point (`...:STOP`), the relay is closed (the endpoint is gone, the objects stay, as in a real
   outage; moto itself would lose its memory on restart), the process continues, then the relay

@@ -20,6 +20,7 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
+from kdcache.storage import faults
 from kdcache.storage.reader import CacheReader
 from tests.conftest import assert_one_line_error, cli_args, wait_for
 from tests.faults.conftest import exit_text, last_line, start_with_fault, stopped
@@ -51,6 +52,9 @@ def remount(path: Path, opts: str) -> None:
 def test_full_disk_then_rerun_after_space_is_freed(tmp_path, cli, fault_row):
     count = tmp_path / "forwards.txt"
     extra = ("--features", "body", "--teacher-arg", f"count_file={count}")
+    row = fault_row(
+        kind="storage", case="full disk (tmpfs of 48 KiB)", fault="ENOSPC while writing shards"
+    )
     ref = tmp_path / "reference"
     assert cli(*cli_args(ref, *extra, n=N)).exit_code == 0
     # 48 KiB: the run header, the feature array's metadata and the first shards fit (each shard
@@ -74,10 +78,7 @@ def test_full_disk_then_rerun_after_space_is_freed(tmp_path, cli, fault_row):
         recomputed = count.read_text().count("\n") - before
         assert recomputed == 1 + 2 * (6 - committed)  # the probe + only the missing shards
         assert_like_reference(out, (store_files(ref), manifest_of(ref)))
-    fault_row(
-        kind="storage",
-        case="full disk (tmpfs of 48 KiB)",
-        fault="ENOSPC while writing shards",
+    row.update(
         seen=line,
         exit=exit_text(res.exit_code),
         recovery=f"space freed (remount 4 MiB), rerun the same command: {committed} shard(s) "
@@ -104,17 +105,19 @@ def read_only_out(tmp_path: Path) -> contextlib.AbstractContextManager:
 
 
 def test_read_only_out_is_refused(tmp_path, cli, fault_row):
+    kind = "read-only tmpfs" if os.geteuid() == 0 else "chmod 555 folder"
+    row = fault_row(
+        kind="storage",
+        case=f"read-only --out ({kind})",
+        fault="--out inside a folder that cannot be written",
+    )
     with read_only_out(tmp_path) as folder:
         out = folder / "store"
         res = cli(*cli_args(out, n=N))
         assert res.exit_code == 2, res.stderr
         assert_one_line_error(res.stderr, f"cannot write to --out {out}", "writable location")
         assert not out.exists()
-    kind = "read-only tmpfs" if os.geteuid() == 0 else "chmod 555 folder"
-    fault_row(
-        kind="storage",
-        case=f"read-only --out ({kind})",
-        fault="--out inside a folder that cannot be written",
+    row.update(
         seen=last_line(res.stderr),
         exit=exit_text(res.exit_code),
         recovery="choose a writable --out; nothing was written",
@@ -124,6 +127,11 @@ def test_read_only_out_is_refused(tmp_path, cli, fault_row):
 def test_out_turns_read_only_mid_run(tmp_path, cli, fault_row):
     """The filesystem is remounted read-only after shard 1's marker (the process is stopped
     there), then made writable again for the rerun."""
+    row = fault_row(
+        kind="storage",
+        case="--out remounted read-only mid-run",
+        fault="EROFS after 2 shards committed",
+    )
     ref = tmp_path / "reference"
     assert cli(*cli_args(ref, "--features", "body", n=N)).exit_code == 0
     with tmpfs(tmp_path / "disk", "4m") as disk:
@@ -144,10 +152,7 @@ def test_out_turns_read_only_mid_run(tmp_path, cli, fault_row):
         assert again.exit_code == 0, again.stderr
         assert_like_reference(out, (store_files(ref), manifest_of(ref)))
         assert CacheReader(str(out)).verify() == []
-    fault_row(
-        kind="storage",
-        case="--out remounted read-only mid-run",
-        fault="EROFS after 2 shards committed",
+    row.update(
         seen=last_line(err),
         exit=exit_text(proc.returncode),
         recovery="made writable again, rerun the same command: 2 shards kept; the store equals "
@@ -219,8 +224,13 @@ def test_full_store_simulated_then_rerun(tmp_path, cli, fault_row):
 
 def test_full_disk_under_train_then_rerun(tmp_path, cli, fault_row):
     """A student's --out on a tmpfs that fills at its second checkpoint."""
-    from tests.faults.test_kill_train import assert_same, outcome, train_args
+    from tests.faults.test_kill_train import STEPS, assert_same, outcome, train_args
 
+    row = fault_row(
+        kind="storage",
+        case="full disk under train (tmpfs of 1.5 checkpoints)",
+        fault="ENOSPC while writing checkpoint-2.pt",
+    )
     cache = tmp_path / "cache"
     assert cli(*cli_args(cache, "--features", "body", n=48)).exit_code == 0
     ref = tmp_path / "ref" / "student"
@@ -235,15 +245,16 @@ def test_full_disk_under_train_then_rerun(tmp_path, cli, fault_row):
         assert_one_line_error(res.stderr, "no space left", str(out / "checkpoint-2.pt"))
         assert "summary.json" not in left and "checkpoint-1.pt" in left
         remount(disk, "size=8m")
+        before = faults.reached.copy()
         again = cli(*args)
+        ran = faults.reached - before
         assert again.exit_code == 0, again.stderr
+        assert (ran["train.epoch"], ran["train.batch"]) == (2, 2 * STEPS)  # from checkpoint-1
         assert_same(outcome(out), outcome(ref))
-    fault_row(
-        kind="storage",
-        case="full disk under train (tmpfs of 1.5 checkpoints)",
-        fault="ENOSPC while writing checkpoint-2.pt",
+    row.update(
         seen=last_line(res.stderr),
         exit=exit_text(res.exit_code),
-        recovery="space freed, rerun the same command: resumes from checkpoint-1; weights and "
-        "metrics equal an uninterrupted run's",
+        recovery=f"space freed, rerun the same command: epoch 1 kept, {ran['train.epoch']} "
+        f"trained ({ran['train.batch']} steps, measured); weights and metrics equal an "
+        "uninterrupted run's",
     )

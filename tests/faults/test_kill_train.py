@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from kdcache.storage import faults
 from tests.conftest import toy_precompute
 from tests.faults.conftest import (
     exit_text,
@@ -27,7 +29,8 @@ from tests.faults.conftest import (
 from tests.integration.conftest import toy_train_args
 
 N = 48
-EXTRA = ("--epochs", "3", "--batch-size", "8", "--threads", "1", "--quiet")
+EPOCHS, STEPS = 3, 6  # per student: 48 rows in batches of 8
+EXTRA = ("--epochs", str(EPOCHS), "--batch-size", "8", "--threads", "1", "--quiet")
 FEATURES = ("--beta", "0.5", "--student-features", "body")
 TIMING = {"epoch_seconds", "samples_per_sec", "tokens_per_sec", "wall_seconds", "train_seconds"}
 
@@ -104,16 +107,40 @@ def left_behind(folder: Path) -> str:
     return f"no summary.json; checkpoints {ckpts or 'none'}"
 
 
+def epochs_left(folder: Path) -> int:
+    """The epochs a rerun must still train in `folder`, from the files the kill left."""
+    if (folder / "summary.json").exists():
+        return 0
+    done = [
+        int(m[1]) for p in folder.glob("*") if (m := re.fullmatch(r"checkpoint-(\d+)\.pt", p.name))
+    ]
+    return EPOCHS - max(done, default=0)
+
+
 def interrupted_then_rerun(args: list, fault: str, cli, folders: dict) -> tuple:
-    """(the interrupted run, what it left in each folder, the rerun's lines): every folder
-    (name -> (path, reference outcome)) must end as its reference."""
+    """(the interrupted run, what it left in each folder, what the rerun did): every folder
+    (name -> (path, reference outcome)) must end as its reference, and the rerun must have
+    trained only the epochs the files left imply (its steps measured in faults.reached): a
+    rerun that started over would end with the same weights, but fails here."""
     stopped = interrupt(args, fault)
     left = {name: left_behind(path) for name, (path, _) in folders.items()}
+    todo = {name: epochs_left(path) for name, (path, _) in folders.items()}
+    before = faults.reached.copy()
     res = cli(*args)
+    ran = faults.reached - before
     assert res.exit_code == 0, res.stderr
-    for path, want in folders.values():
-        assert_same(outcome(path), want)
-    return stopped, left, res.stdout.strip().splitlines()
+    want = sum(todo.values())
+    assert ran["train.epoch"] == want, f"rerun trained {ran['train.epoch']} epochs, not {want}"
+    assert ran["train.batch"] == STEPS * want, f"rerun took {ran['train.batch']} steps"
+    for path, reference in folders.values():
+        assert_same(outcome(path), reference)
+    did = {
+        name: f"{EPOCHS - n} epoch(s) kept, {n} trained ({STEPS * n} steps, measured)"
+        if n
+        else "nothing left to train"
+        for name, n in todo.items()
+    }
+    return stopped, left, did
 
 
 @pytest.mark.parametrize(("point", "nth", "where"), POINTS, ids=[f"{p}:{n}" for p, n, _ in POINTS])
@@ -130,7 +157,7 @@ def test_kill_9_then_rerun_trains_the_same_student(
         fault=f"SIGKILL {where}",
         seen=seen_after(killed, left[""]),
         exit=exit_text(killed.returncode),
-        recovery="rerun the same command: " + lines[-1].split(" (best")[0],
+        recovery="rerun the same command: " + lines[""],
     )
 
 
@@ -148,8 +175,25 @@ def test_sigterm_then_rerun_trains_the_same_student(
         fault="SIGTERM at the point",
         seen=seen_after(stopped, left[""]),
         exit=exit_text(stopped.returncode),
-        recovery="rerun the same command: " + lines[-1].split(" (best")[0],
+        recovery="rerun the same command: " + lines[""],
     )
+
+
+def test_the_campaign_catches_a_rerun_that_starts_over(
+    tmp_path, cli, cache, reference, monkeypatch
+):
+    """The campaign's own test: a rerun that ignores its checkpoints retrains every epoch and,
+    being deterministic, ends with the reference's weights and metrics; the measured steps fail
+    it."""
+    from kdcache.stages import checkpoint
+
+    monkeypatch.setattr(checkpoint, "latest", lambda folder: None)
+    out = tmp_path / "student"
+    with pytest.raises(AssertionError, match=f"rerun trained {EPOCHS} epochs, not {EPOCHS - 1}"):
+        interrupted_then_rerun(
+            train_args(cache, out), "checkpoint.saved:1", cli, {"": (out, reference)}
+        )
+    assert_same(outcome(out), reference)  # what comparing the outcome alone would have accepted
 
 
 STUDENTS = """
@@ -190,8 +234,7 @@ def test_kill_9_in_a_students_file_then_rerun(
         fault=f"SIGKILL {where}",
         seen=seen_after(killed, state),
         exit=exit_text(killed.returncode),
-        recovery="rerun the same command: "
-        + " / ".join(line.split(" (")[0].split(":")[0] for line in lines),
+        recovery="rerun the same command: " + "; ".join(f"{n}: {t}" for n, t in lines.items()),
     )
 
 

@@ -1,8 +1,9 @@
 """Both stages under `torchrun --standalone --nproc-per-node 2` with gloo on CPU.
 
 Every run here, single-process references included, is a subprocess with OMP_NUM_THREADS=1
-(torchrun sets that for its workers anyway): with the same thread count the teacher's float
-arithmetic is the same, so stores can be compared byte for byte.
+(torchrun sets that for its workers anyway) and precompute runs with --threads 1 besides: with the
+same thread count the teacher's float arithmetic is the same, so stores can be compared byte for
+byte (the conditions of the promise: stages/conditions.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.conftest import (
     DATA,
     REPO,
     TEACHER,
+    THREADS,
     files_under,
     kdcache_cmd,
     toy_precompute,
@@ -57,6 +59,7 @@ def precompute_args(out, *extra: str, teacher: str = TEACHER) -> list[str]:
         "body",
         "--device",
         "cpu",
+        *THREADS,
         "--quiet",
         *extra,
     ]
@@ -269,7 +272,6 @@ def test_ddp_online_kd_runs_a_teacher_per_rank(tmp_path):
 MNIST = "kdcache.pipeline.examples.mnist1d:MNIST1D"
 STUDENT = "kdcache.pipeline.examples.models:StudentCNN"
 # 2 ranks x 64 rows per step = the 128 rows of the single process: same global batch, same steps.
-BAND = 0.04
 
 
 def mnist_train_args(cache, out, *extra: str) -> list[str]:
@@ -311,17 +313,15 @@ def metrics_without_timing(out) -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_ddp_student_on_mnist1d_matches_one_process_and_resumes_exactly(tmp_path):
+def test_ddp_student_on_mnist1d_learns_and_resumes_exactly(tmp_path):
     """MNIST-1D: a StudentCNN(channels=32) teacher trained on hard labels (~92 % test accuracy),
     its cache, then the default StudentCNN distilled for 20 epochs by 1 process (batch 128) and
-    by 2 DDP ranks (batch 64 each, so the same global batch and number of steps).
-
-    Tolerance: final test accuracy within BAND = 4 points. Seeds 0-3 measured here gave 1 process
-    84.2 / 84.4 / 85.6 / 83.5 % and 2 ranks 83.7 / 84.1 / 87.3 / 84.4 %: the seed-to-seed spread
-    of one setting reaches 2-3.6 points on this 1,000-sample test set, and the pairwise gap was
-    0.3-1.7 points, so 4 points tolerates seed-level noise; both must also clear 75 % (chance is
-    10 %). The SIGTERM-resumed 2-rank run must then equal the uninterrupted one exactly: every
-    metric of every epoch (gloo + OMP_NUM_THREADS=1 make the run deterministic)."""
+    by 2 DDP ranks (batch 64 each, so the same global batch and number of steps): both learn
+    (above 75 %; chance is 10 %). That two ranks compute what one process does is
+    test_ddp_sync's exact check, not an accuracy band here. The 2-rank run stopped by SIGTERM
+    right after checkpoint-5 is written (rank 0 sends it to itself at that point: no polling
+    race) and rerun must then equal the uninterrupted one exactly: every metric of every epoch
+    (gloo + OMP_NUM_THREADS=1 make the run deterministic)."""
     teacher, cache = tmp_path / "teacher", tmp_path / "cache"
     env = subprocess_env(KDCACHE_DATA_DIR=str(tmp_path / "mnist1d"))  # never the user's ~/.cache
     hard = mnist_train_args(None, teacher, "--student-arg", "channels=32", "--epochs", "15")
@@ -341,14 +341,11 @@ def test_ddp_student_on_mnist1d_matches_one_process_and_resumes_exactly(tmp_path
     acc1, acc2 = final_accuracy(one), final_accuracy(two)
     print(f"MNIST-1D final test accuracy: 1 process {acc1:.4f}, 2 DDP ranks {acc2:.4f}")
     assert min(acc1, acc2) > 0.75, (acc1, acc2)
-    assert abs(acc1 - acc2) <= BAND, (acc1, acc2)
 
     args = torchrun(2, *mnist_train_args(cache, resumed, "--batch-size", "64"))
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE)
-    wait_for((resumed / "checkpoint-5.pt").exists, proc, 300, "checkpoint-5.pt")
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0 and not (resumed / "summary.json").exists()
+    stopped = run_proc(args, {**env, "KDCACHE_FAULT": "checkpoint.saved:5:TERM"}, timeout=600)
+    assert stopped.returncode != 0 and not (resumed / "summary.json").exists()
+    assert (resumed / "checkpoint-5.pt").exists() and not (resumed / "checkpoint-6.pt").exists()
     res = run_proc(args, env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert metrics_without_timing(resumed) == metrics_without_timing(two)
@@ -361,7 +358,7 @@ def test_causal_lm_under_torchrun_matches_one_process_and_trains(tmp_path):
     lm = [
         "precompute", "--task", "causal-lm", "--teacher", "tests.toy_models:ToyCausalLM",
         "--data", "tests.toy_models:ToyTokens", "--data-arg", "n=40", "--shard-rows", "8",
-        "--batch-size", "4", "--device", "cpu", "--quiet",
+        "--batch-size", "4", "--device", "cpu", *THREADS, "--quiet",
     ]  # fmt: skip
     two = run_proc(torchrun(2, *lm, "--out", tmp_path / "two"))
     assert two.returncode == 0, two.stderr
@@ -378,4 +375,9 @@ def test_causal_lm_under_torchrun_matches_one_process_and_trains(tmp_path):
     res = run_proc(torchrun(2, *train))
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "student" / "summary.json").read_text())
-    assert summary["epochs"] == 2 and summary["final"]["eval_perplexity"] > 1
+    assert summary["epochs"] == 2
+    rows = (tmp_path / "student" / "metrics.csv").read_text().splitlines()
+    i, j = (rows[0].split(",").index(k) for k in ("loss", "eval_loss"))
+    loss = [float(r.split(",")[i]) for r in rows[1:]]
+    eval_loss = [float(r.split(",")[j]) for r in rows[1:]]
+    assert loss[1] < loss[0] and eval_loss[1] < eval_loss[0], (loss, eval_loss)  # it learns

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import fsspec
+import numpy as np
 import pytest
 import torch
 
+from kdcache.storage import faults
 from kdcache.storage.reader import CacheReader
 from tests import toy_models
 
@@ -18,6 +21,34 @@ SMALL = ["vocab_size=64", "n_layer=1", "n_head=2", "n_embd=16", "n_positions=32"
 
 def kv(flag: str, pairs: list[str]) -> list[str]:
     return [a for p in pairs for a in (flag, p)]
+
+
+def assert_stored_labels_are_gpt2s(r: CacheReader, codec: str) -> None:
+    """What the store holds, against GPT-2's own logits computed here for each stored row."""
+    from kdcache.pipeline.models import load_model
+
+    kwargs = {k: int(v) for k, v in (p.split("=") for p in SMALL)}
+    model, _ = load_model(GPT2, kwargs)
+    tokens = toy_models.ToyTokens(20)
+    for i in range(len(r.shards)):
+        cols = r.read_shard(i, features=False)
+        with torch.no_grad():
+            z = torch.cat([model(tokens[j][None]).logits[0] for j in cols["sample_id"]])
+        z = z / r.temperature
+        if codec == "dense":
+            torch.testing.assert_close(
+                torch.tensor(cols["logits"]).float(), z, atol=2e-3, rtol=1e-3
+            )
+        elif codec == "topk":
+            want = torch.topk(z, 4)
+            got = torch.tensor(cols["topk_indices"])
+            assert torch.equal(got.sort(-1).values, want.indices.sort(-1).values)
+            torch.testing.assert_close(torch.tensor(cols["logsumexp"]), z.logsumexp(-1))
+        else:  # N = 50 draws per token from softmax(z): ids in range, counts summing to N
+            n = cols["sampled_n"]
+            assert len(n) == len(z) and cols["sampled_ids"].max() < z.shape[1]
+            per_token = np.add.reduceat(cols["sampled_counts"], np.cumsum(n) - n)
+            assert (per_token == r.codec.n).all()
 
 
 @pytest.mark.parametrize("codec", ["sampled", "topk", "dense"])
@@ -32,6 +63,7 @@ def test_gpt2_teacher_and_student_through_the_cli(tmp_path, cli, codec):
     assert "bytes/sample" in res.stdout
     r = CacheReader(str(store))
     assert r.task == "causal-lm" and r.codec.name == codec and r.verify() == []
+    assert_stored_labels_are_gpt2s(r, codec)
     res = cli(
         "train", "--cache", store, "--student", GPT2,
         *kv("--student-arg", [*SMALL[:-1], "n_positions=32", "seed=1"]),
@@ -46,6 +78,9 @@ def test_gpt2_teacher_and_student_through_the_cli(tmp_path, cli, codec):
         2.718281828 ** final["eval_loss"], rel=1e-6
     )
     assert 0 <= final["agreement"] <= 1
+    rows = (out / "metrics.csv").read_text().splitlines()
+    soft = [float(row.split(",")[rows[0].split(",").index("soft_loss")]) for row in rows[1:]]
+    assert soft[1] < soft[0], soft  # the student moves toward the stored labels
     res = cli("evaluate", "--checkpoint", out, "--data", DATA, "--data-arg", "n=6",
               "--data-arg", "seed=3", "--json")  # fmt: skip
     assert res.exit_code == 0, res.stderr
@@ -130,8 +165,10 @@ def test_pooled_token_features_with_the_feature_loss(tmp_path, cli, mode):
     assert float(first[header.index("feature_loss")]) > 0
 
 
-def test_lm_store_and_student_on_memory_urls(cli, memory_url):
-    """The causal-lm store and the student's run folder on an fsspec URL, resumed after a stop."""
+def test_lm_store_and_student_on_memory_urls(cli, memory_url, monkeypatch):
+    """The causal-lm store and the student's run folder on an fsspec URL, resumed after a stop:
+    Ctrl-C right after checkpoint-2 is written (in this process: the memory filesystem is this
+    process's), then the same command trains only epoch 3 from the checkpoint on the URL."""
     store, out = memory_url + "/store", memory_url + "/student"
     res = cli(
         "precompute", "--task", "causal-lm", "--teacher", "tests.toy_models:ToyCausalLM",
@@ -144,7 +181,23 @@ def test_lm_store_and_student_on_memory_urls(cli, memory_url):
         "--data-arg", "n=16", "--eval-data", DATA, "--eval-data-arg", "n=4", "--batch-size", "4",
         "--out", out, "--device", "cpu", "--quiet",
     ]  # fmt: skip
+    real = faults.point
+
+    def ctrl_c_after_the_second_checkpoint(name: str) -> None:
+        real(name)
+        if name == "checkpoint.saved" and faults.reached[name] - before[name] == 2:
+            raise KeyboardInterrupt
+
+    before = faults.reached.copy()
+    monkeypatch.setattr(faults, "point", ctrl_c_after_the_second_checkpoint)
+    stopped = cli(*args, "--epochs", "3")
+    assert stopped.exit_code == 130, stopped.stderr
+    monkeypatch.setattr(faults, "point", real)
+    before = faults.reached.copy()
     assert cli(*args, "--epochs", "3").exit_code == 0
+    assert (faults.reached - before)["train.epoch"] == 1  # epochs 1-2 came from checkpoint-2
+    with fsspec.open(out + "/summary.json") as f:
+        assert json.load(f)["epochs"] == 3
     again = cli(*args, "--epochs", "3")
     assert again.exit_code == 0 and "already trained" in again.stdout
     assert cli("evaluate", "--checkpoint", out, "--data", DATA, "--data-arg", "n=4").exit_code == 0

@@ -12,6 +12,7 @@ from kdcache.storage.reader import CacheReader
 from tests import toy_models
 from tests.conftest import (
     REPO,
+    THREADS,
     assert_one_line_error,
     files_under,
     kdcache_cmd,
@@ -26,7 +27,7 @@ def lm_args(out, *extra: str, n: int = 24) -> list[str]:
     return [
         "precompute", "--task", "causal-lm", "--teacher", TEACHER, "--data", DATA,
         "--data-arg", f"n={n}", "--out", str(out), "--shard-rows", "8", "--batch-size", "3",
-        "--device", "cpu", "--quiet", *extra,
+        "--device", "cpu", *THREADS, "--quiet", *extra,
     ]  # fmt: skip
 
 
@@ -90,13 +91,19 @@ def test_sampled_is_the_default_codec_and_inspect_shows_its_error(tmp_path, cli)
 
 
 def test_budget_chooses_k_and_n_and_says_so(tmp_path, cli):
-    res = cli(*lm_args(tmp_path / "k", "--codec", "topk", "--budget-bytes-per-token", "24"))
+    def said(*args: str):  # without --quiet: the choice is an info line on stderr
+        return cli(*[a for a in lm_args(*args) if a != "--quiet"])
+
+    res = said(tmp_path / "k", "--codec", "topk", "--budget-bytes-per-token", "24")
     assert res.exit_code == 0, res.stderr
     # topk at V = 64: uint8 id + float16 value = 3 bytes per k, + 4 for the logsumexp
-    assert CacheReader(str(tmp_path / "k")).codec.k == (24 - 4) // 3
-    res = cli(*lm_args(tmp_path / "n", "--budget-bytes-per-token", "12"))
+    k = CacheReader(str(tmp_path / "k")).codec.k
+    assert k == (24 - 4) // 3
+    assert f"--budget-bytes-per-token 24: topk chose top_k = {k}" in res.stderr
+    res = said(tmp_path / "n", "--budget-bytes-per-token", "12")
     r = CacheReader(str(tmp_path / "n"))
     assert res.exit_code == 0 and 1 <= r.codec.n < 50
+    assert f"--budget-bytes-per-token 12: sampled chose samples = {r.codec.n}" in res.stderr
     assert r.manifest["stats"]["mean_unique"] * 2 + 1 <= 12 * 1.15  # measured on the probe only
     res = cli(*lm_args(tmp_path / "x", "--codec", "topk", "--budget-bytes-per-token", "5"))
     assert res.exit_code == 2

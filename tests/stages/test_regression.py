@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,15 +13,13 @@ from kdcache.pipeline import jobs
 from kdcache.pipeline.jobs import train as run
 from kdcache.pipeline.models import load_model
 from kdcache.pipeline.runtime import Dist
-from kdcache.stages import precompute as precompute_stage
 from kdcache.stages import regression_metrics
 from kdcache.stages.config import EvaluateConfig
 from kdcache.stages.metrics import epoch_line, parse_csv
 from kdcache.stages.train import TrainConfig
 from kdcache.storage.errors import UsageError
-from kdcache.storage.manifest import store_fingerprint
 from kdcache.storage.reader import CacheReader
-from tests.conftest import toy_precompute
+from tests.conftest import REPO, toy_precompute
 from tests.toy_models import LinearReg, RegData
 
 N = 96
@@ -202,38 +201,40 @@ def test_summed_metric_vectors_match_sklearn():
     assert m["r2"] == pytest.approx(r2_score(y[keep], p[keep]))
 
 
-def _old_style_store(out, monkeypatch):
-    """A regression store as kdcache wrote it before targets were kept: no `target` column, no
-    `targets` in the manifest (and so the fingerprint of that time)."""
-    identity = precompute_stage._identity
-
-    def without_targets(*args):
-        header = identity(*args)
-        header.pop("targets")
-        header["fingerprint"] = store_fingerprint(header)
-        return header
-
-    with monkeypatch.context() as m:
-        m.setattr(precompute_stage, "_identity", without_targets)
-        m.setattr(precompute_stage, "check_targets", lambda *a: None)
-        reg_precompute(out)
+def _old_style_store(out) -> str:
+    """A regression store as kdcache wrote it before targets were kept (no `target` column, no
+    `targets` in the manifest, the fingerprint of that time): tests/fixtures/kdcache2-regression,
+    written by the code of commit b1d331c, copied so that nothing here can change it."""
+    shutil.copytree(REPO / "tests" / "fixtures" / "kdcache2-regression", out)
+    return str(out)
 
 
-def test_old_store_without_targets_trains_teacher_only(tmp_path, monkeypatch):
-    _old_style_store(tmp_path / "old", monkeypatch)
-    r = CacheReader(str(tmp_path / "old"))
+def test_old_store_without_targets_trains_teacher_only(tmp_path):
+    old = _old_style_store(tmp_path / "old")
+    r = CacheReader(old)
     assert r.targets_info is None and "target" not in r.read_shard(0) and r.verify() == []
-    cfg = config(tmp_path / "o", str(tmp_path / "old"))
+    assert r.task == "regression" and r.num_rows == 10
+    # the data it was computed from, and a student of the same width (RegNet's 3 outputs)
+    old_cfg = dict(
+        student="tests.toy_models:RegNet",
+        data="tests.toy_models:ToyData",
+        data_args={"n": 10},
+        eval_data="tests.toy_models:RegData",
+        eval_data_args={"n": 64, "seed": 5, "width": 3},
+        batch_size=4,
+    )
+    cfg = config(tmp_path / "o", old, **old_cfg)
     rows = run(cfg)["rows"]
     assert cfg.alpha == 1.0 and all(
         r["hard_loss"] == 0 and r["loss"] == r["soft_loss"] for r in rows
     )
     assert rows[-1]["eval_mse"] is not None and rows[-1]["teacher_mse"] is not None
+    assert rows[-1]["soft_loss"] < rows[0]["soft_loss"]  # it learns the old store's outputs
     with pytest.raises(UsageError, match=r"--alpha 0.5 .* stores none") as err:
-        run(config(tmp_path / "o2", str(tmp_path / "old"), alpha=0.5))
+        run(config(tmp_path / "o2", old, alpha=0.5, **old_cfg))
     assert "\n" not in str(err.value)
     with pytest.raises(UsageError, match="--normalize-targets"):
-        run(config(tmp_path / "o3", str(tmp_path / "old"), normalize_targets=True))
+        run(config(tmp_path / "o3", old, normalize_targets=True, **old_cfg))
 
 
 @pytest.mark.parametrize(

@@ -194,6 +194,18 @@ def test_relation_and_pseudo_students_from_a_toml(tmp_path, cli, caches):
     assert (rkd["relation"], rkd["gamma"], rkd["pseudo_labels"]) == ("rkd-distance", 25.0, False)
     assert (pseudo["relation"], pseudo["pseudo_labels"], pseudo["alpha"]) == (None, True, 0.0)
 
+    # What the settings say, the loss did: the relation term is in rkd's every epoch and in
+    # pseudo's none; with alpha 0 pseudo's loss is its hard term alone (the soft term is logged,
+    # weighted by 0).
+    def column(name: str, key: str) -> list[float]:
+        rows = (tmp_path / "out" / name / "metrics.csv").read_text().splitlines()
+        i = rows[0].split(",").index(key)
+        return [float(r.split(",")[i]) if r.split(",")[i] else 0.0 for r in rows[1:]]
+
+    assert column("rkd", "relation_loss") and all(v > 0 for v in column("rkd", "relation_loss"))
+    assert all(v == 0 for v in column("pseudo", "relation_loss"))
+    assert column("pseudo", "loss") == pytest.approx(column("pseudo", "hard_loss"), rel=1e-6)
+
 
 def test_the_mnist1d_job_has_a_relation_and_a_pseudo_label_student():
     import tomllib

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ from kdcache.pipeline.specs import augmentation
 from kdcache.stages import precompute, views
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
-from kdcache.storage.views import chosen_views, input_hashes
+from kdcache.storage.views import chosen_views
 from tests.conftest import (
     REPO,
     assert_one_line_error,
@@ -64,12 +64,22 @@ def test_rows_are_keyed_views_with_the_hash_of_the_teachers_input(store):
     r = CacheReader(url)
     assert r.num_rows == N * V and r.views["count"] == V and r.verify() == []
     ids, view = r.keys()
-    assert Counter(zip(ids.tolist(), view.tolist(), strict=True)) == Counter(
-        (i, v) for i in range(N) for v in range(V)
-    )
+    # Row i * V + v holds (i, v): a sample's views are consecutive (docs/FORMAT.md).
+    assert np.array_equal(ids, np.repeat(np.arange(N), V))
+    assert np.array_equal(view, np.tile(np.arange(V), N))
     stored = np.concatenate([r.read_shard(i)["input_hash"] for i in range(len(r.shards))])
-    # Store rows are in the order the teacher ran them: the hash column is of its inputs.
-    assert np.array_equal(stored, input_hashes(inputs))
+    # Store rows are in the order the teacher ran them: the hash column is of its inputs, by
+    # FORMAT.md's recipe computed here (blake2b-64 of "dtype|shape|" and the bytes).
+    want = [
+        int.from_bytes(
+            hashlib.blake2b(
+                f"{x.dtype}|{tuple(x.shape)}|".encode() + x.numpy().tobytes(), digest_size=8
+            ).digest(),
+            "little",
+        )
+        for x in inputs
+    ]
+    assert stored.tolist() == want
     # The views of a sample differ (the augmentation did something) and are not the raw input.
     raw = torch.from_numpy(ToyData(N).x)
     assert not torch.equal(inputs[0], inputs[1])
@@ -276,3 +286,28 @@ def test_loader_workers_write_the_same_views(tmp_path):
     toy_precompute(tmp_path / "w0", **common)
     toy_precompute(tmp_path / "w2", num_workers=2, **common)
     assert files_under(tmp_path / "w2") == files_under(tmp_path / "w0")
+
+
+@pytest.mark.parametrize(("n", "views", "requested"), [(40, 3, 16), (40, 3, 100), (7, 4, 5)])
+def test_whole_samples_per_shard_by_formats_rule(tmp_path, n, views, requested):
+    """FORMAT.md: shard_rows = V * balanced(N, floor(R / V)), balanced(N, r) = ceil(N / S) with
+    S = ceil(N / r) (computed here); every sample's V views lie in one shard."""
+    r = max(1, requested // views)
+    shards = -(-n // r)
+    want = views * -(-n // shards)
+    out = tmp_path / "s"
+    toy_precompute(out, views=views, augment=SHIFT, data_args={"n": n}, shard_rows=requested)
+    reader = CacheReader(str(out))
+    assert reader.manifest["shard_rows"] == want and reader.num_rows == n * views
+    for i in range(len(reader.shards)):
+        ids = reader.read_shard(i, features=False)["sample_id"]
+        assert all(c == views for c in np.unique(ids, return_counts=True)[1]), i
+
+
+def test_views_of_token_blocks_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="views of token blocks are not supported"):
+        toy_precompute(
+            tmp_path / "s", task="causal-lm", teacher="tests.toy_models:ToyCausalLM",
+            data="tests.toy_models:ToyTokens", codec="sampled", views=2, augment=SHIFT,
+        )  # fmt: skip
+    assert not (tmp_path / "s").exists()

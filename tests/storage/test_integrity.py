@@ -86,8 +86,11 @@ def test_a_flipped_byte_in_a_memory_store_through_zarr(memory_url):
     data[len(data) // 2] ^= 0x01
     fs.pipe_file(key, bytes(data))
     assert len(CacheReader(memory_url).read_shard(2, features=False)["sample_id"]) > 0
-    with pytest.raises(IntegrityError, match="features.zarr/c/2/0 does not match"):
+    with pytest.raises(IntegrityError, match="features.zarr/c/2/0 does not match") as info:
         CacheReader(memory_url).read_shard(2)
+    # the store is named by its URL, as the user gave it, and so is the command that checks it
+    assert f"the manifest of {memory_url}" in str(info.value), str(info.value)
+    assert f"`kdcache verify {memory_url}`" in str(info.value)
 
 
 def test_each_file_is_checked_once_per_reader_on_the_bytes_read(copy_of, monkeypatch):

@@ -152,10 +152,16 @@ sys.stdin.readline()  # both processes are released at once
 try:
     lock.acquire()
 except LockedError as exc:
-    print("lost", exc, flush=True)
-    sys.exit(75)
-print("won", lock.token, flush=True)
-lock._stop.set()  # leave the lock behind for the test to read
+    print("lost", str(exc).replace("\\n", " "), flush=True)
+    code = 75
+else:
+    print("won", lock.token, flush=True)
+    lock._stop.set()  # leave the lock behind for the test to read
+    code = 0
+# Alive until the test has both answers: a winner that exited at once would leave a lock of a
+# dead pid, which a loser slowed down by a loaded machine may rightly take over as stale.
+sys.stdin.readline()
+sys.exit(code)
 """
 
 
@@ -174,7 +180,9 @@ def race_two_processes(url: str, rounds: int = 2, blind_rounds: int = 2) -> None
             p.stdin.write("go\n")
         for p in procs:
             p.stdin.flush()
-        outs = [p.communicate(timeout=60)[0].split(" ", 1) for p in procs]
+        outs = [p.stdout.readline().split(" ", 1) for p in procs]
+        for p in procs:
+            p.communicate("done\n", timeout=60)
         codes = sorted(p.returncode for p in procs)
         assert codes == [0, 75], outs
         (winner,) = [o[1].strip() for o in outs if o[0] == "won"]
