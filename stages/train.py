@@ -129,10 +129,19 @@ class Trainer:
                     f"--teacher {cfg.teacher} outputs {tw} values per sample but --student "
                     f"{cfg.student} {width}: give the student the teacher's classes (vocabulary)"
                 )
-        self.head, self.chunk = None, 0
+        self.head, self.chunk, self.plain = None, 0, False
         if self.task == lm.TASK:  # the chunked loss (stages/lm_loss.py), fused where it can be
             x = lm.inputs(self.data, np.arange(min(2, len(self.data))), self.task)
-            self.head = lm_head.resolve(student, x, width, cfg.fused_head, cfg.student)
+            # A plug-in codec without per-token targets keeps the plain loss (its soft_loss on
+            # the valid tokens' full logits): nothing to fuse then.
+            self.plain = r is not None and not r.codec.has_token_targets
+            wanted = False if self.plain and not cfg.fused_head else cfg.fused_head
+            self.head = lm_head.resolve(student, x, width, wanted, cfg.student)
+            if self.plain and self.head is not None:
+                raise UsageError(
+                    f"--fused-head: the {r.codec.name} codec gives no per-token targets "
+                    "(Codec.token_targets) for the fused loss: drop --fused-head"
+                )
             self.chunk = lm_loss.chunk_tokens(cfg.loss_chunk_mb, width)
             lm_loss.chunk_tokens(cfg.eval_logits_mb, width, "--eval-logits-mb")
         self.student = student
@@ -255,6 +264,14 @@ class Trainer:
             x = batch["input"]
             pos = lm_loss.positions(x["input_ids"].cpu(), x["attention_mask"].cpu()).to(dev)
         targets, T = None, cfg.temperature or 1.0
+        if self.plain:  # the loss before issue 22, for codecs that only have soft_loss
+            x = to_device(batch["input"], dev)
+            hard = lm.next_token_loss(out.float(), x["input_ids"], x["attention_mask"])
+            stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
+            z = lm.valid_tokens(out.float(), x["attention_mask"])
+            soft = r.codec.soft_loss(z, stored, r.temperature, T)
+            loss = cfg.alpha * soft + (1 - cfg.alpha) * hard
+            return self._with_features(loss, hard, soft, proj, batch)
         if r:
             stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
             targets = r.codec.token_targets(stored, r.temperature, T, r.num_classes)
@@ -266,10 +283,13 @@ class Trainer:
         head = self.head.linear if self.head is not None else None
         loss, hard, soft = lm_loss.causal_lm_loss(out, pos, targets, T, 1 - w_soft, w_soft,
                                                   self.chunk, head)  # fmt: skip
+        return self._with_features(loss, hard, soft, proj, batch)
+
+    def _with_features(self, loss, hard, soft, proj, batch) -> dict[str, torch.Tensor]:
         feat = loss.new_zeros(())
         if proj is not None:
-            feat = losses.feature_loss(proj, to_device(batch["features"], dev))
-            loss = loss + cfg.beta * feat
+            feat = losses.feature_loss(proj, to_device(batch["features"], self.device))
+            loss = loss + self.cfg.beta * feat
         return {"loss": loss, "hard_loss": hard, "soft_loss": soft, "feature_loss": feat}
 
     def train_epoch(self, epoch: int, history: list) -> dict:

@@ -292,11 +292,20 @@ def topk_buckets_t2(teacher: torch.Tensor, student: torch.Tensor, k: int, T: flo
     return total / len(teacher) * T**2
 
 
-@pytest.mark.parametrize("codec", ["dense", "topk"])
+def plugin_codec():
+    """A third-party codec with `soft_loss` only (no per-token targets): the plain loss path."""
+    from kdcache.storage.codecs.base import Codec
+    from kdcache.storage.codecs.dense import Dense
+
+    plain = type("PlainDense", (Dense,), {"token_targets": Codec.token_targets})
+    return plain({"codec": "dense", "dtype": "float32", "num_classes": V}, "causal-lm")
+
+
+@pytest.mark.parametrize("codec", ["dense", "topk", "plugin-dense"])
 def test_training_on_packed_batches(tmp_path, monkeypatch, codec):
     monkeypatch.setattr(train_module, "JoinedStream", PackedStream)
     ds, eval_ds = TokenData(), TokenData(seed=1)
-    reader = FakeReader(ds, codec_of(codec))
+    reader = FakeReader(ds, plugin_codec() if codec == "plugin-dense" else codec_of(codec))
     cfg = lm_config(tmp_path / "run", cache="fake://store")
     torch.manual_seed(cfg.seed)
     student = BigramLM(seed=1)
@@ -314,7 +323,7 @@ def test_training_on_packed_batches(tmp_path, monkeypatch, codec):
     with torch.no_grad():
         z = initial(x["input_ids"])["logits"]
     zt, teacher = z[x["attention_mask"].bool()], teacher_tokens(ds, ids)
-    if codec == "dense":
+    if codec.endswith("dense"):
         soft = float(kl_t2(teacher, zt, TEACHER_T))
     else:
         soft = topk_buckets_t2(teacher, zt, 3, TEACHER_T)
