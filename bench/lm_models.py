@@ -30,9 +30,17 @@ class CausalMix(nn.Module):
         self.mix = nn.Linear(2 * dim, dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """What the head maps to logits: with `get_output_embeddings`, the declared head that
+        stage two fuses into its loss (stages/lm_head.py)."""
         e = self.embed(input_ids)
-        return self.head(torch.tanh(self.mix(torch.cat([e, shifted(e)], -1))))
+        return torch.tanh(self.mix(torch.cat([e, shifted(e)], -1)))
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids))
 
 
 class ZipfLM(nn.Module):

@@ -2,8 +2,9 @@
 
 - step: a `CausalMix` student (dim 64, AdamW) over one epoch of a sampled store's batches, the
   inputs joined from the data set by sample id, loss `alpha * soft + (1 - alpha) * next-token CE`
-  with the soft loss `reader.codec.soft_loss(z[mask], stored, T, T)` as stage two computes it;
-  against the same student over the same token batches (same rows, same order) with CE only.
+  as stage two computes it (`stages/lm_loss.causal_lm_loss`, the student's head fused in);
+  against the same student over the same token batches (same rows, same order) with plain CE
+  on its full logits.
   Both time forward + loss + backward + optimizer step; the cached run also its loader.
 - reader: `CacheStream` (shuffle on, and off) over a store of the sampled store's rows tiled to
   size, against the same packed arrays (per-row keys, per-token `sampled_n`, per-draw ids and
@@ -21,6 +22,7 @@ import torch
 
 from bench.common import Report, interleaved, ratio
 from bench.lm_models import Blocks, CausalMix, next_token_ce
+from kdcache.stages import lm_loss
 from kdcache.stages.data import get_batch
 from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
@@ -39,6 +41,7 @@ def step_contenders(report: Report, url: str, repeat: int) -> None:
     stream = CacheStream(reader, batch_size=rows, seed=SEED, features=False)
     order = [b["sample_id"].numpy() for b in stream]
     fields = [f.name for f in reader.codec.token_fields()]
+    chunk = lm_loss.chunk_tokens(lm_loss.CHUNK_MB, v)
 
     def trainer(cached: bool):
         torch.manual_seed(SEED)
@@ -51,12 +54,14 @@ def step_contenders(report: Report, url: str, repeat: int) -> None:
             for batch in batches:
                 x, _ = get_batch(data, batch["sample_id"].numpy(), task="causal-lm")
                 ids, mask = x["input_ids"], x["attention_mask"]
-                z = student(ids)
-                loss = next_token_ce(z, ids, mask)
-                if cached:
+                if cached:  # stage two's chunked loss with the student's head fused in
+                    pos = lm_loss.positions(ids, mask)
                     stored = {k: batch[k] for k in fields}
-                    soft = reader.codec.soft_loss(z[mask.bool()], stored, temp, temp)
-                    loss = ALPHA * soft + (1 - ALPHA) * loss
+                    targets = reader.codec.token_targets(stored, temp, temp, v)
+                    loss = lm_loss.causal_lm_loss(student.hidden_states(ids), pos, targets, temp,
+                                                  1 - ALPHA, ALPHA, chunk, student.head)[0]  # fmt: skip
+                else:
+                    loss = next_token_ce(student(ids), ids, mask)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

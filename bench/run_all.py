@@ -25,7 +25,14 @@ from bench.common import Table, environment
 
 REPO = Path(__file__).resolve().parents[1]
 # bench_s3 (object storage vs local disk) is optional: it runs when its module is present.
-BENCHES = ("bench_precompute", "bench_reader", "bench_train", "bench_lm", "bench_s3")
+BENCHES = (
+    "bench_precompute",
+    "bench_reader",
+    "bench_train",
+    "bench_lm",
+    "bench_lm_loss",
+    "bench_s3",
+)
 
 
 def available(names: list[str] | None) -> list[str]:

@@ -36,6 +36,9 @@ def click_options(cls, extra: Iterable[Option] = ()):
 
 def click_option(opt: Option):
     kw: dict = {"help": help_text(opt), "default": None}
+    if opt.type is bool and opt.default is None:  # on, off, or unset (the stage decides)
+        off = "--no-" + opt.flag.removeprefix("--")
+        return click.option(f"{opt.flag}/{off}", opt.name, default=None, help=opt.help)
     if opt.type is bool:
         kw.update(is_flag=True, flag_value=not opt.default)  # --force sets True, --no-plots False
     elif opt.type is dict:

@@ -26,6 +26,16 @@ AUGMENT_HELP = "Augmentation spec package.module:attr, called as augment(x, gene
 AUGMENT_ARG_HELP = "k=v keyword for the augmentation (repeatable)."
 
 
+# Evaluation's memory is sized in logits, not rows: a chunk of tokens x classes of float32.
+EVAL_LOGITS_MB = 256.0
+EVAL_LOGITS_HELP = "Evaluation and agreement: MB of float32 logits (tokens x classes) made at once."
+
+
+def eval_rows(batch_size: int | None, task: str) -> int:
+    """Rows per evaluation forward when none is given: 1024, or 64 token blocks."""
+    return batch_size or (64 if task == "causal-lm" else 1024)
+
+
 def check_augment(augment: str | None, args: dict, task: str | None, views: int = 1) -> None:
     """What an augmentation needs of the other options, before anything is built."""
     if augment is None and (views > 1 or args):
@@ -258,9 +268,26 @@ class TrainConfig:
     prefetch: int = option(2, "Shards read ahead.", minimum=1, execution=True)
     verify_reads: bool = verify_reads_option()
     agree_rows: int = option(
-        5000, "Cached rows measured for teacher agreement.", minimum=1, cli=False
+        5000, "Cached rows (blocks for causal-lm) measured for teacher agreement.", minimum=1
     )
-    eval_batch_size: int = option(1024, "Evaluation batch size.", minimum=1, cli=False)
+    eval_batch_size: int | None = option(
+        None,
+        "Evaluation rows per forward (default 1024; 64 blocks for causal-lm), fewer where "
+        "--eval-logits-mb asks.",
+        minimum=1,
+        execution=True,
+    )
+    eval_logits_mb: float = option(EVAL_LOGITS_MB, EVAL_LOGITS_HELP, above=0, execution=True)
+    # Causal-lm: the chunked loss of stages/lm_loss.py (exact either way: execution settings).
+    fused_head: bool | None = option(
+        None,
+        "Causal-lm: build the logits chunk by chunk inside the loss from the student's output "
+        "layer, never all at once (default: where the student exposes it).",
+        execution=True,
+    )
+    loss_chunk_mb: float = option(
+        64.0, "Causal-lm: MB of float32 logits per chunk of the loss.", above=0, execution=True
+    )
     quiet: bool = option(False, QUIET_HELP, cli=False, execution=True)
 
     def validate(self) -> None:
@@ -349,11 +376,14 @@ class EvaluateConfig:
         {}, "k=v keyword for the data set (repeatable).", flag_name="--data-arg"
     )
     cache: str | None = option(None, "Also report agreement with this cache's teacher top-1.")
-    batch_size: int = option(1024, "Evaluation batch size.", minimum=1)
+    batch_size: int | None = option(
+        None, "Evaluation rows per forward (default 1024; 64 blocks for causal-lm).", minimum=1
+    )
+    eval_logits_mb: float = option(EVAL_LOGITS_MB, EVAL_LOGITS_HELP, above=0)
     device: str = option("auto", DEVICE_HELP, execution=True)
     precision: str = option("fp32", "Autocast precision.", choices=TRAIN_PRECISIONS)
     agree_rows: int = option(
-        5000, "Cached rows measured for teacher agreement.", minimum=1, cli=False
+        5000, "Cached rows (blocks for causal-lm) measured for teacher agreement.", minimum=1
     )
     ignore_fingerprint: bool = option(False, "Skip the cache data check.", execution=True)
     storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)

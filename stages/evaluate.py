@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kdcache.stages import lm, regression
-from kdcache.stages.config import EvaluateConfig
+from kdcache.stages import lm, lm_loss, regression
+from kdcache.stages.config import EVAL_LOGITS_MB, EvaluateConfig, eval_rows
 from kdcache.stages.data import get_batch
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.loader import check_data
@@ -37,17 +37,56 @@ def reduce_sums(sums: torch.Tensor, enabled: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def eval_sums(
-    model, batches, device: torch.device, precision: str = "fp32", task: str = "classification"
-) -> torch.Tensor:
+    model, batches, device: torch.device, precision: str = "fp32", task: str = "classification",
+    logits_mb: float = EVAL_LOGITS_MB, head=None,
+) -> torch.Tensor:  # fmt: skip
     """Summed metric vector of `model` over (inputs, labels) batches; leaves the model in eval.
 
-    Labels are (B,) per row, or (B, L) per token for causal-lm (each position a row)."""
+    Labels are (B,) per row, or (B, L) per token for causal-lm (each position a row). Memory is
+    bounded by `logits_mb` of float32 logits, whatever the number or length of the rows: a batch's
+    rows are forwarded a few at a time (one at least) and their metrics summed chunk by chunk;
+    with a causal-lm `head` (stages/lm_head.py) the model gives hidden states and the logits are
+    made per chunk of tokens, so not even one row's (L x V) logits are built."""
     model.eval()
     total = torch.zeros(sums_size(), dtype=sum_dtype(device), device=device)
+    width = head.linear.out_features if head is not None else None
     for x, y in batches:
-        with autocast(device, precision):
-            z = lm.logits(model, to_device(x, device), task)
-        total += batch_sums(z.float().reshape(y.numel(), -1), to_device(y, device).reshape(-1))
+        n, a = len(y), 0
+        while a < n:
+            # The first forward is one row: the model's width is not known before it.
+            per_row = (x["input_ids"].shape[1] if isinstance(x, dict) else 1) * (width or 0)
+            rows = (
+                n if head is not None else 1 if not per_row else logits_mb * 2**20 // (4 * per_row)
+            )
+            b = min(n, a + max(1, int(rows)))
+            xs = to_device(_rows(x, a, b), device)
+            ys = to_device(y[a:b], device).reshape(-1)
+            with autocast(device, precision):
+                out = head.hidden(xs) if head is not None else lm.logits(model, xs, task)
+            width = width or out.shape[-1]
+            chunk = max(1, lm_loss.chunk_tokens(logits_mb, width, "--eval-logits-mb") // 4)
+            total += _chunked_sums(out.reshape(len(ys), -1), ys, chunk, device, precision, head)
+            a = b
+    return total
+
+
+def _rows(x, a: int, b: int):
+    return {k: v[a:b] for k, v in x.items()} if isinstance(x, dict) else x[a:b]
+
+
+def _chunked_sums(out, labels, chunk: int, device, precision: str, head) -> torch.Tensor:
+    """`batch_sums` of logits (or of `head` applied to hidden states) `chunk` rows at a time;
+    with a head, only the labeled rows are mapped to logits at all."""
+    if head is not None:
+        keep = (labels >= 0).nonzero().squeeze(1)  # a sync, in evaluation only
+        out, labels = out[keep], labels[keep]
+    total = 0
+    for a in range(0, len(labels), chunk):
+        z = out[a : a + chunk]
+        if head is not None:
+            with autocast(device, precision):
+                z = head.linear(z)
+        total = total + batch_sums(z, labels[a : a + chunk])
     return total
 
 
@@ -113,19 +152,21 @@ def run(cfg: EvaluateConfig, model, summary: dict, ds, device, reader=None, cach
             f"--cache {reader.url} holds a {reader.task} teacher but the student is "
             f"{task}: pass the student's store"
         )
+    cfg.batch_size = eval_rows(cfg.batch_size, task)
     if task == "regression":  # MSE, MAE, R² and the same against the teacher (stages/regression.py)
         return regression.evaluate_run(cfg, model, summary, ds, device, reader, cache_data)
     if task != lm.TASK:
         has_labels(ds, "--data")
     batches = dataset_batches(ds, cfg.batch_size, task=task)
-    result = summarise(eval_sums(model, batches, device, cfg.precision, task))
+    result = summarise(eval_sums(model, batches, device, cfg.precision, task, cfg.eval_logits_mb))
     if task == lm.TASK:
         result["perplexity"] = lm.perplexity(result["loss"])
     result["agreement"] = None
     if reader is not None:
         check_data(reader, cache_data, cfg.ignore_fingerprint)
         agree = AgreementSet(reader, cache_data, cfg.agree_rows)
-        sums = eval_sums(model, agree.batches(cfg.batch_size), device, cfg.precision, task)
+        batches = agree.batches(cfg.batch_size)
+        sums = eval_sums(model, batches, device, cfg.precision, task, cfg.eval_logits_mb)
         result["agreement"] = summarise(sums)["accuracy"]
     result.update(name=summary.get("name"), student=summary["student"], data=cfg.data)
     return result

@@ -17,14 +17,14 @@ def hard_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """Cross-entropy on the labeled rows only (``label >= 0``; -1 marks a missing label).
 
     ``L = -1/|M| * sum_{b in M} log softmax(z_s[b])[y_b]`` with ``M = {b : y_b >= 0}``.
-    A batch with no labels returns ``0 * sum(z_s)``: zero, but still attached to the graph so a
-    combined loss can always call ``backward()``.
+    A batch with no labels returns 0, still attached to the graph so a combined loss can always
+    call ``backward()``. Written without selecting the labeled rows (a data-dependent size) or
+    asking whether there are any: neither waits on the device.
     """
     logits = upcast(student_logits)
     mask = labels >= 0
-    if not bool(mask.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[mask], labels[mask].long())
+    per_row = F.cross_entropy(logits, labels.clamp_min(0).long(), reduction="none")
+    return (per_row * mask).sum() / mask.sum().clamp_min(1)
 
 
 def feature_loss(projected_student: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

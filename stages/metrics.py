@@ -15,10 +15,10 @@ import io
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kdcache.stages import regression_metrics
 from kdcache.stages.device import sum_dtype
+from kdcache.storage.codecs.losses import upcast
 
 BINS = 15
 CSV_FIELDS = (
@@ -52,23 +52,28 @@ def bin_index(confidence: torch.Tensor, bins: int = BINS) -> torch.Tensor:
 
 
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> torch.Tensor:
-    """The additive metric vector of one batch (rows with label < 0 are ignored)."""
+    """The additive metric vector of one batch (rows with label < 0 are ignored).
+
+    Computed in the logits' own precision (half is upcast to float32) from the log-sum-exp and the
+    top logit, without a softmax copy; only the returned sums are float64 (`sum_dtype`)."""
     keep = labels >= 0
     dt = sum_dtype(logits.device)
-    logits, labels = logits[keep].to(dt), labels[keep].long()
+    z, labels = upcast(logits[keep]), labels[keep].long()
     out = torch.zeros(sums_size(bins), dtype=dt, device=logits.device)
     if not len(labels):
         return out
-    probs = logits.softmax(-1)
-    confidence, pred = probs.max(-1)
-    correct = (pred == labels).to(dt)
+    lse = z.logsumexp(-1)
+    top, pred = z.max(-1)
+    confidence = (top - lse).exp()  # the largest softmax probability
+    correct = (pred == labels).to(z.dtype)
     b = bin_index(confidence, bins)
     out[0] = len(labels)
-    out[1] = correct.sum()
-    out[2] = F.cross_entropy(logits, labels, reduction="sum")
+    out[1] = correct.sum().to(dt)
+    out[2] = (lse - z.gather(1, labels[:, None]).squeeze(1)).sum().to(dt)
     out[3 : 3 + bins] = torch.bincount(b, minlength=bins).to(dt)
-    out[3 + bins : 3 + 2 * bins] = torch.zeros_like(out[:bins]).index_add(0, b, confidence)
-    out[3 + 2 * bins :] = torch.zeros_like(out[:bins]).index_add(0, b, correct)
+    zeros = torch.zeros(bins, dtype=z.dtype, device=z.device)
+    out[3 + bins : 3 + 2 * bins] = zeros.index_add(0, b, confidence).to(dt)
+    out[3 + 2 * bins :] = zeros.index_add(0, b, correct).to(dt)
     return out
 
 

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.stages import checkpoint, lm, losses, regression, relations, views
-from kdcache.stages.config import TrainConfig
+from kdcache.stages import checkpoint, lm, lm_head, lm_loss, losses, regression, relations, views
+from kdcache.stages.config import TrainConfig, eval_rows
 from kdcache.stages.device import autocast, sum_dtype, to_device
 from kdcache.stages.evaluate import (
     AgreementSet,
@@ -54,6 +54,7 @@ from kdcache.stages.train_setup import (
     settings_diff,
 )
 from kdcache.storage import faults
+from kdcache.storage.codecs import token_targets
 from kdcache.storage.errors import UsageError
 
 log = logging.getLogger("kdcache.train")
@@ -128,12 +129,29 @@ class Trainer:
                     f"--teacher {cfg.teacher} outputs {tw} values per sample but --student "
                     f"{cfg.student} {width}: give the student the teacher's classes (vocabulary)"
                 )
+        self.head, self.chunk, self.plain = None, 0, False
+        if self.task == lm.TASK:  # the chunked loss (stages/lm_loss.py), fused where it can be
+            x = lm.inputs(self.data, np.arange(min(2, len(self.data))), self.task)
+            # A plug-in codec without per-token targets keeps the plain loss (its soft_loss on
+            # the valid tokens' full logits): nothing to fuse then.
+            self.plain = r is not None and not r.codec.has_token_targets
+            wanted = False if self.plain and not cfg.fused_head else cfg.fused_head
+            self.head = lm_head.resolve(student, x, width, wanted, cfg.student)
+            if self.plain and self.head is not None:
+                raise UsageError(
+                    f"--fused-head: the {r.codec.name} codec gives no per-token targets "
+                    "(Codec.token_targets) for the fused loss: drop --fused-head"
+                )
+            self.chunk = lm_loss.chunk_tokens(cfg.loss_chunk_mb, width)
+            lm_loss.chunk_tokens(cfg.eval_logits_mb, width, "--eval-logits-mb")
         self.student = student
         self.num_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
         projector: nn.Module = nn.Identity()
         if cfg.beta > 0 and sdim != r.features_info["dim"]:
             projector = nn.Linear(sdim, r.features_info["dim"])
-        self.model = Distillee(student, tap, projector, self.task, project=cfg.beta > 0)
+        self.model = Distillee(
+            student, tap, projector, self.task, project=cfg.beta > 0, head=self.head
+        )
         self.regression = None
         if self.task == regression.TASK:
             self.regression = regression.RegressionTerms(r, cfg)
@@ -222,11 +240,8 @@ class Trainer:
         zero = z.new_zeros((), dtype=torch.float32)
         hard = soft = feat = zero
         if self.task == lm.TASK:
-            x = to_device(batch["input"], dev)
-            hard = lm.next_token_loss(z, x["input_ids"], x["attention_mask"])
-            z = lm.valid_tokens(z, x["attention_mask"])  # the stored columns' tokens, in order
-        else:
-            hard = losses.hard_loss(z, to_device(batch["label"], dev))
+            return self._lm_terms(z, proj, batch)
+        hard = losses.hard_loss(z, to_device(batch["label"], dev))
         if r:
             stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
             soft = r.codec.soft_loss(z, stored, r.temperature, cfg.temperature)
@@ -240,6 +255,43 @@ class Trainer:
             total = cfg.alpha * soft + (1 - cfg.alpha) * hard + cfg.beta * feat
         return {"loss": total, "hard_loss": hard, "soft_loss": soft, "feature_loss": feat}
 
+    def _lm_terms(self, out, proj, batch) -> dict[str, torch.Tensor]:
+        """One chunked pass over the valid tokens (stages/lm_loss.py): `out` is the student's
+        logits, or its last hidden states when its head is fused into the loss."""
+        cfg, r, dev = self.cfg, self.reader, self.device
+        pos = batch.get("positions")
+        if pos is None:  # (the training loop selects them from the host's batch)
+            x = batch["input"]
+            pos = lm_loss.positions(x["input_ids"].cpu(), x["attention_mask"].cpu()).to(dev)
+        targets, T = None, cfg.temperature or 1.0
+        if self.plain:  # the loss before issue 22, for codecs that only have soft_loss
+            x = to_device(batch["input"], dev)
+            hard = lm.next_token_loss(out.float(), x["input_ids"], x["attention_mask"])
+            stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
+            z = lm.valid_tokens(out.float(), x["attention_mask"])
+            soft = r.codec.soft_loss(z, stored, r.temperature, T)
+            loss = cfg.alpha * soft + (1 - cfg.alpha) * hard
+            return self._with_features(loss, hard, soft, proj, batch)
+        if r:
+            stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
+            targets = r.codec.token_targets(stored, r.temperature, T, r.num_classes)
+        elif self.online:
+            z_t = self.online.logits(to_device(batch["input"], dev))
+            z_t = z_t.reshape(-1, z_t.shape[-1]).index_select(0, pos.index)
+            targets = token_targets.Dense(z_t, 1.0, T)  # the live logits, "stored" at T = 1
+        w_soft = cfg.alpha if targets is not None else 0.0
+        head = self.head.linear if self.head is not None else None
+        loss, hard, soft = lm_loss.causal_lm_loss(out, pos, targets, T, 1 - w_soft, w_soft,
+                                                  self.chunk, head)  # fmt: skip
+        return self._with_features(loss, hard, soft, proj, batch)
+
+    def _with_features(self, loss, hard, soft, proj, batch) -> dict[str, torch.Tensor]:
+        feat = loss.new_zeros(())
+        if proj is not None:
+            feat = losses.feature_loss(proj, to_device(batch["features"], self.device))
+            loss = loss + self.cfg.beta * feat
+        return {"loss": loss, "hard_loss": hard, "soft_loss": soft, "feature_loss": feat}
+
     def train_epoch(self, epoch: int, history: list) -> dict:
         self.stream.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
@@ -249,9 +301,11 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         names = ("loss", "hard_loss", "soft_loss", "feature_loss", "relation_loss")
-        # Loss sums weighted by rows, or by tokens for causal-lm (means per token); then the rows
-        # and tokens seen.
-        sums = torch.zeros(len(names) + 2, dtype=sum_dtype(self.device), device=self.device)
+        # Loss sums weighted by rows, or by tokens for causal-lm (means per token), kept on the
+        # device; the rows and tokens seen are counted on the host (no sync per step).
+        sums = torch.zeros(len(names), dtype=sum_dtype(self.device), device=self.device)
+        rows = tokens = 0
+        first: list[torch.Tensor] = []  # the first steps' terms, read back after the epoch
         self.model.train()
         done = 0
         join = contextlib.nullcontext()
@@ -274,10 +328,17 @@ class Trainer:
                 on_device = batch | {
                     k: to_device(batch[k], self.device) for k in ("input", "features") if k in batch
                 }
+                lm_batch = self.task == lm.TASK
+                if lm_batch:  # selected once, from the host's mask: no device sync
+                    x = batch["input"]
+                    on_device["positions"] = lm_loss.positions(
+                        x["input_ids"], x["attention_mask"]
+                    ).to(self.device)
                 with autocast(self.device, self.cfg.precision):
                     z, proj = self.ddp(on_device["input"])
                 proj = None if proj is None else proj.float()
-                terms = self.loss_terms(z.float(), proj, on_device)
+                # The chunked LM loss upcasts a chunk at a time: no full float32 copy of z.
+                terms = self.loss_terms(z if lm_batch else z.float(), proj, on_device)
                 self.opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 self.opt.step()
@@ -285,18 +346,19 @@ class Trainer:
                 faults.point("train.batch")
                 done += 1
                 n = len(batch["sample_id"])
-                tokens = lm.token_count(batch["input"]) if self.task == lm.TASK else 0
-                w = tokens or n
-                sums += torch.stack(
-                    [terms[k].detach().to(sums.dtype) * w for k in names]
-                    + [sums.new_tensor(n), sums.new_tensor(tokens)]
-                )
-                if len(history) < 64:
-                    history.append({k: float(terms[k].detach()) for k in names})
+                t = on_device["positions"].tokens if lm_batch else 0  # host ints
+                rows, tokens = rows + n, tokens + t
+                step = torch.stack([terms[k].detach().to(sums.dtype) for k in names])
+                sums += step * (t or n)
+                if len(history) + len(first) < 64:
+                    first.append(step)
+        # The one read-back of the epoch's per-step terms (a sync per step otherwise).
+        history.extend(dict(zip(names, v, strict=True)) for v in map(torch.Tensor.tolist, first))
         # A rank with fewer batches catches the shared schedule up, so LRs agree across ranks.
         for _ in range(self.steps - done):
             self.sched.step()
-        sums = reduce_sums(sums, self.dist.enabled).cpu()
+        counts = sums.new_tensor([rows, tokens])
+        sums = reduce_sums(torch.cat([sums, counts]), self.dist.enabled).cpu()
         rows, tokens = int(sums[-2]), int(sums[-1])
         n = max(1.0, float(tokens or rows))
         out = {k: float(sums[i]) / n for i, k in enumerate(names)} | {
@@ -315,20 +377,22 @@ class Trainer:
             reduce = lambda s: reduce_sums(s, self.dist.enabled)  # noqa: E731
             out |= regression.metrics(
                 self.student, self.device, self.reader.num_classes, cfg.precision,
-                cfg.eval_batch_size, self.eval_data, self.agree, rank, world, reduce,
+                eval_rows(cfg.eval_batch_size, task), self.eval_data, self.agree, rank, world,
+                reduce,
             )  # fmt: skip
             self.model.train()
             return out
+        size, mb = eval_rows(cfg.eval_batch_size, task), cfg.eval_logits_mb
         if self.eval_data is not None and task in ("classification", lm.TASK):
-            batches = dataset_batches(self.eval_data, cfg.eval_batch_size, rank, world, task)
-            sums = eval_sums(self.student, batches, self.device, cfg.precision, task)
+            batches = dataset_batches(self.eval_data, size, rank, world, task)
+            sums = eval_sums(self.student, batches, self.device, cfg.precision, task, mb, self.head)
             m = summarise(reduce_sums(sums, self.dist.enabled))
             out.update(eval_loss=m["loss"], eval_accuracy=m["accuracy"], eval_ece=m["ece"])
         if task == lm.TASK:
             out["eval_perplexity"] = lm.perplexity(out["eval_loss"])
         if self.agree is not None:
-            batches = self.agree.batches(cfg.eval_batch_size, rank, world)
-            sums = eval_sums(self.student, batches, self.device, cfg.precision, task)
+            batches = self.agree.batches(size, rank, world)
+            sums = eval_sums(self.student, batches, self.device, cfg.precision, task, mb, self.head)
             out["agreement"] = summarise(reduce_sums(sums, self.dist.enabled))["accuracy"]
         self.model.train()
         return out

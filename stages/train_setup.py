@@ -25,15 +25,19 @@ from kdcache.storage.reader import CacheReader
 class Distillee(nn.Module):
     """Student plus feature projector: one module, so DDP syncs both and one optimizer trains both."""
 
-    def __init__(self, student, tap: FeatureTap | None, projector: nn.Module, task, project=True):
+    def __init__(self, student, tap: FeatureTap | None, projector: nn.Module, task, project=True,
+                 head=None):  # fmt: skip
         super().__init__()
         self.student, self.projector, self.tap, self.task = student, projector, tap, task
         self.project = project  # False: the tap feeds relation losses only (--beta 0)
+        # A fused head (stages/lm_head.py): the forward stops at the last hidden states and the
+        # loss applies the head chunk by chunk. Called here, so DDP sees the whole forward.
+        self.head = head
 
     def forward(self, x):
         if self.tap is not None and isinstance(x, dict):
             self.tap.mask = x["attention_mask"]
-        z = lm.logits(self.student, x, self.task)
+        z = self.head.hidden(x) if self.head is not None else lm.logits(self.student, x, self.task)
         if self.tap is None or not self.project:
             return z, None
         f = self.tap.value

@@ -324,3 +324,18 @@ class ToyTokens:
         mask = torch.ones_like(ids)
         mask[len(ids) - len(ids) // 3 :] = 0
         return {"input_ids": ids, "attention_mask": mask}
+
+
+class OddHeadLM(ToyCausalLM):
+    """A causal LM whose declared output layer (`get_output_embeddings`) is one wider than the
+    logits it returns: a fused head must refuse it."""
+
+    def __init__(self, vocab_size: int = 64, dim: int = 16, seed: int = 0):
+        super().__init__(vocab_size, dim, seed)
+        self.wide = nn.Linear(dim, vocab_size + 1)
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        return torch.zeros(*input_ids.shape, self.wide.in_features)
+
+    def get_output_embeddings(self):
+        return self.wide

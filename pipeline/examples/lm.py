@@ -94,8 +94,16 @@ class TinyCausalLM(nn.Module):
             self.head = nn.Linear(dim, vocab_size)
         self.width = width
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """The states the head maps to logits (declared with `get_output_embeddings`, so stage
+        two can fuse the head into its loss)."""
         h = self.embed(input_ids).transpose(1, 2)
         # Left padding only: position t never sees t + 1, so right padding changes nothing.
         h = self.conv(nn.functional.pad(h, (self.width - 1, 0))).transpose(1, 2)
-        return self.head(h + self.mlp(h))
+        return h + self.mlp(h)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids))

@@ -271,6 +271,16 @@ class Codec:
         """The soft term of the student's loss on one batch (tensors already on its device)."""
         raise NotImplementedError
 
+    @property
+    def has_token_targets(self) -> bool:
+        """Whether the codec gives the chunked causal-lm loss its targets (else: `soft_loss`)."""
+        return type(self).token_targets is not Codec.token_targets
+
+    def token_targets(self, batch: dict, stored_T: float, T: float, num_classes: int, dtype=None):
+        """A sequence codec's soft targets for the chunked causal-lm loss (stages/lm_loss.py):
+        one of `kdcache.storage.codecs.token_targets`' kinds, row t = the batch's t-th token."""
+        raise UsageError(f"the {self.name} codec has no per-token soft targets")
+
     def teacher_top1(self, columns: dict) -> np.ndarray:
         """The teacher's predicted class per row, int64."""
         raise NotImplementedError

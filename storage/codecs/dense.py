@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from kdcache.storage.codecs import register
+from kdcache.storage.codecs import register, token_targets
 from kdcache.storage.codecs.base import DTYPES, Codec, fixed_list, torch_dtype
 from kdcache.storage.codecs.losses import (
     Temperature,
@@ -77,6 +77,12 @@ class Dense(Codec):
         if self.task == "regression":
             return regression_loss(student_logits.reshape(len(student_logits), -1), batch["logits"])
         return soft_loss_dense(student_logits, batch["logits"], stored_T, T)
+
+    def token_targets(self, batch, stored_T, T, num_classes: int, dtype=torch.float32):
+        """The chunked causal-lm loss's targets (`token_targets.Dense`): the stored logits,
+        tempered and normalised chunk by chunk inside the loss."""
+        check_temperature("T", T)
+        return token_targets.Dense(batch["logits"], stored_T, T)
 
     def teacher_values(self, columns: dict):
         # Regression stores are written at T = 1: the stored values are the outputs themselves.

@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from kdcache.storage.codecs import draws, register
+from kdcache.storage.codecs import draws, register, token_targets
 from kdcache.storage.codecs.base import Codec, id_type, torch_dtype
 from kdcache.storage.codecs.losses import upcast
 from kdcache.storage.errors import UsageError
@@ -179,17 +179,27 @@ class Sampled(Codec):
     def soft_loss(self, student_logits, batch, stored_T, T):
         """``T^2 * mean_t CE(counts_t / N, softmax(z_s,t / T))``: the cross-entropy to each token's
         empirical distribution (its expectation's gradient is the KL's to the full teacher)."""
-        if abs(T - stored_T) > 1e-9 * stored_T:
-            raise UsageError(
-                f"--temperature {T:g}: the sampled codec stored draws from the teacher at "
-                f"T = {stored_T:g} and cannot re-temper them; train with --temperature {stored_T:g}"
-            )
+        self._check_temperature(stored_T, T)
         log_q = F.log_softmax(upcast(student_logits) / T, dim=-1)
         per = batch["sampled_n"].long()
         tok = torch.repeat_interleave(torch.arange(len(per), device=per.device), per)
         w = batch["sampled_counts"].to(log_q.dtype) / self.n
         picked = log_q[tok, batch["sampled_ids"].long()]
         return -(w * picked).sum() / max(1, len(per)) * T**2
+
+    def token_targets(self, batch, stored_T, T, num_classes: int, dtype=torch.float32):
+        """The chunked causal-lm loss's targets (`token_targets.Sparse`): each token's unique
+        draws with weights count / N, padded to N per token (its most possible uniques)."""
+        self._check_temperature(stored_T, T)
+        w = batch["sampled_counts"].to(dtype) / self.n
+        return token_targets.Sparse.from_ragged(batch["sampled_n"], batch["sampled_ids"], w, self.n)
+
+    def _check_temperature(self, stored_T, T) -> None:
+        if abs(T - stored_T) > 1e-9 * stored_T:
+            raise UsageError(
+                f"--temperature {T:g}: the sampled codec stored draws from the teacher at "
+                f"T = {stored_T:g} and cannot re-temper them; train with --temperature {stored_T:g}"
+            )
 
     def teacher_top1(self, columns: dict) -> np.ndarray:
         per = np.asarray(columns["sampled_n"], np.int64)

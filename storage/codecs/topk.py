@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from kdcache.storage.codecs import register
+from kdcache.storage.codecs import register, token_targets
 from kdcache.storage.codecs.base import (
     DTYPES,
     FRESH,
@@ -126,18 +126,26 @@ def soft_loss_topk(
     a = stored_T / T
 
     log_q = log_q_all.gather(-1, idx)
-    teacher_t = a * s
     if k < num_classes:
         # Remaining student mass in log space: mask the top-k classes out and logsumexp the rest.
         log_q_rest = log_q_all.scatter(-1, idx, float("-inf")).logsumexp(dim=-1, keepdim=True)
         log_q = torch.cat([log_q, log_q_rest], dim=-1)
+    log_p = teacher_buckets(s, lse, a, num_classes)
+    return kl_rows(log_p, log_q).mean() * T**2
+
+
+def teacher_buckets(s: torch.Tensor, lse: torch.Tensor, a: float, num_classes: int):
+    """The teacher's log-probabilities over the k stored classes and, when k < C, the residual
+    bucket (`soft_loss_topk`'s formulas), from stored `s` (.., k), `lse` (.., 1) and a = T_s / T."""
+    k = s.shape[-1]
+    teacher_t = a * s
+    if k < num_classes:
         r = (-torch.expm1(s.logsumexp(dim=-1, keepdim=True) - lse)).clamp_min(0.0)
         n_rest = num_classes - k
         # log(r) is -inf when r == 0: the bucket then gets zero mass at every temperature.
         s_r = lse + torch.log(r) - math.log(n_rest)
         teacher_t = torch.cat([teacher_t, a * s_r + math.log(n_rest)], dim=-1)
-    log_p = teacher_t - teacher_t.logsumexp(dim=-1, keepdim=True)
-    return kl_rows(log_p, log_q).mean() * T**2
+    return teacher_t - teacher_t.logsumexp(dim=-1, keepdim=True)
 
 
 @register
@@ -236,6 +244,16 @@ class TopK(Codec):
             stored_T,
             T,
         )
+
+    def token_targets(self, batch, stored_T, T, num_classes: int, dtype=torch.float32):
+        """The chunked causal-lm loss's targets (`token_targets.Buckets`): the teacher's k + 1
+        bucket log-probabilities at T, made once per batch (small: tokens x (k + 1))."""
+        check_temperature("stored_T", stored_T)
+        check_temperature("T", T)
+        s = upcast(batch["topk_logits"]).to(dtype)
+        lse = upcast(batch["logsumexp"]).to(dtype).reshape(s.shape[:-1] + (1,))
+        log_p = teacher_buckets(s, lse, stored_T / T, num_classes)
+        return token_targets.Buckets(batch["topk_indices"].long(), log_p)
 
     def teacher_top1(self, columns: dict) -> np.ndarray:
         return np.asarray(columns["topk_indices"][:, 0], dtype=np.int64)

@@ -73,3 +73,18 @@ def test_run_all_writes_results(data_dir, tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "all targets" in text and "precompute / bare, TeacherCNN" in text
     assert "all targets" in proc.stdout
+
+
+@pytest.mark.slow
+def test_lm_loss_bench_runs_and_reports_ratios(tmp_path, capsys):
+    """bench_lm_loss at its tiniest (whole `kdcache` processes: ~20 s, so slow-marked)."""
+    from bench import bench_lm_loss
+
+    out = tmp_path / "result.json"
+    bench_lm_loss.main(["--tiny", "--repeat", "1", "--json", str(out), "--workdir", str(tmp_path)])
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["tables"] and all(t["rows"] for t in result["tables"])
+    assert any("fused" in r[1] for r in result["tables"][0]["rows"])  # the unfused row is there
+    for target in result["targets"]:
+        assert math.isfinite(target["value"]) and target["value"] > 0, target

@@ -103,6 +103,41 @@ def killed_after_epoch_1(cache: Path, tmp: Path) -> None:
     assert res.returncode == -9, res.stderr
 
 
+def lm_train(tmp: Path, *extra: str, student: str = "tests.toy_models:ToyCausalLM") -> list[str]:
+    """A student of a small sampled causal-lm store (V = 64), built in `tmp` (issue 22's cases)."""
+    data = ["--data", "tests.toy_models:ToyTokens", "--data-arg", "n=8"]
+    invoke(
+        "precompute",
+        "--task",
+        "causal-lm",
+        "--teacher",
+        "tests.toy_models:ToyCausalLM",
+        *data,
+        "--out",
+        str(tmp / "lm"),
+        "--random-teacher",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    return [
+        "train",
+        "--cache",
+        str(tmp / "lm"),
+        "--student",
+        student,
+        *data,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp / "student"),
+        "--quiet",
+        *extra,
+    ]
+
+
 def second_run(tmp: Path, *first: str, second: tuple[str, ...]) -> list[str]:
     invoke(*pre(tmp, *first))
     return pre(tmp, *first, *second)
@@ -245,6 +280,16 @@ CASES = [
                             "--student-features", "body"), 65,
          ("features.zarr/c/0/0 does not match the checksum", "kdcache verify"), stage="train",
          features=True),
+    Case("eval budget below one token", "--eval-logits-mb 0.0001 at V = 64 (one token: 256 B)",
+         lambda t, c: lm_train(t, "--eval-logits-mb", "0.0001"), 2,
+         ("--eval-logits-mb 0.0001", "less than one token", "raise it"), stage="train"),
+    Case("forced fused head not found", "--fused-head with a student exposing no output layer",
+         lambda t, c: lm_train(t, "--fused-head"), 2,
+         ("--fused-head", "tests.toy_models:ToyCausalLM", "no output layer", "drop --fused-head"),
+         stage="train"),
+    Case("head wider than the vocabulary", "a declared output layer of 65 for a 64-token store",
+         lambda t, c: lm_train(t, student="tests.toy_models:OddHeadLM"), 2,
+         ("65 outputs", "vocabulary is 64", "--no-fused-head"), stage="train"),
 ]  # fmt: skip
 
 

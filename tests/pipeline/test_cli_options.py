@@ -56,7 +56,9 @@ def test_generated_command_exposes_exactly_the_declared_options(command):
         assert param.opts == [opt.flag] and param.default in (None, ())
         line = param.get_help_record(ctx)[1]  # what --help prints beside the flag
         assert opt.help in line
-        if opt.type is bool:
+        if opt.type is bool and opt.default is None:  # on / off / unset: the stage decides
+            assert param.is_flag and param.secondary_opts == ["--no-" + opt.flag[2:]]
+        elif opt.type is bool:
             assert param.is_flag and param.flag_value is (not opt.default)
         elif opt.type is dict:
             assert param.multiple
@@ -78,6 +80,8 @@ def test_execution_settings_are_derived_from_the_declarations():
     assert {
         "quiet", "device", "num_workers", "prefetch", "storage_options", "ignore_fingerprint",
         "threads", "check_inputs", "verify_reads",
+        # how evaluation and the causal-lm loss are chunked (issue 22), not what they compute
+        "eval_batch_size", "eval_logits_mb", "fused_head", "loss_chunk_mb",
     } == EXECUTION  # fmt: skip
 
 
@@ -110,7 +114,7 @@ def test_a_value_out_of_its_declared_bounds_is_one_line(tmp_path, cli, command, 
         ('pool = "max"', "--pool 'max': use one of avg, token-mean, cls, last, flatten"),
         ('epochs = "many"', "--epochs 'many': must be a number (int)"),
         ("alpha = 1.5", "--alpha 1.5 must be in [0, 1]"),
-        ("agree_rows = 0", "agree_rows 0 must be >= 1"),  # a file-only setting names its key
+        ("agree_rows = 0", "--agree-rows 0 must be >= 1"),  # a flag since issue 22
     ],
 )
 def test_a_bad_value_in_the_config_file_is_one_line(tmp_path, cli, toml, needle):
