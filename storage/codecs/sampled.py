@@ -12,9 +12,10 @@ total-variation distance of each token's empirical distribution from the teacher
 Two samplers (the manifest's ``soft_labels.sampler``): 2, the default of new stores, draws on the
 teacher's device from counter-based uniforms of (``sample_seed``, sample_id, view, position, draw)
 (`draws.py`, specified in docs/FORMAT.md); 1 (stores without the key) drew row by row on the CPU
-from a generator seeded by (``sample_seed``, sample_id, view). Both write the same bytes for a
-rerun, a resume or another batch size; they differ from each other, so the version is part of the
-store's fingerprint and a resume never mixes them.
+from a generator seeded by (``sample_seed``, sample_id, view). Given the same teacher logits both
+write the same bytes for a rerun, a resume or another batch size (the logits themselves follow
+the run's conditions: stages/conditions.py); they differ from each other, so the version is part
+of the store's fingerprint and a resume never mixes them.
 """
 
 from __future__ import annotations
