@@ -117,3 +117,25 @@ def test_a_teacher_placed_by_its_loader_is_used_as_placed(tmp_path, cli):
     teacher = "tests.stages.test_device_encode:PlacedLM"
     res = cli(*lm_args(tmp_path / "s", "--teacher", teacher, "--codec", "topk"))
     assert res.exit_code == 0, res.stderr
+
+
+@pytest.mark.parametrize("chunk", [None, "2000"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_dense_stores_the_teachers_logits_over_t_in_every_chunk(tmp_path, cli, dtype, chunk):
+    """The teacher computed here, token by token, against the store: a float32 cast on the CPU is
+    a no-op that must still copy (the chunk workspace is reused), fp16 rounds once."""
+    from kdcache.storage.reader import CacheReader
+    from tests.stages.test_precompute_lm import teacher_tokens
+
+    more = ["--encode-chunk-bytes", chunk] if chunk else []
+    out = tmp_path / "s"
+    res = cli(*lm_args(out, "--codec", "dense", "--dtype", dtype, "--temperature", "2", *more))
+    assert res.exit_code == 0, res.stderr
+    r = CacheReader(str(out))
+    want, _ = teacher_tokens(24)
+    for i in range(len(r.shards)):
+        cols = r.read_shard(i, features=False)
+        z = torch.cat([want[j] for j in cols["sample_id"]]) / 2
+        got = torch.tensor(cols["logits"]).float()
+        tol = 1e-6 if dtype == "float32" else 2e-3  # one item at a time here, batched there
+        torch.testing.assert_close(got, z.to(getattr(torch, dtype)).float(), atol=tol, rtol=tol)
