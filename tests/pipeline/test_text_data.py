@@ -188,3 +188,21 @@ def test_chat_end_to_end_stores_only_assistant_tokens(files, tmp_path, cli):
     )  # fmt: skip
     assert res.exit_code == 2 and "does not match the cache" in res.stderr
     assert not (tmp_path / "other" / "summary.json").exists()
+
+
+def test_parquet_arrow_and_a_saved_folder_read_as_the_jsonl(files, tmp_path):
+    import datasets
+
+    table = datasets.Dataset.from_list([{"text": d} for d in fx.documents()])
+    table.to_parquet(str(tmp_path / "docs.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    tok = str(files["tokenizer"])
+
+    def rows(path):
+        ds = kdcache.text_dataset(str(path), tok, block_size=16)
+        return [ds[i]["input_ids"].tolist() for i in range(len(ds))]
+
+    want = rows(files["docs"])
+    for path in (tmp_path / "docs.parquet", arrow, tmp_path / "saved"):
+        assert rows(path) == want, path
