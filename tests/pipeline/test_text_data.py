@@ -206,3 +206,19 @@ def test_parquet_arrow_and_a_saved_folder_read_as_the_jsonl(files, tmp_path):
     want = rows(files["docs"])
     for path in (tmp_path / "docs.parquet", arrow, tmp_path / "saved"):
         assert rows(path) == want, path
+
+
+def test_stage_two_selects_exactly_the_target_positions(files):
+    from kdcache.stages import lm, lm_loss
+
+    ds = kdcache.text_dataset(
+        str(files["chats"]), str(files["tokenizer"]), messages_field="messages", block_size=128
+    )
+    x, _ = get_batch(ds, np.arange(4), task="causal-lm")
+    ids, mask, target = x["input_ids"], x["attention_mask"], lm.target_mask(x)
+    pos = lm_loss.positions(ids, mask, target)
+    want = [(b, t) for b in range(4) for t in range(ids.shape[1]) if target[b, t]]
+    assert pos.index.tolist() == [b * ids.shape[1] + t for b, t in want]
+    # Each target predicts the assistant token after it: that is its CE label, never a prompt's.
+    assert pos.labels.tolist() == [int(ds[b]["labels"][t + 1]) for b, t in want]
+    assert pos.pairs == pos.tokens == len(want) < int(mask.sum())
