@@ -118,7 +118,15 @@ def split_documents(n: int, split: str, validation_fraction: float, seed: int) -
 
 class TextDataset(Dataset):
     """Causal-lm rows of local text or chat files: items are `{"input_ids", "attention_mask"}`
-    int64 tensors (chat rows add `labels`); see the module's docstring for the arguments."""
+    int64 tensors (chat rows add `labels`).
+
+    `path`: a file, a list of files or a folder of them, or a save_to_disk folder; `tokenizer`: a
+    local tokenizer folder; `text_field` / `messages_field`: the column read (messages wins);
+    `block_size`: tokens per row (default: the tokenizer's `model_max_length`, at most 1024;
+    never more than it, or than `max_length` when given); `packing`: text documents packed into
+    full rows (else one per row, truncated); `split`, `validation_fraction`, `seed`: the split by
+    document. A conversation left with no assistant token (truncated away) has nothing to learn
+    and is dropped (`dropped` counts them)."""
 
     def __init__(
         self,
@@ -157,11 +165,14 @@ class TextDataset(Dataset):
         column = table[field]
         self.documents = len(docs)
         self.rows: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.dropped = 0
         if messages_field:
             for i in docs:
                 ids, labels = assistant_labels(tok, column[int(i)], tokenizer, block_size)
-                if (labels[1:] != -100).any():  # nothing to learn: no soft labels to store
+                if (labels[1:] != -100).any():  # else nothing to learn: no soft labels to store
                     self.rows.append((ids, labels))
+                else:
+                    self.dropped += 1
         else:
             self._text(tok, [column[int(i)] for i in docs], block_size, packing)
         self.block_size, self.chat, self.packing = int(block_size), bool(messages_field), packing
@@ -197,8 +208,8 @@ class TextDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.rows[i]
-        item = {"input_ids": torch.from_numpy(ids.copy()), "attention_mask": torch.ones_like(
-            torch.from_numpy(ids))}  # fmt: skip
+        item = {"input_ids": torch.from_numpy(ids.copy())}
+        item["attention_mask"] = torch.ones_like(item["input_ids"])
         if labels is not None:
             item["labels"] = torch.from_numpy(labels.copy())
         return item

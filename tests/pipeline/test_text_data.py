@@ -44,7 +44,7 @@ def test_text_is_packed_with_eos_between_documents_or_kept_one_per_row(files, to
 
 def test_only_the_assistant_tokens_are_targets(files, tok):
     ds = kdcache.text_dataset(
-        str(files["chats"]), str(files["tokenizer"]), messages_field="messages", block_size=128
+        str(files["chats"]), str(files["tokenizer"]), messages_field="messages", block_size=108
     )
     assert len(ds) == len(fx.chats())
     end = tok.convert_tokens_to_ids("<|end|>")
@@ -212,7 +212,7 @@ def test_stage_two_selects_exactly_the_target_positions(files):
     from kdcache.stages import lm, lm_loss
 
     ds = kdcache.text_dataset(
-        str(files["chats"]), str(files["tokenizer"]), messages_field="messages", block_size=128
+        str(files["chats"]), str(files["tokenizer"]), messages_field="messages", block_size=108
     )
     x, _ = get_batch(ds, np.arange(4), task="causal-lm")
     ids, mask, target = x["input_ids"], x["attention_mask"], lm.target_mask(x)
@@ -222,3 +222,12 @@ def test_stage_two_selects_exactly_the_target_positions(files):
     # Each target predicts the assistant token after it: that is its CE label, never a prompt's.
     assert pos.labels.tolist() == [int(ds[b]["labels"][t + 1]) for b, t in want]
     assert pos.pairs == pos.tokens == len(want) < int(mask.sum())
+
+
+def test_a_conversation_truncated_before_its_answer_is_dropped(files):
+    ds = kdcache.text_dataset(
+        str(files["chats"]), str(files["tokenizer"]), messages_field="messages", block_size=10
+    )
+    assert 0 < ds.dropped < len(fx.chats()) and len(ds) + ds.dropped == len(fx.chats())
+    assert all((ds[i]["labels"][1:] != -100).any() for i in range(len(ds)))
+    assert all(len(ds[i]["input_ids"]) <= 10 for i in range(len(ds)))
