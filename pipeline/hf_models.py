@@ -2,9 +2,16 @@
 
 - `path=FOLDER`: the model `save_pretrained` wrote (trained weights; never the hub).
 - `config=FILE_OR_FOLDER` plus any config field as another argument (`num_hidden_layers=2`,
-  `hidden_size=256`, ...): a fresh model of that architecture, its weights drawn under `seed`, so
-  a rerun builds the same ones. Such a model declares its weights random (`kdcache_random_init`):
-  as a teacher it is refused without `--checkpoint`, as `--random-teacher` says.
+  `hidden_size=256`, ...): a fresh model of that architecture. Its weights come from torch's
+  generator, which `kdcache train` seeds with `--seed` right before building the student, so a
+  rerun builds the same ones and `--seed` varies them; `seed=N` pins them whatever the caller's
+  generator (and leaves it as it was). Such a model declares its weights random
+  (`kdcache_random_init`): as a teacher it is refused without `--checkpoint` or
+  `--random-teacher`.
+
+Position limits: `check_positions` refuses a data set whose `block_size` is over the model's
+position table (its config's `max_position_embeddings` / `n_positions`), before a forward fails
+on it with an index error.
 """
 
 from __future__ import annotations
@@ -40,10 +47,12 @@ def _config_file(config: str) -> Path:
 
 
 def hf_causal_lm(
-    path: str | None = None, config: str | None = None, seed: int = 0, dtype: str | None = None,
+    path: str | None = None, config: str | None = None, seed: int | None = None,
+    dtype: str | None = None,
     **overrides,
 ) -> torch.nn.Module:  # fmt: skip
-    """A causal LM from a saved folder (`path`) or a config plus overrides (`config`)."""
+    """A causal LM from a saved folder (`path`) or a config plus overrides (`config`); `dtype`
+    (e.g. "bfloat16") sets the weights' type."""
     tf = _transformers()
     if (path is None) == (config is None):
         raise UsageError(
@@ -78,9 +87,26 @@ def hf_causal_lm(
         cfg = tf.AutoConfig.for_model(kind, **(settings | overrides))
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--student-arg config={config!r} with {overrides}: {exc}") from None
-    # A private generator state: building a model must not move the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    if seed is None:
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+    else:  # a private generator state: a pinned seed leaves the caller's stream where it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
     model.kdcache_random_init = True
     return model
+
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len")
+
+
+def check_positions(model, ds, what: str = "--teacher") -> None:
+    """Refuse rows longer than the model can take, where both are known."""
+    size, config = getattr(ds, "block_size", None), getattr(model, "config", None)
+    for name in POSITION_FIELDS:
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and isinstance(size, int) and size > limit:
+            raise UsageError(
+                f"--data-arg block_size={size} is over {what}'s maximum of {limit} positions "
+                f"({name} in its config): give block_size <= {limit}"
+            )

@@ -160,9 +160,25 @@ TINY_LM = ["--teacher", "kdcache.pipeline.examples.lm:TinyCausalLM", "--teacher-
            "vocab_size=320", "--random-teacher"]  # fmt: skip
 
 
-def text_pre(tmp: Path, *args: str, **kw) -> list[str]:
-    return ["precompute", "--task", "causal-lm", *TINY_LM, *text_data(tmp, *args, **kw),
+def text_pre(tmp: Path, *args: str, teacher=TINY_LM, **kw) -> list[str]:
+    return ["precompute", "--task", "causal-lm", *teacher, *text_data(tmp, *args, **kw),
             "--out", str(tmp / "store"), "--device", "cpu", "--quiet"]  # fmt: skip
+
+
+def short_llama(tmp: Path) -> list[str]:
+    """A Llama teacher built from a config with 32 positions (kdcache:hf_causal_lm config=)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=320,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+    ).save_pretrained(tmp / "llama")
+    return ["--teacher", "kdcache:hf_causal_lm", "--teacher-arg", f"config={tmp / 'llama'}",
+            "--random-teacher"]  # fmt: skip
 
 
 def text_other_data(tmp: Path) -> list[str]:
@@ -345,6 +361,10 @@ CASES = [
     Case("block size over the maximum", "block_size=4096 with model_max_length 128",
          lambda t, c: text_pre(t, "block_size=4096"), 2,
          ("block_size=4096", "model_max_length 128", "block_size <= 128")),
+    Case("block size over the teacher's positions", "block_size=64 for a 32-position Llama",
+         lambda t, c: text_pre(t, "block_size=64", teacher=short_llama(t)), 2,
+         ("block_size=64", "--teacher's maximum of 32 positions", "max_position_embeddings",
+          "block_size <= 32")),
     Case("text data not the cache's", "the JSONL file with one byte changed",
          lambda t, c: text_other_data(t), 2,
          ("--data does not match the cache", "--ignore-fingerprint"), stage="train"),

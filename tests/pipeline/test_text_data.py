@@ -120,10 +120,18 @@ def test_a_built_model_is_seeded_and_declared_random(files, tmp_path):
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
     )  # fmt: skip
     cfg.save_pretrained(tmp_path)
-    a = kdcache.hf_causal_lm(config=str(tmp_path / "config.json"), num_hidden_layers=1)
-    b = kdcache.hf_causal_lm(config=str(tmp_path), num_hidden_layers=1)
+
+    def build(seed=None, generator=0):
+        torch.manual_seed(generator)  # what `kdcache train --seed` does before the student
+        return kdcache.hf_causal_lm(config=str(tmp_path), num_hidden_layers=1, seed=seed)
+
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+    a = kdcache.hf_causal_lm(config=str(tmp_path / "config.json"), num_hidden_layers=1, seed=3)
     assert a.config.num_hidden_layers == 1 and a.kdcache_random_init
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert same(a, build(seed=3, generator=1))  # a pinned seed: whatever the generator
+    assert same(build(), build()) and not same(build(), build(generator=1))
     with pytest.raises(UsageError, match="exactly one"):
         kdcache.hf_causal_lm()
 
