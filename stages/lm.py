@@ -59,7 +59,8 @@ def next_token_loss(
     """Mean next-token cross-entropy (nats/token) of logits (B, L, V) over the valid pairs.
 
     ``L = -1/|P| * sum_{(b, t) in P} log softmax(z[b, t])[input_ids[b, t + 1]]`` with
-    ``P = {(b, t) : mask[b, t] = mask[b, t + 1] = 1}``; 0 (attached to the graph) when P is empty.
+    ``P = {(b, t) : targets[b, t] = mask[b, t + 1] = 1}`` (`targets` defaults to `mask`); 0
+    (attached to the graph) when P is empty.
     """
     labels = next_token_labels(input_ids, mask, targets)
     return losses.hard_loss(z.reshape(labels.numel(), -1), labels.reshape(-1))
