@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from kdcache.pipeline.data import load_dataset
+from kdcache.pipeline.hf_models import check_positions
 from kdcache.pipeline.models import load_model, random_init, saved_settings
 from kdcache.pipeline.runtime import Dist, process_group, resolve_device
 from kdcache.pipeline.specs import augmentation
@@ -44,6 +45,7 @@ def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
         model, teacher_id = load_model(
             cfg.teacher, cfg.teacher_args, cfg.checkpoint, cfg.storage_options
         )
+        check_positions(model, ds)
         if cfg.checkpoint is None and not cfg.random_teacher:
             untrained_teacher(cfg.teacher, cfg.teacher_args, model, refuse=True)
         augment = augmentation(cfg.augment, cfg.augment_args)
@@ -123,6 +125,7 @@ def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Train
     # The student's initial weights are part of the run: seeded right before it is built.
     torch.manual_seed(cfg.seed)
     student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
+    check_positions(student, data, "--student")
     views.settle(cfg, reader)  # a cache of views names its augmentation
     augment = augmentation(cfg.augment, cfg.augment_args)
     return Trainer(

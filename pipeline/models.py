@@ -64,7 +64,10 @@ def _state_dict(obj) -> dict:
 def random_init(spec: str, kwargs: dict, model: torch.nn.Module, what: str = "--teacher") -> bool:
     """True when `spec` takes its weights from torch's random generator: built once more under
     another seed it gives other weights. A factory that loads trained weights, or seeds itself,
-    builds the same weights every time. The global generator is left as it was."""
+    builds the same weights every time. The global generator is left as it was. A seeded
+    factory of fresh weights (`kdcache.hf_causal_lm` from a config) says so itself."""
+    if getattr(model, "kdcache_random_init", False):
+        return True
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch.initial_seed() ^ 0x5EED)
         other = build(spec, kwargs, what=what)

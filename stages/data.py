@@ -86,40 +86,71 @@ def _token_mask(mask, ids: np.ndarray, spec: str, sids) -> np.ndarray:
     return mask.astype(np.int64)
 
 
-def _token_item(item, spec: str, sid: int) -> tuple[np.ndarray, np.ndarray]:
-    """One sample's (input_ids, attention_mask), both int64 (L,)."""
-    mask = None
+def _target_mask(labels, ids: np.ndarray, mask: np.ndarray, spec: str, sids) -> np.ndarray:
+    """HF-style `labels` (-100 where a token is not learned, else the token itself) as the
+    positions that predict a target: ``target[t] = labels[t + 1] != -100`` (causal shift)."""
+    labels = _numpy(labels)
+    if labels.shape != ids.shape:
+        raise UsageError(
+            f"--data {spec!r} sample {sids[0]}: labels has shape {labels.shape} but input_ids "
+            f"{ids.shape}; give one label per token (-100 where it is not learned)"
+        )
+    learned = (labels != -100) & (mask == 1)
+    if (labels[learned] != ids[learned]).any():
+        row = int(np.argwhere((learned & (labels != ids)).reshape(len(sids), -1))[0, 0])
+        raise UsageError(
+            f"--data {spec!r} sample {sids[row]}: labels differ from input_ids where they are "
+            "not -100; kdcache learns each token from its own id: use -100 or the token id"
+        )
+    target = np.zeros_like(ids)
+    target[..., :-1] = learned[..., 1:]
+    return target
+
+
+def _token_item(item, spec: str, sid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One sample's (input_ids, attention_mask, target_mask or None), int64 (L,)."""
+    mask = labels = None
     if isinstance(item, dict):
         if "input_ids" not in item:
             raise UsageError(
                 f"--data {spec!r} sample {sid}: causal-lm dict items need an 'input_ids' key, "
                 f"got {list(item)}"
             )
-        item, mask = item["input_ids"], item.get("attention_mask")
+        item, mask, labels = item["input_ids"], item.get("attention_mask"), item.get("labels")
     elif isinstance(item, tuple):
         raise UsageError(
             f"--data {spec!r} sample {sid} is a tuple (a classifier's (input, label) item?): "
             "causal-lm needs token ids (L,) or {'input_ids': ...}; check --data and --task"
         )
     ids = _token_ids(item, spec, sid)
-    return ids, _token_mask(mask, ids, spec, [sid])
+    mask = _token_mask(mask, ids, spec, [sid])
+    return ids, mask, None if labels is None else _target_mask(labels, ids, mask, spec, [sid])
 
 
 def _token_batch(ds, ids: np.ndarray, spec: str) -> tuple[dict, np.ndarray]:
-    """`{"input_ids", "attention_mask"}` int64 (B, Lmax), right-padded with 0, labels all -1."""
+    """`{"input_ids", "attention_mask"}` int64 (B, Lmax), right-padded with 0, labels all -1;
+    plus `target_mask` when the data set gives HF-style `labels` (chat data)."""
     labels = np.full(len(ids), -1, np.int64)
     if hasattr(ds, "get_batch"):
         batch = ds.get_batch(ids)
         x = _token_ids(batch["input_ids"], spec, int(ids[0]), ndim=2)
         mask = _token_mask(batch.get("attention_mask"), x, spec, ids)
+        got = batch.get("labels")
+        target = None if got is None else _target_mask(got, x, mask, spec, ids)
     else:
         rows = [_token_item(ds[int(i)], spec, int(i)) for i in ids]
-        x = np.zeros((len(rows), max(len(t) for t, _ in rows)), np.int64)
+        x = np.zeros((len(rows), max(len(t) for t, _, _ in rows)), np.int64)
         mask = np.zeros_like(x)
-        for j, (t, m) in enumerate(rows):
+        target = None if all(r[2] is None for r in rows) else np.zeros_like(x)
+        for j, (t, m, g) in enumerate(rows):
             x[j, : len(t)], mask[j, : len(m)] = t, m
+            if target is not None:
+                target[j, : len(t)] = m if g is None else g
     # Copies: the data set's own arrays may be read-only, and callers may write to a batch.
-    return {"input_ids": torch.tensor(x), "attention_mask": torch.tensor(mask)}, labels
+    out = {"input_ids": torch.tensor(x), "attention_mask": torch.tensor(mask)}
+    if target is not None:
+        out["target_mask"] = torch.tensor(target)
+    return out, labels
 
 
 @functools.cache
@@ -239,17 +270,24 @@ def data_fingerprint(ds, task: str | None = None, spec: str = "data") -> str:
     Content, not spec, so that the same data reached through another wrapper still matches, and
     sampled so that a student can check it in well under a second on any size of data set.
     Token data (`task="causal-lm"`, or items with `input_ids` when no task is given) hashes the
-    padded ids and masks of those items.
+    padded ids and masks (and target masks) of those items. A data set that knows its whole
+    content cheaply (`kdcache.text_dataset`: its files' bytes, tokenizer and settings) declares
+    it as a `fingerprint` string, which is hashed in too, so a change the samples miss shows.
     """
     n = len(ds)
     ids = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES)).astype(np.int64))
     h = hashlib.sha256()
+    declared = getattr(ds, "fingerprint", None)
+    if isinstance(declared, str):
+        h.update(f"declared|{declared}|".encode())
     if task == "causal-lm" or (task is None and _is_token_data(ds)):
         inputs, _ = _token_batch(ds, ids, spec)
         x, mask = inputs["input_ids"], inputs["attention_mask"]
         h.update(f"causal-lm|{n}|{tuple(x.shape)}".encode())
         h.update(x.numpy().tobytes())
         h.update(mask.numpy().tobytes())
+        if "target_mask" in inputs:
+            h.update(inputs["target_mask"].numpy().tobytes())
         return h.hexdigest()
     x, y = get_batch(ds, ids, spec)
     h.update(f"{n}|{tuple(x.shape)}|{x.dtype}".encode())

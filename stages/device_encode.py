@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kdcache.stages import lm
 from kdcache.stages.encode import _refuse_non_finite
 from kdcache.storage.codecs.base import Workspace, token_keys
 from kdcache.storage.errors import UsageError
@@ -126,14 +127,21 @@ def encode_sequences(
 ) -> Encoded:
     """A causal-LM batch (logits z (B, L, V) on the teacher's device) as host columns.
 
-    Only real tokens (attention_mask 1) are stored, row-major, each row with its `length`. The
-    teacher's accuracy is next-token top-1 over positions whose next token is real too."""
-    mask = inputs["attention_mask"].cpu().numpy().astype(bool)  # the loader's: on the host
+    Only target tokens (`lm.target_mask`: the real ones, or a chat row's positions before an
+    assistant token) are stored, row-major, each row with its `length`. The teacher's accuracy is
+    next-token top-1 over stored positions whose next token is real."""
+    real = inputs["attention_mask"].cpu().numpy().astype(bool)  # the loader's: on the host
+    mask = lm.target_mask(inputs).cpu().numpy().astype(bool)
     b, length, vocab = z.shape
     lengths = mask.sum(1).astype(np.int32)
     keys = {"sample_id": ids, "view": np.zeros(len(ids), np.int32), "length": lengths}
-    nxt = mask[:, :-1] & mask[:, 1:]
-    host = {"rows": len(ids), "tokens": int(lengths.sum()), "labeled": int(nxt.sum())}
+    nxt = mask[:, :-1] & real[:, 1:]
+    host = {
+        "rows": len(ids),
+        "tokens": int(lengths.sum()),
+        "tokens_seen": int(real.sum()),
+        "labeled": int(nxt.sum()),
+    }
     dev = z.device
     columns = dict(keys, label=np.full(len(ids), -1, np.int64))
     if not codec.on_device:  # a codec with only the host `encode`: the old, whole-batch path

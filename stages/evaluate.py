@@ -98,7 +98,7 @@ def dataset_batches(ds, batch_size: int, rank: int = 0, world: int = 1, task="cl
         ids = np.arange(a, min(hi, a + batch_size))
         if task == lm.TASK:
             x = lm.inputs(ds, ids, task)
-            yield x, lm.next_token_labels(x["input_ids"], x["attention_mask"])
+            yield x, lm.next_token_labels(x["input_ids"], x["attention_mask"], lm.target_mask(x))
         else:
             x, y = get_batch(ds, ids)
             yield x, torch.from_numpy(y)
@@ -137,7 +137,7 @@ class AgreementSet:
             x = lm.inputs(self.data, self.ids[a:b], self.task)
             top = self.top1[self.offsets[a] : self.offsets[b]]
             if self.task == lm.TASK:
-                yield x, lm.token_labels(x["attention_mask"], top)
+                yield x, lm.token_labels(lm.target_mask(x), top)
             else:
                 yield x, torch.from_numpy(top)
 

@@ -34,22 +34,35 @@ def logits(model, x, task: str) -> torch.Tensor:
     return logits_of(model(x))
 
 
-def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) int64: ``input_ids[:, t + 1]`` where t and t + 1 are both valid, else -1."""
+def target_mask(x: dict) -> torch.Tensor:
+    """(B, L): the positions whose output is learned and stored. A batch of chat data carries
+    `target_mask` (the next token is an assistant token, from the data set's HF-style `labels`);
+    any other batch learns at every real token, its `attention_mask`."""
+    return x.get("target_mask", x["attention_mask"])
+
+
+def next_token_labels(
+    input_ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, L) int64: ``input_ids[:, t + 1]`` where t is a target (`targets`, by default the
+    valid positions) and t + 1 is valid, else -1."""
     valid = mask.bool()
     labels = torch.full_like(input_ids, -1, dtype=torch.int64)
-    pairs = valid[:, :-1] & valid[:, 1:]
+    pairs = (valid if targets is None else targets.bool())[:, :-1] & valid[:, 1:]
     labels[:, :-1] = torch.where(pairs, input_ids[:, 1:].long(), labels[:, :-1])
     return labels
 
 
-def next_token_loss(z: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def next_token_loss(
+    z: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, targets=None
+) -> torch.Tensor:
     """Mean next-token cross-entropy (nats/token) of logits (B, L, V) over the valid pairs.
 
     ``L = -1/|P| * sum_{(b, t) in P} log softmax(z[b, t])[input_ids[b, t + 1]]`` with
-    ``P = {(b, t) : mask[b, t] = mask[b, t + 1] = 1}``; 0 (attached to the graph) when P is empty.
+    ``P = {(b, t) : targets[b, t] = mask[b, t + 1] = 1}`` (`targets` defaults to `mask`); 0
+    (attached to the graph) when P is empty.
     """
-    labels = next_token_labels(input_ids, mask)
+    labels = next_token_labels(input_ids, mask, targets)
     return losses.hard_loss(z.reshape(labels.numel(), -1), labels.reshape(-1))
 
 
@@ -73,8 +86,8 @@ def token_labels(mask: torch.Tensor, values: np.ndarray | torch.Tensor) -> torch
 
 
 def token_count(x) -> int:
-    """The number of valid tokens in a batch of causal-lm inputs."""
-    return int(x["attention_mask"].sum())
+    """The number of target tokens (stored, learned) in a batch of causal-lm inputs."""
+    return int(target_mask(x).sum())
 
 
 def perplexity(loss: float | None) -> float | None:

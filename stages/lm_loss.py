@@ -52,11 +52,12 @@ class Positions:
                          self.tokens, self.pairs)  # fmt: skip
 
 
-def positions(input_ids: torch.Tensor, mask: torch.Tensor) -> Positions:
-    """`Positions` of a (B, L) batch. Give it the host's tensors (the loader's batch): the
-    selection's size is data-dependent, which on a GPU would be a sync."""
-    labels = lm.next_token_labels(input_ids, mask).reshape(-1)
-    index = mask.reshape(-1).bool().nonzero().squeeze(1)
+def positions(input_ids: torch.Tensor, mask: torch.Tensor, targets=None) -> Positions:
+    """`Positions` of a (B, L) batch (its target positions, `lm.target_mask`; by default every
+    valid one). Give it the host's tensors (the loader's batch): the selection's size is
+    data-dependent, which on a GPU would be a sync."""
+    labels = lm.next_token_labels(input_ids, mask, targets).reshape(-1)
+    index = (mask if targets is None else targets).reshape(-1).bool().nonzero().squeeze(1)
     labels = labels[index]
     return Positions(index, labels, len(index), int((labels >= 0).sum()))
 

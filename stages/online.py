@@ -51,7 +51,7 @@ class OnlineTeacher:
         against the teacher on the same inputs `x`."""
         z = self.logits(x)
         if self.task == lm.TASK:
-            z = lm.valid_tokens(z, x["attention_mask"])
+            z = lm.valid_tokens(z, lm.target_mask(x))
         return soft_loss_dense(z_student, z, 1.0, T)
 
     def take_seconds(self) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdcache.stages import views
+from kdcache.stages import lm, views
 from kdcache.stages.conditions import conditions, warn_if_resumed_elsewhere
 from kdcache.stages.config import PrecomputeConfig
 from kdcache.stages.data import data_fingerprint, forward_tokens
@@ -137,7 +137,7 @@ def _complete_header(header, model, ds, device, cfg, augment=None) -> dict:
     header["soft_labels"]["num_classes"] = c
     if cfg.budget_bytes_per_token is not None:
         kind = codecs.codec_class(cfg.codec)
-        s = z[x["attention_mask"].to(z.device).bool()].float() / header["temperature"]
+        s = z[lm.target_mask(x).to(z.device).bool()].float() / header["temperature"]
         chosen = kind.fit_budget(cfg.budget_bytes_per_token, s, {"dtype": cfg.dtype})
         header["soft_labels"].update(chosen)
         log.info(
@@ -293,8 +293,12 @@ def _publish(store: StoreWriter, seconds: dict) -> dict:
         **seconds,
     )
     if totals.get("tokens"):
+        # Tokens stored (targets) against tokens seen (every real input token): they differ
+        # when a chat data set learns only the assistant's tokens.
         stats.update(
-            tokens=totals["tokens"], bytes_per_token=totals["payload_bytes"] / totals["tokens"]
+            tokens=totals["tokens"],
+            tokens_seen=totals.get("tokens_seen", totals["tokens"]),
+            bytes_per_token=totals["payload_bytes"] / totals["tokens"],
         )
     return store.publish(stats, extra={"kdcache_version": kdcache_version()})
 

@@ -36,13 +36,13 @@ SAMPLED, TOPK = "sampled", "topk"
 
 @torch.no_grad()
 def token_predictions(model, data):
-    """The model's top-1 next token at every real token of `data`, packed in row order."""
+    """The model's top-1 next token at every target token of `data`, packed in row order."""
     model.eval()
     out = []
     # Small batches: a batch's logits are B * L * vocabulary floats.
     for x, _ in dataset_batches(data, 8, task=lm.TASK):
         z = lm.logits(model, x, lm.TASK)
-        out.append(z.argmax(-1)[x["attention_mask"].bool()])
+        out.append(z.argmax(-1)[lm.target_mask(x).bool()])
     return torch.cat(out).numpy()
 
 

@@ -262,13 +262,17 @@ class Trainer:
         pos = batch.get("positions")
         if pos is None:  # (the training loop selects them from the host's batch)
             x = batch["input"]
-            pos = lm_loss.positions(x["input_ids"].cpu(), x["attention_mask"].cpu()).to(dev)
+            pos = lm_loss.positions(
+                x["input_ids"].cpu(), x["attention_mask"].cpu(), lm.target_mask(x).cpu()
+            ).to(dev)
         targets, T = None, cfg.temperature or 1.0
         if self.plain:  # the loss before issue 22, for codecs that only have soft_loss
             x = to_device(batch["input"], dev)
-            hard = lm.next_token_loss(out.float(), x["input_ids"], x["attention_mask"])
+            hard = lm.next_token_loss(
+                out.float(), x["input_ids"], x["attention_mask"], lm.target_mask(x)
+            )
             stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
-            z = lm.valid_tokens(out.float(), x["attention_mask"])
+            z = lm.valid_tokens(out.float(), lm.target_mask(x))
             soft = r.codec.soft_loss(z, stored, r.temperature, T)
             loss = cfg.alpha * soft + (1 - cfg.alpha) * hard
             return self._with_features(loss, hard, soft, proj, batch)
@@ -332,7 +336,7 @@ class Trainer:
                 if lm_batch:  # selected once, from the host's mask: no device sync
                     x = batch["input"]
                     on_device["positions"] = lm_loss.positions(
-                        x["input_ids"], x["attention_mask"]
+                        x["input_ids"], x["attention_mask"], lm.target_mask(x)
                     ).to(self.device)
                 with autocast(self.device, self.cfg.precision):
                     z, proj = self.ddp(on_device["input"])

@@ -9,6 +9,11 @@ pyproject.toml, so the wheel has one top-level import name and never shadows a u
 
 from importlib import metadata as _metadata
 
+from kdcache.pipeline.hf_models import hf_causal_lm
+from kdcache.pipeline.text_data import text_dataset
+
+__all__ = ["hf_causal_lm", "text_dataset"]
+
 try:
     __version__ = _metadata.version("kdcache")
 except _metadata.PackageNotFoundError:  # a source tree that was never installed

@@ -143,6 +143,58 @@ def second_run(tmp: Path, *first: str, second: tuple[str, ...]) -> list[str]:
     return pre(tmp, *first, *second)
 
 
+def text_data(tmp: Path, *args: str, file: str = "docs.jsonl", template: bool = True) -> list:
+    """--data kdcache:text_dataset over tiny files written in `tmp` (tests/pipeline/text_fixtures)."""
+    from tests.pipeline import text_fixtures as fx
+
+    made = fx.inputs(tmp)
+    tokenizer = tmp / "tokenizer" if template else fx.tokenizer(tmp / "plain", chat_template=False)
+    write(tmp, "docs.csv", "text\nthe cat\n")
+    (tmp / "empty").mkdir(exist_ok=True)
+    path = made.get(file.removesuffix(".jsonl"), tmp / file)
+    pairs = [f"path={path}", f"tokenizer={tokenizer}", *args]
+    return ["--data", "kdcache:text_dataset", *[a for p in pairs for a in ("--data-arg", p)]]
+
+
+TINY_LM = ["--teacher", "kdcache.pipeline.examples.lm:TinyCausalLM", "--teacher-arg",
+           "vocab_size=320", "--random-teacher"]  # fmt: skip
+
+
+def text_pre(tmp: Path, *args: str, teacher=TINY_LM, **kw) -> list[str]:
+    return ["precompute", "--task", "causal-lm", *teacher, *text_data(tmp, *args, **kw),
+            "--out", str(tmp / "store"), "--device", "cpu", "--quiet"]  # fmt: skip
+
+
+def short_llama(tmp: Path) -> list[str]:
+    """A Llama teacher built from a config with 32 positions (kdcache:hf_causal_lm config=)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=320,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+    ).save_pretrained(tmp / "llama")
+    return ["--teacher", "kdcache:hf_causal_lm", "--teacher-arg", f"config={tmp / 'llama'}",
+            "--random-teacher"]  # fmt: skip
+
+
+def text_other_data(tmp: Path) -> list[str]:
+    """A text store, then a student given the file with one byte changed (a row's id)."""
+    invoke(*text_pre(tmp, "block_size=32"))  # (writes the files; text_data would rewrite them)
+    docs = tmp / "docs.jsonl"
+    data = bytearray(docs.read_bytes())
+    data[data.rindex(b'"id": ') + 6] ^= 1
+    docs.write_bytes(bytes(data))
+    return ["train", "--cache", str(tmp / "store"), "--student",
+            "kdcache.pipeline.examples.lm:TinyCausalLM", "--student-arg", "vocab_size=320",
+            "--data", "kdcache:text_dataset", "--data-arg", f"path={docs}", "--data-arg",
+            f"tokenizer={tmp / 'tokenizer'}", "--data-arg", "block_size=32", "--epochs", "1",
+            "--device", "cpu", "--out", str(tmp / "student"), "--quiet"]  # fmt: skip
+
+
 M = "tests.toy_models"
 B = "tests.faults.bad_data"
 CASES = [
@@ -290,6 +342,32 @@ CASES = [
     Case("head wider than the vocabulary", "a declared output layer of 65 for a 64-token store",
          lambda t, c: lm_train(t, student="tests.toy_models:OddHeadLM"), 2,
          ("65 outputs", "vocabulary is 64", "--no-fused-head"), stage="train"),
+    # ---------------------------------------------------------------- kdcache.text_dataset
+    Case("text file of another format", "a .csv file as --data-arg path",
+         lambda t, c: text_pre(t, file="docs.csv"), 2,
+         ("docs.csv", "not a .jsonl, .json, .parquet or .arrow file", "convert it")),
+    Case("missing text field", "text_field=body in rows of {text, id}",
+         lambda t, c: text_pre(t, "text_field=body"), 2,
+         ("text_field='body'", "has id, text", "name the right field")),
+    Case("missing messages field", "messages_field=turns in rows of {messages}",
+         lambda t, c: text_pre(t, "messages_field=turns", file="chats.jsonl"), 2,
+         ("messages_field='turns'", "has messages", "name the right field")),
+    Case("tokenizer folder without a tokenizer", "tokenizer= an empty folder",
+         lambda t, c: text_pre(t, f"tokenizer={t / 'empty'}"), 2,
+         ("empty'", "is not a tokenizer folder", "tokenizer.save_pretrained")),
+    Case("chat data, no chat template", "messages with a tokenizer saved without a template",
+         lambda t, c: text_pre(t, "messages_field=messages", file="chats.jsonl", template=False),
+         2, ("tokenizer=", "has no chat template", "save the tokenizer with one")),
+    Case("block size over the maximum", "block_size=4096 with model_max_length 128",
+         lambda t, c: text_pre(t, "block_size=4096"), 2,
+         ("block_size=4096", "model_max_length 128", "block_size <= 128")),
+    Case("block size over the teacher's positions", "block_size=64 for a 32-position Llama",
+         lambda t, c: text_pre(t, "block_size=64", teacher=short_llama(t)), 2,
+         ("block_size=64", "--teacher's maximum of 32 positions", "max_position_embeddings",
+          "block_size <= 32")),
+    Case("text data not the cache's", "the JSONL file with one byte changed",
+         lambda t, c: text_other_data(t), 2,
+         ("--data does not match the cache", "--ignore-fingerprint"), stage="train"),
 ]  # fmt: skip
 
 
