@@ -13,3 +13,17 @@ try:
     __version__ = _metadata.version("kdcache")
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
+
+from kdcache.stages.cache_api import Cache, CacheDataset, open_cache
+from kdcache.stages.kd_loss import kd_loss, kd_loss_fused
+
+__all__ = ["Cache", "CacheDataset", "KDTrainer", "kd_loss", "kd_loss_fused", "open_cache"]
+
+
+def __getattr__(name: str):
+    # transformers is the optional `lm` extra: imported only when KDTrainer is first named.
+    if name == "KDTrainer":
+        from kdcache.stages.hf_trainer import KDTrainer
+
+        return KDTrainer
+    raise AttributeError(f"module 'kdcache' has no attribute {name!r}")
