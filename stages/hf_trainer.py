@@ -56,9 +56,13 @@ class KDTrainer(Trainer):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         terms = kd_loss(logits, inputs, self.alpha, self.temperature, self.chunk_mb, True)
         if model.training:
-            step = torch.stack([terms.kd, terms.ce]).detach().float()
+            # Weighted as the Trainer weights `loss` (1 / the step's accumulation count, which
+            # is smaller at an epoch's last step), so the logged terms mix into the logged loss.
+            ga = getattr(self, "current_gradient_accumulation_steps", None)
+            w = 1.0 / (ga or self.args.gradient_accumulation_steps)
+            step = torch.stack([terms.kd, terms.ce]).detach().float() * w
             self._terms = step if self._terms is None else self._terms + step
-            self._steps += 1
+            self._steps += w
         return (terms.loss, outputs) if return_outputs else terms.loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
@@ -66,6 +70,6 @@ class KDTrainer(Trainer):
             # The one read-back of the terms per log, as the Trainer's own for `loss`.
             mean = nested_gather(self._terms / self._steps, self.args.parallel_mode)
             kd, ce = mean.reshape(-1, 2).mean(0).tolist()
-            logs["kd_loss"], logs["ce_loss"] = round(kd, 6), round(ce, 6)
+            logs["kd_loss"], logs["ce_loss"] = kd, ce
             self._terms, self._steps = None, 0
         super().log(logs, start_time)
