@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import kdcache
 from kdcache.pipeline import jobs
@@ -15,31 +14,11 @@ from kdcache.pipeline.runtime import Dist
 from kdcache.stages.config import TrainConfig
 from kdcache.storage.errors import UsageError
 from tests import toy_models
+from tests.conftest import LM_ROWS, LM_SMALL
 
 GPT2 = "kdcache.pipeline.examples.lm:gpt2"
-DATA = "tests.toy_models:ToyTokens"
-SMALL = ["vocab_size=64", "n_layer=1", "n_head=2", "n_embd=16", "n_positions=32"]
-N = 20
-
-
-def precompute(out, codec: str) -> str:
-    from kdcache.pipeline.cli import main
-
-    args = [
-        "precompute", "--task", "causal-lm", "--teacher", GPT2,
-        *[a for p in SMALL for a in ("--teacher-arg", p)], "--data", DATA, "--data-arg",
-        f"n={N}", "--out", str(out), "--codec", codec, "--top-k", "4", "--shard-rows", "8",
-        "--batch-size", "4", "--device", "cpu", "--threads", "1", "--quiet",
-    ]  # fmt: skip
-    res = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert res.exit_code == 0, res.stderr
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api_stores")
-    return {c: precompute(root / c, c) for c in ("sampled", "topk")}
+SMALL = LM_SMALL
+N = LM_ROWS
 
 
 def student(seed: int = 1):
@@ -51,7 +30,7 @@ def train_step_terms(store: str, tmp_path, alpha: float, temperature: float | No
     """`kdcache train`'s loss terms on its first batch, and that batch's sample ids."""
     cfg = TrainConfig(
         cache=store, student=GPT2, student_args={"vocab_size": 64, "n_layer": 1, "n_head": 2,
-        "n_embd": 16, "n_positions": 32, "seed": 1}, data=DATA, data_args={"n": N},
+        "n_embd": 16, "n_positions": 32, "seed": 1}, data="tests.toy_models:ToyTokens", data_args={"n": N},
         out=str(tmp_path / "run"), epochs=1, batch_size=6, device="cpu", quiet=True,
         alpha=alpha, temperature=temperature,
     )  # fmt: skip
@@ -68,10 +47,10 @@ def train_step_terms(store: str, tmp_path, alpha: float, temperature: float | No
 
 
 @pytest.mark.parametrize("codec", ["sampled", "topk"])
-def test_kd_loss_equals_kdcache_trains_step(stores, tmp_path, codec):
+def test_kd_loss_equals_kdcache_trains_step(lm_stores, tmp_path, codec):
     alpha, T = 0.7, (1.0 if codec == "sampled" else 2.0)  # sampled stores are read at T = 1
-    want, ids = train_step_terms(stores[codec], tmp_path, alpha, T)
-    cache = kdcache.open_cache(stores[codec])
+    want, ids = train_step_terms(lm_stores[codec], tmp_path, alpha, T)
+    cache = kdcache.open_cache(lm_stores[codec])
     ds = cache.dataset(toy_models.ToyTokens(N))
     assert len(ds) == N and cache.vocab_size == 64
     batch = cache.collate([ds[i] for i in ids])
@@ -89,8 +68,8 @@ def test_kd_loss_equals_kdcache_trains_step(stores, tmp_path, codec):
     assert want["soft_loss"] > 0 and want["hard_loss"] > 0
 
 
-def test_any_order_and_batch_size_gives_the_same_mean_and_gradients_flow(stores):
-    cache = kdcache.open_cache(stores["sampled"])
+def test_any_order_and_batch_size_gives_the_same_mean_and_gradients_flow(lm_stores):
+    cache = kdcache.open_cache(lm_stores["sampled"])
     ds = cache.dataset(toy_models.ToyTokens(N), shards_in_memory=1)
     model = student()
     items = [ds[i] for i in range(N)]
@@ -113,8 +92,8 @@ def test_any_order_and_batch_size_gives_the_same_mean_and_gradients_flow(stores)
     ).all()
 
 
-def test_bad_input_is_one_line_naming_the_fix(stores):
-    cache = kdcache.open_cache(stores["topk"])
+def test_bad_input_is_one_line_naming_the_fix(lm_stores):
+    cache = kdcache.open_cache(lm_stores["topk"])
     with pytest.raises(UsageError, match="precomputed from.*pass that data set"):
         cache.dataset(toy_models.ToyTokens(N, seed=5))
     with pytest.raises(UsageError, match="precomputed from"):

@@ -9,7 +9,7 @@ import torch
 
 import kdcache
 from tests import toy_models
-from tests.stages.test_cache_api import N, stores  # noqa: F401 - the session's stores
+from tests.conftest import LM_ROWS as N
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,8 +42,8 @@ def args(out, **kw):
 
 
 @pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama"])
-def test_kdtrainer_loss_falls_and_equals_kd_loss(stores, tmp_path, build):  # noqa: F811
-    cache = kdcache.open_cache(stores["topk"])
+def test_kdtrainer_loss_falls_and_equals_kd_loss(lm_stores, tmp_path, build):
+    cache = kdcache.open_cache(lm_stores["topk"])
     ds = cache.dataset(toy_models.ToyTokens(N))
     model = build()
     trainer = kdcache.KDTrainer(
@@ -65,8 +65,8 @@ def test_kdtrainer_loss_falls_and_equals_kd_loss(stores, tmp_path, build):  # no
     assert logs[-1]["loss"] < 0.95 * logs[0]["loss"]
 
 
-def test_resume_from_a_trainer_checkpoint_ends_where_one_run_does(stores, tmp_path):  # noqa: F811
-    cache = kdcache.open_cache(stores["sampled"])
+def test_resume_from_a_trainer_checkpoint_ends_where_one_run_does(lm_stores, tmp_path):
+    cache = kdcache.open_cache(lm_stores["sampled"])
     ds = cache.dataset(toy_models.ToyTokens(N))
     kw = dict(max_steps=12, save_strategy="steps", save_steps=6, logging_steps=6)
     whole = gpt2()
