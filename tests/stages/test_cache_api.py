@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,12 @@ def test_bad_input_is_one_line_naming_the_fix(lm_stores):
     with pytest.raises(UsageError, match="no 'kd' entry"):
         kdcache.kd_loss(z[..., :64], {k: v for k, v in batch.items() if k != "kd"})
     assert np.isfinite(float(kdcache.kd_loss(z[..., :64], batch)))
+
+
+def test_the_collator_and_dataset_pickle_for_dataloader_workers(lm_stores):
+    cache = kdcache.open_cache(lm_stores["sampled"])
+    ds = cache.dataset(toy_models.ToyTokens(N))
+    collate, ds2 = pickle.loads(pickle.dumps((cache.collate, ds)))
+    a, b = cache.collate([ds[2], ds[5]]), collate([ds2[2], ds2[5]])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+    assert b["kd"].num_classes == 64 and b["kd"].codec.name == "sampled"
