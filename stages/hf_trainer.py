@@ -15,6 +15,7 @@ from transformers.trainer_pt_utils import nested_gather
 
 from kdcache.stages.cache_api import Collate
 from kdcache.stages.kd_loss import ALPHA, kd_loss
+from kdcache.storage.errors import UsageError
 
 # The batch entries that are the loss's, not the model's.
 _OWN = ("labels", "positions", "kd")
@@ -35,6 +36,15 @@ class KDTrainer(Trainer):
                 )
             kwargs["data_collator"] = Collate(info)
         super().__init__(*args, **kwargs)
+        info = getattr(self.data_collator, "info", None)
+        head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        width = getattr(head, "out_features", None)
+        if info is not None and width is not None and width != info.num_classes:
+            # Checked here, before any step: kd_loss would refuse the first batch anyway.
+            raise UsageError(
+                f"KDTrainer: the model outputs {width} logits per token but the cache's "
+                f"vocabulary is {info.num_classes}: build it with vocab_size={info.num_classes}"
+            )
         self.alpha, self.temperature, self.chunk_mb = alpha, temperature, chunk_mb
         self._terms: torch.Tensor | None = None  # summed (kd, ce) since the last log, on device
         self._steps = 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kdcache
+from kdcache.storage.errors import UsageError
 from tests import toy_models
 from tests.conftest import LM_ROWS as N
 
@@ -34,7 +35,7 @@ def llama(seed: int = 1):
 
 def args(out, **kw):
     settings = dict(
-        output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=30,
+        output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-2, max_steps=30,
         logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
@@ -63,6 +64,26 @@ def test_kdtrainer_loss_falls_and_equals_kd_loss(lm_stores, tmp_path, build):
     for h in logs:  # the logged loss is the mix of the two logged terms
         assert h["loss"] == pytest.approx(0.5 * h["kd_loss"] + 0.5 * h["ce_loss"], abs=1e-4)
     assert logs[-1]["loss"] < 0.95 * logs[0]["loss"]
+    # Evaluation on a cache dataset: the mean of kd_loss over its (equal-sized) batches.
+    model.eval()
+    with torch.no_grad():
+        want = []
+        for i in range(0, N, 4):
+            b = cache.collate([ds[j] for j in range(i, i + 4)])
+            z = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            want.append(float(kdcache.kd_loss(z, b, alpha=0.5, temperature=1.0)))
+    got = trainer.evaluate(ds)["eval_loss"]
+    assert got == pytest.approx(sum(want) / len(want), abs=1e-5)
+
+
+def test_kdtrainer_refuses_a_student_of_another_vocabulary(lm_stores, tmp_path):
+    ds = kdcache.open_cache(lm_stores["topk"]).dataset(toy_models.ToyTokens(N))
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=65, n_layer=1,
+                                         n_head=2, n_embd=16, n_positions=32))  # fmt: skip
+    with pytest.raises(UsageError, match="vocabulary is 64: build it with vocab_size=64"):
+        kdcache.KDTrainer(model=model, args=args(tmp_path), train_dataset=ds)
+    with pytest.raises(TypeError, match="train_dataset=cache.dataset"):
+        kdcache.KDTrainer(model=gpt2(), args=args(tmp_path), train_dataset=list(ds))
 
 
 def test_resume_from_a_trainer_checkpoint_ends_where_one_run_does(lm_stores, tmp_path):
