@@ -35,8 +35,8 @@ def llama(seed: int = 1):
 
 def args(out, **kw):
     settings = dict(
-        output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-2, max_steps=30,
-        logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        learning_rate=1e-2, max_steps=30, logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
     return transformers.TrainingArguments(**(settings | kw))
