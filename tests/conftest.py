@@ -228,7 +228,7 @@ def _lm_precompute(out, codec: str) -> str:
 
 @pytest.fixture(scope="session")
 def lm_stores(tmp_path_factory):
-    """Sampled and topk stores of a tiny random GPT-2 (V = 64) on ToyTokens(LM_ROWS): what the
+    """Sampled, topk and dense stores of a tiny random GPT-2 (V = 64) on ToyTokens(LM_ROWS): what the
     Python API's tests (issue 23) read."""
     root = tmp_path_factory.mktemp("lm_stores")
-    return {c: _lm_precompute(root / c, c) for c in ("sampled", "topk")}
+    return {c: _lm_precompute(root / c, c) for c in ("sampled", "topk", "dense")}

@@ -48,7 +48,7 @@ def train_step_terms(store: str, tmp_path, alpha: float, temperature: float | No
     return {k: float(v) for k, v in terms.items()}, batch["sample_id"].tolist()
 
 
-@pytest.mark.parametrize("codec", ["sampled", "topk"])
+@pytest.mark.parametrize("codec", ["sampled", "topk", "dense"])
 def test_kd_loss_equals_kdcache_trains_step(lm_stores, tmp_path, codec):
     alpha, T = 0.7, (1.0 if codec == "sampled" else 2.0)  # sampled stores are read at T = 1
     want, ids = train_step_terms(lm_stores[codec], tmp_path, alpha, T)
