@@ -117,3 +117,15 @@ def test_the_collator_and_dataset_pickle_for_dataloader_workers(lm_stores):
     a, b = cache.collate([ds[2], ds[5]]), collate([ds2[2], ds2[5]])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
     assert b["kd"].num_classes == 64 and b["kd"].codec.name == "sampled"
+
+
+def test_a_label_masked_to_minus_100_leaves_ce_but_stays_a_kd_target(lm_stores):
+    cache = kdcache.open_cache(lm_stores["topk"])
+    ds = cache.dataset(toy_models.ToyTokens(N))
+    items = [ds[0], ds[1]]
+    plain = cache.collate(items)
+    items[0]["labels"][2] = -100  # the token at 2 is no CE target: position 1 predicts it
+    masked = cache.collate(items)
+    p, m = plain["positions"], masked["positions"]
+    assert (m.tokens, m.pairs) == (p.tokens, p.pairs - 1)
+    assert int(m.labels[1]) == -1 and int(p.labels[1]) == int(items[0]["input_ids"][2])
