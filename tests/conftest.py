@@ -206,3 +206,29 @@ def files_under(root: Path) -> dict[str, bytes]:
 def labels_of(n: int, every_missing: int = 0) -> np.ndarray:
     ds = toy_models.ToyData(n, every_missing=every_missing)
     return np.array([-1 if (y := ds.label(i)) is None else y for i in range(n)], np.int64)
+
+
+LM_ROWS = 20
+LM_SMALL = ["vocab_size=64", "n_layer=1", "n_head=2", "n_embd=16", "n_positions=32"]
+
+
+def _lm_precompute(out, codec: str) -> str:
+    from kdcache.pipeline.cli import main
+
+    args = [
+        "precompute", "--task", "causal-lm", "--teacher", "kdcache.pipeline.examples.lm:gpt2",
+        *[a for p in LM_SMALL for a in ("--teacher-arg", p)], "--data",
+        "tests.toy_models:ToyTokens", "--data-arg", f"n={LM_ROWS}", "--out", str(out), "--codec", codec, "--top-k", "4", "--shard-rows", "8",
+        "--batch-size", "4", "--device", "cpu", "--threads", "1", "--quiet",
+    ]  # fmt: skip
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def lm_stores(tmp_path_factory):
+    """Sampled, topk and dense stores of a tiny random GPT-2 (V = 64) on ToyTokens(LM_ROWS): what the
+    Python API's tests (issue 23) read."""
+    root = tmp_path_factory.mktemp("lm_stores")
+    return {c: _lm_precompute(root / c, c) for c in ("sampled", "topk", "dense")}

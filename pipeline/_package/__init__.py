@@ -9,12 +9,32 @@ pyproject.toml, so the wheel has one top-level import name and never shadows a u
 
 from importlib import metadata as _metadata
 
-from kdcache.pipeline.hf_models import hf_causal_lm
-from kdcache.pipeline.text_data import text_dataset
-
-__all__ = ["hf_causal_lm", "text_dataset"]
-
 try:
     __version__ = _metadata.version("kdcache")
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
+
+from kdcache.pipeline.hf_models import hf_causal_lm  # noqa: E402
+from kdcache.pipeline.text_data import text_dataset  # noqa: E402
+from kdcache.stages.cache_api import Cache, CacheDataset, open_cache  # noqa: E402
+from kdcache.stages.kd_loss import kd_loss, kd_loss_fused  # noqa: E402
+
+__all__ = [
+    "Cache",
+    "CacheDataset",
+    "KDTrainer",
+    "hf_causal_lm",
+    "kd_loss",
+    "kd_loss_fused",
+    "open_cache",
+    "text_dataset",
+]
+
+
+def __getattr__(name: str):
+    # transformers is the optional `lm` extra: imported only when KDTrainer is first named.
+    if name == "KDTrainer":
+        from kdcache.stages.hf_trainer import KDTrainer
+
+        return KDTrainer
+    raise AttributeError(f"module 'kdcache' has no attribute {name!r}")
