@@ -126,17 +126,26 @@ class CacheDataset(torch.utils.data.Dataset):
             raise IndexError(f"item {i} of a cache dataset of {len(self)}")
         x = lm.inputs(self.data, np.array([i]), lm.TASK)
         ids, mask = x["input_ids"][0], x["attention_mask"][0]
+        # The stored tokens: every real one, or a chat row's targets (kdcache.text_dataset)
+        targets = lm.target_mask(x)[0]
         cols, spans = self._shard(int(self.shard_of[i]))
         j = int(self.offset[i])
-        if int(cols["length"][j]) != int(mask.sum()):
+        if int(cols["length"][j]) != int(targets.sum()):
             raise UsageError(
-                f"data item {i} has {int(mask.sum())} tokens but the cache stores "
+                f"data item {i} has {int(targets.sum())} target tokens but the cache stores "
                 f"{int(cols['length'][j])}: pass the data set this cache was precomputed from"
             )
+        if "target_mask" in x:  # HF's labels: token t + 1 is learned where t is a target
+            labels = torch.full_like(ids, IGNORE)
+            keep = targets[:-1].bool() & mask[1:].bool()
+            labels[1:] = torch.where(keep, ids[1:], labels[1:])
+        else:
+            labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE))
         item = {
             "input_ids": ids,
             "attention_mask": mask,
-            "labels": torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE)),
+            "target_mask": targets.to(torch.int64),
+            "labels": labels,
         }
         for names, (start, count) in zip(self.groups, spans, strict=True):
             a, n = int(start[j]), int(count[j])
@@ -168,16 +177,17 @@ class Collate:
             "input_ids": pad("input_ids", 0),
             "attention_mask": pad("attention_mask", 0),
             "labels": pad("labels", IGNORE),
+            "target_mask": pad("target_mask", 0),
         }
         for name in self.names:
             batch[name] = torch.cat([it[name] for it in items])
-        batch["positions"] = positions(batch["attention_mask"], batch["labels"])
+        batch["positions"] = positions(batch["target_mask"], batch["labels"])
         batch["kd"] = self.info
         return batch
 
 
 def positions(mask: torch.Tensor, labels: torch.Tensor) -> lm_loss.Positions:
-    """The stored tokens (mask 1, row order) and the next token's label at each (-1 where
+    """The stored tokens (`mask`, the target mask: 1 where stored, row order) and the next token's label at each (-1 where
     `labels[t + 1]` is -100 or t is a row's last), from host tensors."""
     nxt = torch.full_like(labels, -1)
     nxt[:, :-1] = labels[:, 1:]

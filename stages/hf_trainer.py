@@ -18,7 +18,7 @@ from kdcache.stages.kd_loss import ALPHA, kd_loss
 from kdcache.storage.errors import UsageError
 
 # The batch entries that are the loss's, not the model's.
-_OWN = ("labels", "positions", "kd")
+_OWN = ("labels", "target_mask", "positions", "kd")
 
 
 class KDTrainer(Trainer):

@@ -41,7 +41,8 @@ def _parts(batch: dict, width: int, device: torch.device, temperature: float | N
         )
     pos = batch.get("positions")
     if pos is None:  # a hand-made batch: selecting from the mask's host copy is one sync here
-        pos = positions(batch["attention_mask"].cpu(), batch["labels"].cpu())
+        stored = batch.get("target_mask", batch["attention_mask"])
+        pos = positions(stored.cpu(), batch["labels"].cpu())
     T = float(info.temperature if temperature is None else temperature)
     stored = {f.name: to_device(batch[f.name], device) for f in info.codec.token_fields()}
     targets = info.codec.token_targets(stored, info.temperature, T, info.num_classes)

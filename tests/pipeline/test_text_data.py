@@ -140,6 +140,11 @@ def kv(flag: str, pairs: list[str]) -> list[str]:
     return [a for p in pairs for a in (flag, p)]
 
 
+def typed(pairs: list[str]) -> dict:
+    """KEY=VALUE words as the CLI reads them: whole numbers as ints."""
+    return {k: int(v) if v.isdigit() else v for k, v in (p.split("=", 1) for p in pairs)}
+
+
 def test_chat_end_to_end_stores_only_assistant_tokens(files, tmp_path, cli):
     teacher = tmp_path / "teacher"
     cfg = transformers.LlamaConfig(
@@ -196,6 +201,37 @@ def test_chat_end_to_end_stores_only_assistant_tokens(files, tmp_path, cli):
     )  # fmt: skip
     assert res.exit_code == 2 and "does not match the cache" in res.stderr
     assert not (tmp_path / "other" / "summary.json").exists()
+
+    # The same chat store through the Python API: kd_loss on a batch equals kdcache train's step.
+    from kdcache.pipeline import jobs
+    from kdcache.pipeline.runtime import Dist
+    from kdcache.stages.train import TrainConfig
+
+    cfg = TrainConfig(
+        cache=str(store), student="kdcache:hf_causal_lm", out=str(tmp_path / "step"),
+        student_args=typed(student), data="kdcache:text_dataset", data_args=typed(data), epochs=1, batch_size=4, device="cpu",
+        quiet=True, alpha=0.5,
+    )  # fmt: skip
+    cfg.validate()
+    with jobs.trainer(cfg, Dist()) as trainer:
+        trainer.setup()
+        trainer.stream.set_epoch(1)
+        got = next(iter(trainer.stream))
+        trainer.model.eval()
+        with torch.no_grad():
+            z, _ = trainer.model(got["input"])
+            want = {k: float(v) for k, v in trainer.loss_terms(z, None, got).items()}
+        model = trainer.student
+    cache = kdcache.open_cache(str(store))
+    items = cache.dataset(ds)
+    batch = cache.collate([items[i] for i in got["sample_id"].tolist()])
+    assert batch["positions"].tokens == sum(targets[i] for i in got["sample_id"].tolist())
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        terms = kdcache.kd_loss(logits, batch, alpha=0.5, return_terms=True)
+    assert float(terms.loss) == pytest.approx(want["loss"], abs=1e-5)
+    assert float(terms.kd) == pytest.approx(want["soft_loss"], abs=1e-5)
+    assert float(terms.ce) == pytest.approx(want["hard_loss"], abs=1e-5)
 
 
 def test_parquet_arrow_and_a_saved_folder_read_as_the_jsonl(files, tmp_path):
