@@ -45,11 +45,13 @@ class ShardEnd:
     stats: dict
 
 
-def to_host(t: torch.Tensor) -> np.ndarray:
+def to_host(t: torch.Tensor, work: Workspace | None = None) -> np.ndarray:
     """A device tensor as a host array: a pinned buffer and a non-blocking copy on CUDA (wait on
-    an event before reading it), a plain blocking copy elsewhere, no copy on the CPU."""
+    an event before reading it), a plain blocking copy elsewhere, no copy on the CPU unless `t`
+    is one of `work`'s buffers (a codec may hand back its input chunk, e.g. dense's no-op
+    float32 cast: the next chunk would overwrite the host column)."""
     if t.device.type == "cpu":
-        return t.contiguous().numpy()
+        return (t.clone() if work is not None and work.holds(t) else t.contiguous()).numpy()
     cuda = t.device.type == "cuda"
     buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
     buf.copy_(t, non_blocking=cuda)
@@ -185,7 +187,7 @@ def encode_sequences(
         cols, codec_stats, finite = got
         stats.add(codec_stats)
         bad.index_add_(0, rows[sel], (~finite).int())
-        chunks.append({k: to_host(v) for k, v in cols.items()})
+        chunks.append({k: to_host(v, work) for k, v in cols.items()})
     stats.bad.append((ids, bad))
     stats.add({"teacher_correct": correct})
     return Encoded(columns=columns, chunks=chunks, stats=host, ready=[copied_event(dev)])

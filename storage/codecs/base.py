@@ -73,6 +73,11 @@ class Workspace:
             buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 
+    def holds(self, t: torch.Tensor) -> bool:
+        """True when `t` lives in one of these buffers (which the next chunk overwrites)."""
+        ptr = t.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == ptr for b in self._buffers.values())
+
 
 class _Fresh(Workspace):
     def get(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
