@@ -16,6 +16,7 @@ import logging
 import torch
 
 log = logging.getLogger("kdcache.precompute")
+FLAGS = {"threads": "--threads", "batch_size": "--batch-size"}  # conditions a flag restores
 
 
 def conditions(device: torch.device, precision: str, batch_size: int) -> dict:
@@ -54,6 +55,7 @@ def warn_if_resumed_elsewhere(url: str, recorded: dict[int, dict | None], now: d
     if not recorded:
         return []
     seen: list[str] = []
+    flags: list[str] = []  # the flags that bring a condition back, where a flag can
     unknown = 0
     for index in sorted(recorded):
         old = recorded[index]
@@ -63,10 +65,13 @@ def warn_if_resumed_elsewhere(url: str, recorded: dict[int, dict | None], now: d
         for d in differences(old, now):
             if d not in seen:
                 seen.append(d)
+        for key, flag in FLAGS.items():
+            if key in old and old[key] != now.get(key) and f"{flag} {old[key]}" not in flags:
+                flags.append(f"{flag} {old[key]}")
     if not seen and not unknown:
         return []
     what = "; ".join(seen) if seen else f"{unknown} shard(s) recorded no conditions"
-    hint = _fix(seen)
+    hint = "rerun with " + " ".join(flags) if flags else ""
     log.warning(
         "warning: resuming %s under other conditions than its %d committed shard(s) (%s): the "
         "store stays valid but may not be byte-identical to an uninterrupted run%s",
@@ -76,16 +81,3 @@ def warn_if_resumed_elsewhere(url: str, recorded: dict[int, dict | None], now: d
         f"; {hint} to keep it identical" if hint else "",
     )
     return seen or [what]
-
-
-def _fix(diffs: list[str]) -> str:
-    """The flags that bring the conditions back, where a flag can."""
-    flags = []
-    for d in diffs:
-        key, _, change = d.partition(" ")
-        old = change.split(" -> ")[0]
-        if key == "threads" and old != "?":
-            flags.append(f"--threads {old}")
-        elif key == "batch_size" and old != "?":
-            flags.append(f"--batch-size {old}")
-    return "rerun with " + " ".join(flags) if flags else ""
