@@ -203,29 +203,19 @@ def test_chat_end_to_end_stores_only_assistant_tokens(files, tmp_path, cli):
     assert not (tmp_path / "other" / "summary.json").exists()
 
     # The same chat store through the Python API: kd_loss on a batch equals kdcache train's step.
-    from kdcache.pipeline import jobs
-    from kdcache.pipeline.runtime import Dist
     from kdcache.stages.train import TrainConfig
+    from tests.stages.test_cache_api import first_step_terms
 
     cfg = TrainConfig(
         cache=str(store), student="kdcache:hf_causal_lm", out=str(tmp_path / "step"),
-        student_args=typed(student), data="kdcache:text_dataset", data_args=typed(data), epochs=1, batch_size=4, device="cpu",
-        quiet=True, alpha=0.5,
+        student_args=typed(student), data="kdcache:text_dataset", data_args=typed(data),
+        epochs=1, batch_size=4, device="cpu", quiet=True, alpha=0.5,
     )  # fmt: skip
-    cfg.validate()
-    with jobs.trainer(cfg, Dist()) as trainer:
-        trainer.setup()
-        trainer.stream.set_epoch(1)
-        got = next(iter(trainer.stream))
-        trainer.model.eval()
-        with torch.no_grad():
-            z, _ = trainer.model(got["input"])
-            want = {k: float(v) for k, v in trainer.loss_terms(z, None, got).items()}
-        model = trainer.student
+    want, ids, model = first_step_terms(cfg)
     cache = kdcache.open_cache(str(store))
     items = cache.dataset(ds)
-    batch = cache.collate([items[i] for i in got["sample_id"].tolist()])
-    assert batch["positions"].tokens == sum(targets[i] for i in got["sample_id"].tolist())
+    batch = cache.collate([items[i] for i in ids])
+    assert batch["positions"].tokens == sum(targets[i] for i in ids)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         terms = kdcache.kd_loss(logits, batch, alpha=0.5, return_terms=True)

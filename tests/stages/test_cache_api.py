@@ -28,14 +28,9 @@ def student(seed: int = 1):
     return load_model(GPT2, kwargs | {"seed": seed})[0]
 
 
-def train_step_terms(store: str, tmp_path, alpha: float, temperature: float | None):
-    """`kdcache train`'s loss terms on its first batch, and that batch's sample ids."""
-    cfg = TrainConfig(
-        cache=store, student=GPT2, student_args={"vocab_size": 64, "n_layer": 1, "n_head": 2,
-        "n_embd": 16, "n_positions": 32, "seed": 1}, data="tests.toy_models:ToyTokens", data_args={"n": N},
-        out=str(tmp_path / "run"), epochs=1, batch_size=6, device="cpu", quiet=True,
-        alpha=alpha, temperature=temperature,
-    )  # fmt: skip
+def first_step_terms(cfg: TrainConfig) -> tuple[dict, list, torch.nn.Module]:
+    """`kdcache train`'s loss terms on the first batch of `cfg`'s run (no step taken), that
+    batch's sample ids and the student it ran."""
     cfg.validate()
     with jobs.trainer(cfg, Dist()) as trainer:
         trainer.setup()
@@ -45,7 +40,19 @@ def train_step_terms(store: str, tmp_path, alpha: float, temperature: float | No
         with torch.no_grad():
             z, _ = trainer.model(batch["input"])
             terms = trainer.loss_terms(z, None, batch)
-    return {k: float(v) for k, v in terms.items()}, batch["sample_id"].tolist()
+    return {k: float(v) for k, v in terms.items()}, batch["sample_id"].tolist(), trainer.student
+
+
+def train_step_terms(store: str, tmp_path, alpha: float, temperature: float | None):
+    """`kdcache train`'s loss terms on its first batch, and that batch's sample ids."""
+    cfg = TrainConfig(
+        cache=store, student=GPT2, student_args={"vocab_size": 64, "n_layer": 1, "n_head": 2,
+        "n_embd": 16, "n_positions": 32, "seed": 1}, data="tests.toy_models:ToyTokens", data_args={"n": N},
+        out=str(tmp_path / "run"), epochs=1, batch_size=6, device="cpu", quiet=True,
+        alpha=alpha, temperature=temperature,
+    )  # fmt: skip
+    terms, ids, _ = first_step_terms(cfg)
+    return terms, ids
 
 
 @pytest.mark.parametrize("codec", ["sampled", "topk", "dense"])
