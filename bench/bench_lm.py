@@ -27,7 +27,7 @@ from bench.common import Report, interleaved, median, parse_args, ratio
 from bench.lm_models import Blocks, ZipfLM, calibrate, entropy
 from bench.lm_steps import reader_contenders, step_contenders
 from kdcache.pipeline.jobs import precompute
-from kdcache.stages.precompute import PrecomputeConfig
+from kdcache.stages.precompute.run import PrecomputeConfig
 from kdcache.storage.codecs.base import id_type
 from kdcache.storage.reader import CacheReader
 

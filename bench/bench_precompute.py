@@ -31,7 +31,7 @@ from bench.common import Report, interleaved, median, parse_args, ratio
 from kdcache.pipeline.examples.mnist1d import MNIST1D
 from kdcache.pipeline.examples.models import TeacherCNN
 from kdcache.pipeline.jobs import precompute
-from kdcache.stages.precompute import PrecomputeConfig
+from kdcache.stages.precompute.run import PrecomputeConfig
 
 TEACHER = "kdcache.pipeline.examples.models:TeacherCNN"
 DATA = "kdcache.pipeline.examples.mnist1d:MNIST1D"

@@ -48,7 +48,7 @@ def child(args) -> dict:
     from bench.lm_models import Blocks
     from bench.stage_one_models import HeadLM
     from kdcache.pipeline.jobs import precompute
-    from kdcache.stages.precompute import PrecomputeConfig
+    from kdcache.stages.precompute.run import PrecomputeConfig
 
     cuda = args.device.startswith("cuda")
     # Timed from here, in both: building the teacher, the run; not the imports (whole-process

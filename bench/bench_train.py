@@ -39,10 +39,10 @@ from kdcache.pipeline.examples.mnist1d import (
 )
 from kdcache.pipeline.examples.models import StudentMLP, TeacherCNN
 from kdcache.pipeline.jobs import precompute, train
-from kdcache.stages import losses
-from kdcache.stages.loader import JoinedStream, LabelStream
-from kdcache.stages.precompute import PrecomputeConfig
-from kdcache.stages.train import TrainConfig, schedule
+from kdcache.stages.precompute.run import PrecomputeConfig
+from kdcache.stages.train import loss as losses
+from kdcache.stages.train.streams import JoinedStream, LabelStream
+from kdcache.stages.train.trainer import TrainConfig, schedule
 from kdcache.storage.codecs.topk import soft_loss_topk
 
 DATA = "bench.bench_train:LabeledMNIST1D"

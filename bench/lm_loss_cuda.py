@@ -25,8 +25,9 @@ import torch
 
 from bench.common import Report, parse_args, ratio
 from bench.lm_models import CausalMix
-from kdcache.stages import lm, lm_loss
-from kdcache.stages.device import autocast
+from kdcache.stages.common.device import autocast
+from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.train import lm_loss
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.codecs.sampled import draw
 

@@ -22,8 +22,8 @@ import torch
 
 from bench.common import Report, interleaved, ratio
 from bench.lm_models import Blocks, CausalMix, next_token_ce
-from kdcache.stages import lm_loss
-from kdcache.stages.data import get_batch
+from kdcache.stages.common.data import get_batch
+from kdcache.stages.train import lm_loss
 from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.stream import CacheStream

@@ -14,7 +14,7 @@ import time
 import click
 
 from kdcache.pipeline.specs import load_config, merge_options, parse_kv
-from kdcache.stages.config import QUIET_HELP
+from kdcache.stages.common.config import QUIET_HELP
 from kdcache.storage.errors import KdcacheError, UsageError
 from kdcache.storage.fsio import io_failure
 from kdcache.storage.options import options_of

@@ -1,4 +1,4 @@
-"""A command's click options, generated from the declarations in stages/config.py.
+"""A command's click options, generated from the declarations in stages/common/config.py.
 
 Every generated option defaults to None (a flag too), so that "not on the command line" is
 visible and the TOML file or the declared default fills it in `build_config`. The click parameter

@@ -12,7 +12,7 @@ from kdcache.pipeline.cli_common import (
     setup_logging,
 )
 from kdcache.pipeline.cli_options import click_options
-from kdcache.stages.config import ReportConfig
+from kdcache.stages.common.config import ReportConfig
 
 
 @click.command()
@@ -22,10 +22,10 @@ from kdcache.stages.config import ReportConfig
 def report(**options) -> None:
     """Write report.md, report.json and accuracy plots for a finished job."""
     from kdcache.pipeline.jobs import report as run
-    from kdcache.stages import report_lm_text as lm_text
-    from kdcache.stages import report_regression
-    from kdcache.stages.report import ReportConfig
-    from kdcache.stages.report_text import headline, table
+    from kdcache.stages.report import lm_text
+    from kdcache.stages.report import regression as report_regression
+    from kdcache.stages.report.run import ReportConfig
+    from kdcache.stages.report.text import headline, table
 
     setup_logging(bool(options.get("quiet")), bool(options.get("log_json")))
     cfg = build_config(ReportConfig, None, options)

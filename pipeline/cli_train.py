@@ -27,7 +27,7 @@ from kdcache.pipeline.cli_common import (
 from kdcache.pipeline.cli_options import click_options
 from kdcache.pipeline.runtime import process_group
 from kdcache.pipeline.specs import load_config, normalise_keys
-from kdcache.stages.config import EvaluateConfig, TrainConfig
+from kdcache.stages.common.config import EvaluateConfig, TrainConfig
 from kdcache.storage import faults
 from kdcache.storage.errors import KdcacheError, UsageError
 
@@ -220,7 +220,7 @@ def evaluate(as_json: bool, **options) -> None:
 
 
 def _deploy_lines(d: dict) -> None:
-    """The CPU deployment figures, the float model's and the int8 copy's (stages/deploy.py)."""
+    """The CPU deployment figures, the float model's and the int8 copy's (stages/evaluate/deploy.py)."""
     for label, f in (("float32", d), ("int8", d.get("int8"))):
         if not f:
             continue

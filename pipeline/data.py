@@ -1,4 +1,4 @@
-"""Building a data set from its --data spec (the helpers that use one live in stages/data.py)."""
+"""Building a data set from its --data spec (the helpers that use one live in stages/common/data.py)."""
 
 from __future__ import annotations
 

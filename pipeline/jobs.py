@@ -21,13 +21,14 @@ from kdcache.pipeline.hf_models import check_positions
 from kdcache.pipeline.models import load_model, random_init, saved_settings
 from kdcache.pipeline.runtime import Dist, process_group, resolve_device
 from kdcache.pipeline.specs import augmentation
-from kdcache.stages import deploy, views
-from kdcache.stages import evaluate as evaluate_stage
-from kdcache.stages import precompute as precompute_stage
-from kdcache.stages import report as report_stage
-from kdcache.stages.device import placed_device
-from kdcache.stages.run_folder import RunFolder
-from kdcache.stages.train import TrainConfig, Trainer, finished
+from kdcache.stages.common import views
+from kdcache.stages.common.device import placed_device
+from kdcache.stages.common.run_folder import RunFolder
+from kdcache.stages.evaluate import deploy
+from kdcache.stages.evaluate import run as evaluate_stage
+from kdcache.stages.precompute import run as precompute_stage
+from kdcache.stages.report import run as report_stage
+from kdcache.stages.train.trainer import TrainConfig, Trainer, finished
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
@@ -192,7 +193,7 @@ def evaluated_model(cfg: evaluate_stage.EvaluateConfig):
 
 def evaluate(cfg: evaluate_stage.EvaluateConfig) -> dict:
     """Accuracy, ECE and loss on `cfg.data`; agreement with the cache's teacher when given; with
-    `cfg.deploy` what the model costs on a CPU, float and int8 (stages/deploy.py)."""
+    `cfg.deploy` what the model costs on a CPU, float and int8 (stages/evaluate/deploy.py)."""
     cfg.validate()
     device = resolve_device(cfg.device)
     model, summary = evaluated_model(cfg)

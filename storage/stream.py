@@ -7,7 +7,7 @@ and one Zarr slice each), in a prefetch thread that stays ``prefetch`` shards ah
 latency hides behind training. Rows then pass through a shuffle buffer that is mixed with numpy
 permutations per incoming shard, never per sample, in two reused pools; memory is the buffer plus
 the prefetched shards, whatever the size of the store. Only stored columns are streamed: stage two
-joins the inputs by ``sample_id`` (``kdcache.stages.loader.JoinedStream``).
+joins the inputs by ``sample_id`` (``kdcache.stages.train.streams.JoinedStream``).
 
 Batches hold at most ``batch_size`` rows. Every slot cuts its span into the same number of
 batches (that of the largest slot) of near-equal size, so all ranks take the same number of steps

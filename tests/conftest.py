@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The conditions every stage-one run of the suite holds, in this process or a child, whatever
 # OMP_NUM_THREADS the suite runs under: one CPU thread, fp32, the helpers' batch plan. A store's
 # bytes are promised identical across reruns and resumes only under equal conditions
-# (stages/conditions.py), so byte-identity tests must hold them fixed, not inherit them.
+# (stages/precompute/conditions.py), so byte-identity tests must hold them fixed, not inherit them.
 THREADS = ("--threads", "1")
 TEACHER = "tests.toy_models:ToyNet"
 DATA = "tests.toy_models:ToyData"
@@ -30,7 +30,7 @@ DATA = "tests.toy_models:ToyData"
 
 def toy_config(out, **overrides):
     """A small, fast PrecomputeConfig over ToyNet/ToyData; any field can be overridden."""
-    from kdcache.stages.config import PrecomputeConfig
+    from kdcache.stages.common.config import PrecomputeConfig
 
     fields = dict(
         teacher=TEACHER,

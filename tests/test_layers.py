@@ -46,10 +46,10 @@ def test_the_check_sees_function_local_and_from_imports(tmp_path):
     (tmp_path / "storage" / "x.py").write_text(
         "import kdcache.storage.fsio\n"
         "def f():\n"
-        "    from kdcache.stages.data import get_batch\n"
+        "    from kdcache.stages.common.data import get_batch\n"
         "    from kdcache import pipeline\n"
     )
     assert upward_imports("storage", tmp_path) == [
-        "storage/x.py:3 imports kdcache.stages.data",
+        "storage/x.py:3 imports kdcache.stages.common.data",
         "storage/x.py:4 imports kdcache.pipeline",
     ]

@@ -28,7 +28,7 @@ VERSION = metadata.version("kdcache")
 MUST_SHIP = [
     "kdcache/__main__.py",
     "kdcache/storage/reader.py",
-    "kdcache/stages/train.py",
+    "kdcache/stages/train/trainer.py",
     "kdcache/pipeline/cli.py",
     "kdcache/pipeline/examples/models.py",
 ]

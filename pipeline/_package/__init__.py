@@ -16,8 +16,8 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
 
 from kdcache.pipeline.hf_models import hf_causal_lm  # noqa: E402
 from kdcache.pipeline.text_data import text_dataset  # noqa: E402
-from kdcache.stages.cache_api import Cache, CacheDataset, open_cache  # noqa: E402
-from kdcache.stages.kd_loss import kd_loss, kd_loss_fused  # noqa: E402
+from kdcache.stages.api.cache import Cache, CacheDataset, open_cache  # noqa: E402
+from kdcache.stages.api.kd_loss import kd_loss, kd_loss_fused  # noqa: E402
 
 __all__ = [
     "Cache",
@@ -34,7 +34,7 @@ __all__ = [
 def __getattr__(name: str):
     # transformers is the optional `lm` extra: imported only when KDTrainer is first named.
     if name == "KDTrainer":
-        from kdcache.stages.hf_trainer import KDTrainer
+        from kdcache.stages.api.hf_trainer import KDTrainer
 
         return KDTrainer
     raise AttributeError(f"module 'kdcache' has no attribute {name!r}")

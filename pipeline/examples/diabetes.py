@@ -128,7 +128,7 @@ def run(out: str, epochs: int = 100, transfer: int = 3000, hidden: int = 32) -> 
     """The whole job into `out`; returns the report (report.json's content) and the teacher's
     test metrics under "teacher"."""
     from kdcache.pipeline import jobs
-    from kdcache.stages.config import PrecomputeConfig, ReportConfig, TrainConfig
+    from kdcache.stages.common.config import PrecomputeConfig, ReportConfig, TrainConfig
 
     os.makedirs(out, exist_ok=True)
     teacher = fit_teacher(f"{out}/teacher.pt")
@@ -159,7 +159,7 @@ def run(out: str, epochs: int = 100, transfer: int = 3000, hidden: int = 32) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from kdcache.stages import report_regression
+    from kdcache.stages.report import regression as report_regression
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/diabetes")

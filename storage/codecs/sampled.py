@@ -14,7 +14,7 @@ teacher's device from counter-based uniforms of (``sample_seed``, sample_id, vie
 (`draws.py`, specified in docs/FORMAT.md); 1 (stores without the key) drew row by row on the CPU
 from a generator seeded by (``sample_seed``, sample_id, view). Given the same teacher logits both
 write the same bytes for a rerun, a resume or another batch size (the logits themselves follow
-the run's conditions: stages/conditions.py); they differ from each other, so the version is part
+the run's conditions: stages/precompute/conditions.py); they differ from each other, so the version is part
 of the store's fingerprint and a resume never mixes them.
 """
 

@@ -263,7 +263,7 @@ def test_the_campaign_catches_a_rerun_that_recomputes_committed_shards(
     """The campaign's own test. A precompute that forgets its committed shards still ends with
     the reference's bytes (same conditions, same data), so byte identity alone would pass it:
     the measured reuse is what fails it."""
-    from kdcache.stages import precompute as stage
+    from kdcache.stages.precompute import run as stage
 
     real = stage._prepare_store
 

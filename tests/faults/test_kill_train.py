@@ -185,7 +185,7 @@ def test_the_campaign_catches_a_rerun_that_starts_over(
     """The campaign's own test: a rerun that ignores its checkpoints retrains every epoch and,
     being deterministic, ends with the reference's weights and metrics; the measured steps fail
     it."""
-    from kdcache.stages import checkpoint
+    from kdcache.stages.train import checkpoint
 
     monkeypatch.setattr(checkpoint, "latest", lambda folder: None)
     out = tmp_path / "student"

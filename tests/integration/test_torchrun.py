@@ -3,7 +3,7 @@
 Every run here, single-process references included, is a subprocess with OMP_NUM_THREADS=1
 (torchrun sets that for its workers anyway) and precompute runs with --threads 1 besides: with the
 same thread count the teacher's float arithmetic is the same, so stores can be compared byte for
-byte (the conditions of the promise: stages/conditions.py).
+byte (the conditions of the promise: stages/precompute/conditions.py).
 """
 
 from __future__ import annotations

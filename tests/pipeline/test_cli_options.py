@@ -1,4 +1,4 @@
-"""Each option is declared once (stages/config.py): the click options, their defaults in --help,
+"""Each option is declared once (stages/common/config.py): the click options, their defaults in --help,
 the checks and the k=v folding all come from that declaration."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from kdcache.pipeline.cli import main
 from kdcache.pipeline.cli_common import build_config, handle_errors
 from kdcache.pipeline.cli_options import click_options
 from kdcache.pipeline.cli_train import _argv
-from kdcache.stages.config import (
+from kdcache.stages.common.config import (
     EXECUTION,
     EvaluateConfig,
     PrecomputeConfig,

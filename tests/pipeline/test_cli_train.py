@@ -218,5 +218,5 @@ def test_student_process_never_imports_the_teacher(tmp_path, cache):
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert doc["code"] == 0, proc.stderr
     assert (tmp_path / "s" / "summary.json").exists()
-    assert "kdcache.stages.train" in doc["modules"] and "tests.toy_models" in doc["modules"]
+    assert "kdcache.stages.train.trainer" in doc["modules"] and "tests.toy_models" in doc["modules"]
     assert TEACHER_MODULE not in doc["modules"]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kdcache.pipeline.jobs import train
-from kdcache.stages.train import TrainConfig
+from kdcache.stages.train.trainer import TrainConfig
 from tests.conftest import assert_one_line_error
 
 STUDENT, DATA = "tests.toy_models:ToyNet", "tests.toy_models:ToyData"
@@ -86,7 +86,7 @@ def test_deploy_figures_in_json_and_text(cli, run_dir):
 def test_a_language_models_weights_file_with_its_task(cli, tmp_path):
     import torch
 
-    from kdcache.stages.lm import perplexity
+    from kdcache.stages.tasks.causal_lm import perplexity
     from tests.toy_models import ToyCausalLM
 
     torch.save(ToyCausalLM(seed=3).state_dict(), tmp_path / "lm.pt")

@@ -9,8 +9,8 @@ import torch
 
 from kdcache.pipeline.examples import text
 from kdcache.pipeline.examples.lm import TinyCausalLM, from_folder, gpt2
-from kdcache.stages.data import forward_tokens, get_batch
-from kdcache.stages.hooks import logits_of
+from kdcache.stages.common.data import forward_tokens, get_batch
+from kdcache.stages.common.hooks import logits_of
 from kdcache.storage.errors import UsageError
 
 # A toy tokenizer: trained on the train split's first 100 kB, 300 ids (256 bytes, EOS, merges).

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kdcache
-from kdcache.stages.data import data_fingerprint, get_batch
+from kdcache.stages.common.data import data_fingerprint, get_batch
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from tests.pipeline import text_fixtures as fx
@@ -203,7 +203,7 @@ def test_chat_end_to_end_stores_only_assistant_tokens(files, tmp_path, cli):
     assert not (tmp_path / "other" / "summary.json").exists()
 
     # The same chat store through the Python API: kd_loss on a batch equals kdcache train's step.
-    from kdcache.stages.train import TrainConfig
+    from kdcache.stages.train.trainer import TrainConfig
     from tests.stages.test_cache_api import first_step_terms
 
     cfg = TrainConfig(
@@ -243,7 +243,8 @@ def test_parquet_arrow_and_a_saved_folder_read_as_the_jsonl(files, tmp_path):
 
 
 def test_stage_two_selects_exactly_the_target_positions(files):
-    from kdcache.stages import lm, lm_loss
+    from kdcache.stages.tasks import causal_lm as lm
+    from kdcache.stages.train import lm_loss
 
     ds = kdcache.text_dataset(
         str(files["chats"]), str(files["tokenizer"]), messages_field="messages", block_size=108

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from kdcache.stages.conditions import conditions, differences, warn_if_resumed_elsewhere
+from kdcache.stages.precompute.conditions import conditions, differences, warn_if_resumed_elsewhere
 from tests.conftest import toy_precompute
 
 

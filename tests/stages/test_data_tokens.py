@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kdcache.pipeline.examples.lm import TinyCausalLM
-from kdcache.stages.data import BatchView, data_fingerprint, forward_tokens, get_batch
-from kdcache.stages.hooks import logits_of
+from kdcache.stages.common.data import BatchView, data_fingerprint, forward_tokens, get_batch
+from kdcache.stages.common.hooks import logits_of
 from kdcache.storage.errors import UsageError
 from tests.toy_models import ToyData
 

@@ -1,4 +1,4 @@
-"""Deployment figures (stages/deploy.py): sizes, timing, the int8 copy."""
+"""Deployment figures (stages/evaluate/deploy.py): sizes, timing, the int8 copy."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from kdcache.stages import deploy
-from kdcache.stages.evaluate import dataset_batches
-from kdcache.stages.run_folder import RunFolder
+from kdcache.stages.common.run_folder import RunFolder
+from kdcache.stages.evaluate import deploy
+from kdcache.stages.evaluate.run import dataset_batches
 from tests.toy_models import ToyData, ToyNet
 
 

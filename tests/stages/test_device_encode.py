@@ -1,4 +1,4 @@
-"""Stage one's on-device encoding (stages/device_encode.py): the writer's queue holds host arrays
+"""Stage one's on-device encoding (stages/precompute/device_encode.py): the writer's queue holds host arrays
 only, the chunk size never changes the stored bytes, and its bad inputs get one line."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.stages import precompute
-from kdcache.stages.device_encode import DeviceStats, Encoded, ShardEnd
+from kdcache.stages.precompute import run as precompute
+from kdcache.stages.precompute.device_encode import DeviceStats, Encoded, ShardEnd
 from kdcache.storage.errors import UsageError
 from tests import toy_models
 from tests.conftest import assert_one_line_error, files_under
@@ -110,7 +110,7 @@ class PlacedLM(toy_models.ToyCausalLM):
 
 
 def test_a_teacher_placed_by_its_loader_is_used_as_placed(tmp_path, cli):
-    from kdcache.stages.device import placed_device
+    from kdcache.stages.common.device import placed_device
 
     assert placed_device(toy_models.ToyCausalLM()) is None
     assert placed_device(PlacedLM()) == torch.device("cpu")

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from kdcache.pipeline.jobs import evaluate as run
 from kdcache.pipeline.jobs import train
-from kdcache.stages.evaluate import EvaluateConfig
-from kdcache.stages.metrics import (
+from kdcache.stages.evaluate.metrics import (
     agreement,
     batch_sums,
     csv_text,
@@ -18,7 +17,8 @@ from kdcache.stages.metrics import (
     parse_csv,
     summarise,
 )
-from kdcache.stages.train import TrainConfig
+from kdcache.stages.evaluate.run import EvaluateConfig
+from kdcache.stages.train.trainer import TrainConfig
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader

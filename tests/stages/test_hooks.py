@@ -1,4 +1,4 @@
-"""`kdcache.stages.hooks`: each pool mode against a hand-written reduction, and the tap's errors."""
+"""`kdcache.stages.common.hooks`: each pool mode against a hand-written reduction, and the tap's errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdcache.stages.hooks import POOLS, FeatureTap, pool
+from kdcache.stages.common.hooks import POOLS, FeatureTap, pool
 from kdcache.storage.errors import UsageError
 
 T = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5).sin()

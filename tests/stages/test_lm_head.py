@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from kdcache.pipeline.examples.lm import TinyCausalLM, gpt2
-from kdcache.stages import lm, lm_head, lm_loss
-from kdcache.stages.metrics import parse_csv
+from kdcache.stages.evaluate.metrics import parse_csv
+from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.train import lm_head, lm_loss
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.codecs.sampled import draw
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdcache.stages import lm, lm_loss
+from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.train import lm_loss
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.codecs.sampled import draw
 from kdcache.storage.errors import UsageError
@@ -17,7 +18,7 @@ LENGTHS = (7, 3, 9, 1, 5)
 
 
 def reference(z, x, codec, stored, stored_T, T, alpha):
-    """The loss as stage two computed it before the chunked one (stages/train.py's terms)."""
+    """The loss as stage two computed it before the chunked one (stages/train/trainer.py's terms)."""
     hard = lm.next_token_loss(z, x["input_ids"], x["attention_mask"])
     soft = codec.soft_loss(lm.valid_tokens(z, x["attention_mask"]), stored, stored_T, T)
     return alpha * soft + (1 - alpha) * hard, hard, soft

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.stages.data import data_fingerprint
-from kdcache.stages.loader import JoinedStream, LabelStream
+from kdcache.stages.common.data import data_fingerprint
+from kdcache.stages.train.streams import JoinedStream, LabelStream
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from tests.conftest import STREAM_ROWS as N

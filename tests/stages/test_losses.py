@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcache.stages.losses import feature_loss, hard_loss
+from kdcache.stages.train.loss import feature_loss, hard_loss
 from kdcache.storage.codecs.dense import soft_loss_dense
 from kdcache.storage.codecs.losses import regression_loss, retemper
 from kdcache.storage.codecs.topk import soft_loss_topk

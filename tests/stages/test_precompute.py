@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.stages.hooks import pool
+from kdcache.stages.common.hooks import pool
 from kdcache.storage.errors import KdcacheError, UsageError
 from kdcache.storage.reader import CacheReader
 from tests.conftest import files_under, labels_of, teacher_outputs, toy_precompute

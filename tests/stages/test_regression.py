@@ -13,10 +13,10 @@ from kdcache.pipeline import jobs
 from kdcache.pipeline.jobs import train as run
 from kdcache.pipeline.models import load_model
 from kdcache.pipeline.runtime import Dist
-from kdcache.stages import regression_metrics
-from kdcache.stages.config import EvaluateConfig
-from kdcache.stages.metrics import epoch_line, parse_csv
-from kdcache.stages.train import TrainConfig
+from kdcache.stages.common.config import EvaluateConfig
+from kdcache.stages.evaluate.metrics import epoch_line, parse_csv
+from kdcache.stages.tasks import regression_metrics
+from kdcache.stages.train.trainer import TrainConfig
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from tests.conftest import REPO, toy_precompute

@@ -1,4 +1,4 @@
-"""The relation losses (stages/relations.py) against values worked out by hand, the authors'
+"""The relation losses (stages/train/relations.py) against values worked out by hand, the authors'
 formulation, and the invariances each one claims."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.stages import relations as R
+from kdcache.stages.train import relations as R
 from kdcache.storage.errors import UsageError
 
 

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.jobs import collect_report as collect
 from kdcache.pipeline.jobs import precompute, train
-from kdcache.stages.precompute import PrecomputeConfig
-from kdcache.stages.report import ReportConfig
-from kdcache.stages.train import TrainConfig
+from kdcache.stages.precompute.run import PrecomputeConfig
+from kdcache.stages.report.run import ReportConfig
+from kdcache.stages.train.trainer import TrainConfig
 from tests.toy_models import ToyBatchData, ToyNet
 
 DATA = "tests.toy_models:ToyBatchData"

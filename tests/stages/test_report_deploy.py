@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.jobs import precompute, train
-from kdcache.stages.precompute import PrecomputeConfig
-from kdcache.stages.train import TrainConfig
+from kdcache.stages.precompute.run import PrecomputeConfig
+from kdcache.stages.train.trainer import TrainConfig
 
 DATA = "tests.toy_models:ToyBatchData"
 NET = "tests.toy_models:ToyNet"
@@ -100,8 +100,8 @@ def test_deployment_rows_table_and_plot(job):
 
 
 def test_headline_names_ties_and_the_pseudo_label_gain():
-    from kdcache.stages.report import _headline
-    from kdcache.stages.report_text import headline
+    from kdcache.stages.report.run import _headline
+    from kdcache.stages.report.text import headline
 
     def e(name, kind, acc, spec="m:MLP"):
         return {"name": name, "kind": kind, "test_accuracy": acc, "spec": spec,

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.jobs import collect_report as collect
 from kdcache.pipeline.jobs import precompute, train
-from kdcache.stages.precompute import PrecomputeConfig
-from kdcache.stages.report import ReportConfig
-from kdcache.stages.train import TrainConfig
+from kdcache.stages.precompute.run import PrecomputeConfig
+from kdcache.stages.report.run import ReportConfig
+from kdcache.stages.train.trainer import TrainConfig
 from kdcache.storage.reader import CacheReader
 from tests.stages.test_report import job  # noqa: F401 - the classifier job, for the joint report
 from tests.toy_models import ToyCausalLM, ToyTokens
@@ -191,7 +191,7 @@ def test_headline_states_the_measured_differences(lm_job):
         loss["sampled"] < loss["topk"],
         loss["hard"] - best >= 0.05,
     ]
-    from kdcache.stages.report_lm_text import headline
+    from kdcache.stages.report.lm_text import headline
 
     text = headline(lm)
     assert f"{loss['sampled'] - loss['online']:+.4f} vs the online-KD student online" in text

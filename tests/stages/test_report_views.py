@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kdcache.pipeline.jobs import collect_report, precompute, report, train
-from kdcache.stages.precompute import PrecomputeConfig
-from kdcache.stages.report import ReportConfig
-from kdcache.stages.train import TrainConfig
+from kdcache.stages.precompute.run import PrecomputeConfig
+from kdcache.stages.report.run import ReportConfig
+from kdcache.stages.train.trainer import TrainConfig
 
 DATA = "tests.toy_models:ToyBatchData"
 NET = "tests.toy_models:ToyNet"

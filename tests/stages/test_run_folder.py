@@ -7,10 +7,10 @@ import json
 import pytest
 
 from kdcache.pipeline.jobs import evaluate, report, train
-from kdcache.stages.evaluate import EvaluateConfig
-from kdcache.stages.report import ReportConfig
-from kdcache.stages.run_folder import RunFolder
-from kdcache.stages.train import TrainConfig
+from kdcache.stages.common.run_folder import RunFolder
+from kdcache.stages.evaluate.run import EvaluateConfig
+from kdcache.stages.report.run import ReportConfig
+from kdcache.stages.train.trainer import TrainConfig
 from kdcache.storage.errors import UsageError
 
 DATA = "tests.toy_models:ToyData"

@@ -14,9 +14,9 @@ from kdcache.pipeline import jobs
 from kdcache.pipeline.jobs import train as run
 from kdcache.pipeline.models import load_model
 from kdcache.pipeline.runtime import Dist
-from kdcache.stages.hooks import pool
-from kdcache.stages.metrics import CSV_FIELDS, parse_csv
-from kdcache.stages.train import TrainConfig, Trainer
+from kdcache.stages.common.hooks import pool
+from kdcache.stages.evaluate.metrics import CSV_FIELDS, parse_csv
+from kdcache.stages.train.trainer import TrainConfig, Trainer
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from tests.conftest import toy_precompute

@@ -19,15 +19,15 @@ from torch import nn
 
 from kdcache.pipeline import jobs
 from kdcache.pipeline.runtime import Dist
-from kdcache.stages import data as data_module
-from kdcache.stages import lm
-from kdcache.stages import train as train_module
-from kdcache.stages.config import EvaluateConfig
-from kdcache.stages.evaluate import AgreementSet, dataset_batches, eval_sums
-from kdcache.stages.evaluate import run as evaluate
-from kdcache.stages.metrics import parse_csv, summarise
-from kdcache.stages.run_folder import RunFolder
-from kdcache.stages.train import TrainConfig, Trainer
+from kdcache.stages.common import data as data_module
+from kdcache.stages.common.config import EvaluateConfig
+from kdcache.stages.common.run_folder import RunFolder
+from kdcache.stages.evaluate.metrics import parse_csv, summarise
+from kdcache.stages.evaluate.run import AgreementSet, dataset_batches, eval_sums
+from kdcache.stages.evaluate.run import run as evaluate
+from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.train import trainer as train_module
+from kdcache.stages.train.trainer import TrainConfig, Trainer
 from kdcache.storage import faults
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from kdcache.pipeline import jobs
 from kdcache.pipeline.runtime import Dist
-from kdcache.stages import lm
-from kdcache.stages.metrics import parse_csv
-from kdcache.stages.train import TrainConfig, Trainer
+from kdcache.stages.evaluate.metrics import parse_csv
+from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.train.trainer import TrainConfig, Trainer
 from kdcache.storage.errors import UsageError
 from tests.conftest import assert_one_line_error, toy_precompute
 from tests.toy_models import ToyCausalLM, ToyNet

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.pipeline.jobs import train as run
-from kdcache.stages import relations
-from kdcache.stages.hooks import pool
+from kdcache.stages.common.hooks import pool
+from kdcache.stages.train import relations
 from kdcache.storage.errors import UsageError
 from tests.conftest import toy_precompute
 from tests.stages.test_train import build, config, teacher_logits

@@ -13,7 +13,8 @@ from kdcache.pipeline import jobs
 from kdcache.pipeline.models import load_model
 from kdcache.pipeline.runtime import Dist
 from kdcache.pipeline.specs import augmentation
-from kdcache.stages import precompute, views
+from kdcache.stages.common import views
+from kdcache.stages.precompute import run as precompute
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.views import chosen_views

@@ -1,0 +1,152 @@
+"""The language-model section of report.md, from the `lm` dict `kdcache.stages.report.lm` builds."""
+
+from __future__ import annotations
+
+from kdcache.stages.report.lm import NEAR_ONLINE, OVER_HARD
+from kdcache.stages.report.text import _bytes, _num, _pct, _seconds
+
+NATS = "{:.4f}"
+
+
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.4f}"
+
+
+def _verdict(met: bool | None) -> str:
+    return "-" if met is None else ("met" if met else "not met")
+
+
+def _taught(e: dict) -> str:
+    if e["role"] == "teacher":
+        return "hard labels (teacher)"
+    if e["taught"] == "cache":
+        return f"cache: {e['codec_label'] or e['cache']}"
+    if e["taught"] == "teacher online":
+        return f"teacher online ({e['online_teacher'].get('spec', '?')})"
+    return "hard labels"
+
+
+def _agreement(e: dict) -> str:
+    mark = "*" if e.get("agreement_on") == "cached training tokens" else ""
+    return _pct(e["agreement"]) + mark
+
+
+def students_table(lm: dict) -> str:
+    """Per model: teacher first, then every LM student in training order."""
+    best = lm["headline"]["best_cache_student"]
+    head = (
+        "| model | taught by | val loss (nats/token) | perplexity | top-1 agrees with teacher "
+        "| bytes/token | store size | epochs | train time |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for e in ([lm["teacher"]] if lm["teacher"] else []) + lm["students"]:
+        cells = [
+            f"**{e['name']}**" if e["name"] == best else e["name"],
+            _taught(e),
+            _num(e["eval_loss"], NATS),
+            _num(e["eval_perplexity"], "{:.2f}"),
+            "-" if e["role"] == "teacher" else _agreement(e),
+            _num(e.get("bytes_per_token"), "{:.1f}"),
+            _bytes(e.get("store_bytes")),
+            _num(e["epochs"]),
+            _seconds(e["train_seconds"]),
+        ]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def _row(cells: list[str]) -> str:
+    # A codec's words may hold "|" (KL(p || q)): escaped, or it would split the cell.
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def caches_table(lm: dict) -> str:
+    head = (
+        "| cache | codec | bytes/token | codec's error | store size | teacher time (paid once) "
+        "| online KD: E x t | measured online | saved (E - 1) x t |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for c in lm["caches"]:
+        if "error" in c:
+            lines.append(_row([f"`{c['url']}`", f"could not open it: {c['error']}"] + ["-"] * 7))
+            continue
+        cells = [
+            f"`{c['url']}`",
+            c["codec_label"],
+            _num(c["bytes_per_token"], "{:.1f}"),
+            c["codec_error"] or "-",
+            _bytes(c["total_bytes"]),
+            _seconds(c["teacher_seconds"]),
+            f"E = {c['epochs']}: {_seconds(c['online_equivalent_seconds'])}",
+            _seconds(c["online_measured_seconds"]),
+            _seconds(c["saved_seconds"]),
+        ]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def headline(lm: dict) -> str:
+    h, by_name = lm["headline"], {e["name"]: e for e in lm["students"]}
+    loss = lambda n: _num(by_name[n]["eval_loss"], NATS)  # noqa: E731
+    targets = list(h["targets"].values())
+    parts = []
+    s = h["sampled_student"]
+    if s is None:
+        parts.append("No sampled-cache student.")
+    else:
+        sampled = by_name[s]
+        parts.append(
+            f"Sampled-cache student **{s}** ({_num(sampled['bytes_per_token'], '{:.1f}')} "
+            f"bytes/token): validation loss {loss(s)} nats/token"
+        )
+        o, k = h["online_student"], h["matched_topk_student"]
+        parts.append(
+            f", {_signed(h['sampled_minus_online'])} vs the online-KD student {o} ({loss(o)}; "
+            f"target within {NEAR_ONLINE:g}: {_verdict(targets[0])})"
+            if o
+            else ", no online-KD student to compare with"
+        )
+        parts.append(
+            f" and {_signed(h['sampled_minus_matched_topk'])} vs the topk student of the nearest "
+            f"bytes/token {k} ({_num(by_name[k]['bytes_per_token'], '{:.1f}')} bytes/token, "
+            f"{loss(k)}; target better: {_verdict(targets[1])})."
+            if k
+            else " and no topk student to compare with."
+        )
+    b, hard = h["best_cache_student"], h["hard_student"]
+    if b and hard:
+        parts.append(
+            f" Best cache student **{b}** ({loss(b)}) vs hard labels only {hard} ({loss(hard)}): "
+            f"{_signed(h['hard_minus_best_cache'])} nats/token better "
+            f"(target >= {OVER_HARD:g}: {_verdict(targets[2])})."
+        )
+    return "".join(parts)
+
+
+def lm_markdown(lm: dict) -> list[str]:
+    lines = [
+        "## Language model",
+        "",
+        f"Runs in `{lm['folder']}`.",
+        "",
+        headline(lm),
+        "",
+        students_table(lm),
+        "",
+        "Validation loss and perplexity are each model's final epoch on its eval data. Agreement "
+        "is the share of validation tokens where the model's top-1 next token is the teacher's "
+        "(* the trainer's figure on cached training tokens, when the models were not loaded).",
+        "",
+    ]
+    if lm.get("unfinished"):
+        lines += [f"Unfinished (no summary.json yet): {', '.join(lm['unfinished'])}.", ""]
+    if lm["caches"]:
+        lines += ["### The caches", "", caches_table(lm), ""]
+        lines += [
+            "t = the teacher's forward time over the train split, paid once by `kdcache "
+            "precompute`; E = the epochs of the students that read the cache; measured online "
+            "= the online-KD student's teacher seconds per epoch times E.",
+            "",
+        ]
+    lines += [f"![{p[:-4]}]({p})" for p in lm.get("plots", [])]
+    return lines + [""] if lm.get("plots") else lines
