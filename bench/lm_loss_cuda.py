@@ -27,7 +27,7 @@ from bench.common import Report, parse_args, ratio
 from bench.lm_models import CausalMix
 from kdcache.stages.common.device import autocast
 from kdcache.stages.tasks import causal_lm as lm
-from kdcache.stages.train import lm_loss
+from kdcache.stages.tasks import lm_loss
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.codecs.sampled import draw
 

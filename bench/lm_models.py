@@ -32,7 +32,7 @@ class CausalMix(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
         """What the head maps to logits: with `get_output_embeddings`, the declared head that
-        stage two fuses into its loss (stages/train/lm_head.py)."""
+        stage two fuses into its loss (stages/tasks/lm_head.py)."""
         e = self.embed(input_ids)
         return torch.tanh(self.mix(torch.cat([e, shifted(e)], -1)))
 

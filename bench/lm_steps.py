@@ -23,7 +23,7 @@ import torch
 from bench.common import Report, interleaved, ratio
 from bench.lm_models import Blocks, CausalMix, next_token_ce
 from kdcache.stages.common.data import get_batch
-from kdcache.stages.train import lm_loss
+from kdcache.stages.tasks import lm_loss
 from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.stream import CacheStream
@@ -52,7 +52,7 @@ def step_contenders(report: Report, url: str, repeat: int) -> None:
             # the CE-only run takes the cached run's batches, same rows in the same order
             batches = stream if cached else ({"sample_id": torch.from_numpy(i)} for i in order)
             for batch in batches:
-                x, _ = get_batch(data, batch["sample_id"].numpy(), task="causal-lm")
+                x, _ = get_batch(data, batch["sample_id"].numpy(), tokens=True)
                 ids, mask = x["input_ids"], x["attention_mask"]
                 if cached:  # stage two's chunked loss with the student's head fused in
                     pos = lm_loss.positions(ids, mask)

@@ -21,8 +21,10 @@ from kdcache.pipeline.cli_common import (
     setup_logging,
 )
 from kdcache.pipeline.cli_options import click_options
-from kdcache.stages.common.config import STORAGE_HELP, InspectConfig, PrecomputeConfig
+from kdcache.stages.common.config import STORAGE_HELP
+from kdcache.stages.evaluate.config import InspectConfig
 from kdcache.stages.evaluate.inspect import deep_scan
+from kdcache.stages.precompute.config import PrecomputeConfig
 from kdcache.storage import codecs
 from kdcache.storage.errors import IntegrityError
 from kdcache.storage.fsio import parse_storage_options

@@ -12,7 +12,7 @@ from kdcache.pipeline.cli_common import (
     setup_logging,
 )
 from kdcache.pipeline.cli_options import click_options
-from kdcache.stages.common.config import ReportConfig
+from kdcache.stages.report.config import ReportConfig
 
 
 @click.command()
@@ -22,8 +22,7 @@ from kdcache.stages.common.config import ReportConfig
 def report(**options) -> None:
     """Write report.md, report.json and accuracy plots for a finished job."""
     from kdcache.pipeline.jobs import report as run
-    from kdcache.stages.report import lm_text
-    from kdcache.stages.report import regression as report_regression
+    from kdcache.stages.report import sections
     from kdcache.stages.report.run import ReportConfig
     from kdcache.stages.report.text import headline, table
 
@@ -43,10 +42,7 @@ def report(**options) -> None:
         )
         return
     parts = [(table(result), headline(result))] if result["students"] else []
-    parts += [(lm_text.students_table(lm), lm_text.headline(lm))] if lm else []
-    if "regression" in result:
-        reg = result["regression"]
-        parts.append((report_regression.table(reg), f"Best regression student: {reg['best']}."))
+    parts += [s.terminal(result[s.key]) for s in sections.every() if s.key in result]
     for tab, line in parts:
         if not options.get("quiet"):
             click.echo(tab.replace("**", ""))

@@ -27,7 +27,8 @@ from kdcache.pipeline.cli_common import (
 from kdcache.pipeline.cli_options import click_options
 from kdcache.pipeline.runtime import process_group
 from kdcache.pipeline.specs import load_config, normalise_keys
-from kdcache.stages.common.config import EvaluateConfig, TrainConfig
+from kdcache.stages.evaluate.config import EvaluateConfig
+from kdcache.stages.train.config import TrainConfig
 from kdcache.storage import faults
 from kdcache.storage.errors import KdcacheError, UsageError
 

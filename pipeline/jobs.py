@@ -21,14 +21,14 @@ from kdcache.pipeline.hf_models import check_positions
 from kdcache.pipeline.models import load_model, random_init, saved_settings
 from kdcache.pipeline.runtime import Dist, process_group, resolve_device
 from kdcache.pipeline.specs import augmentation
-from kdcache.stages.common import views
+from kdcache.stages import tasks
 from kdcache.stages.common.device import placed_device
-from kdcache.stages.common.run_folder import RunFolder
 from kdcache.stages.evaluate import deploy
 from kdcache.stages.evaluate import run as evaluate_stage
 from kdcache.stages.precompute import run as precompute_stage
 from kdcache.stages.report import run as report_stage
-from kdcache.stages.train.trainer import TrainConfig, Trainer, finished
+from kdcache.stages.train.run_folder import RunFolder
+from kdcache.stages.train.trainer import TrainConfig, Trainer, finished, resolve
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
@@ -38,7 +38,7 @@ log = logging.getLogger("kdcache")
 
 def precompute(cfg: precompute_stage.PrecomputeConfig) -> dict:
     """Stage one; returns {"status": "hit" | "done", "manifest": ..., ...}."""
-    cfg.validate()
+    cfg.validate()  # every problem at once, before anything is built (the stage resolves it)
     started = time.perf_counter()
     with process_group(cfg.device) as dist, cpu_threads(cfg.threads):
         device = resolve_device(cfg.device, dist.local_rank)
@@ -94,8 +94,10 @@ def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Train
     (then there is nothing to do). `datasets` shares data sets between the students of a job."""
     cfg.validate()
     reader = CacheReader(cfg.cache, cfg.storage_options, cfg.verify_reads) if cfg.cache else None
+    # Resolved once, the same on every rank (the same config and store); the user's is untouched.
+    cfg = resolve(cfg, reader)
     folder = RunFolder(cfg.out, cfg.storage_options)
-    done = dist.decide(lambda: finished(cfg, reader, folder))
+    done = dist.decide(lambda: finished(cfg, folder))
     if done is not None:
         return done
     device = resolve_device(cfg.device, dist.local_rank)
@@ -127,7 +129,6 @@ def trainer(cfg: TrainConfig, dist: Dist, datasets: dict | None = None) -> Train
     torch.manual_seed(cfg.seed)
     student, _ = load_model(cfg.student, cfg.student_args, None, what="--student")
     check_positions(student, data, "--student")
-    views.settle(cfg, reader)  # a cache of views names its augmentation
     augment = augmentation(cfg.augment, cfg.augment_args)
     return Trainer(
         cfg, dist, device, reader, folder, data, eval_data, student, teacher, augment=augment
@@ -186,7 +187,7 @@ def evaluated_model(cfg: evaluate_stage.EvaluateConfig):
     if spec is None:
         spec, args = saved.get("student"), args or saved.get("student_args") or {}
     model, _ = load_model(spec, args, url, cfg.storage_options, "--student")
-    task = cfg.task or saved.get("task") or "classification"
+    task = cfg.task or saved.get("task") or tasks.DEFAULT
     name = url.rstrip("/").rsplit("/", 1)[-1]
     return model, {"name": name, "student": spec, "student_args": args, "settings": {"task": task}}
 
@@ -206,9 +207,7 @@ def evaluate(cfg: evaluate_stage.EvaluateConfig) -> dict:
         cache_data = load_dataset(source["spec"], source.get("kwargs") or {})
     result = evaluate_stage.run(cfg, model.to(device), summary, ds, device, reader, cache_data)
     if cfg.deploy:
-        result["deploy"] = deploy.figures(
-            model, ds, summary["settings"].get("task") or "classification"
-        )
+        result["deploy"] = deploy.figures(model, ds, summary["settings"].get("task"))
     return result
 
 

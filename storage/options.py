@@ -131,8 +131,28 @@ def _field_type(f: dataclasses.Field) -> type:
     return str
 
 
-def validate_options(cfg, skip: Iterable[str] = ()) -> None:
-    """Run every declared field's checks on a config instance (but those named in `skip`)."""
+def option_problems(cfg, skip: Iterable[str] = ()) -> list[str]:
+    """Every declared field's failed check on a config instance (but those named in `skip`),
+    one message each: a config is checked whole, not up to its first mistake."""
+    problems = []
     for opt in options_of(type(cfg)):
         if opt.name not in skip:
-            opt.validate(getattr(cfg, opt.name))
+            try:
+                opt.validate(getattr(cfg, opt.name))
+            except UsageError as exc:
+                problems.append(str(exc))
+    return problems
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One UsageError (one line) naming every problem, numbered when there are several."""
+    if len(problems) == 1:
+        raise UsageError(problems[0])
+    if problems:
+        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        raise UsageError(f"{len(problems)} problems with the settings: {listed}")
+
+
+def validate_options(cfg, skip: Iterable[str] = ()) -> None:
+    """Run every declared field's checks on a config instance (but those named in `skip`)."""
+    raise_problems(option_problems(cfg, skip))

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kdcache.storage.errors import UsageError
+from kdcache.storage.errors import FormatError, UsageError
 from kdcache.storage.ragged import Parked
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.shards import decode_table
+from kdcache.storage.views import chosen_views
 
 _END = object()
 
@@ -244,6 +245,7 @@ class CacheStream(EpochStream):
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 0,
+        one_view: bool = False,
     ):
         super().__init__(batch_size, shuffle, seed, rank, world_size, num_workers)
         if buffer_size < 0 or prefetch < 1:
@@ -255,8 +257,11 @@ class CacheStream(EpochStream):
         )
         self.buffer_size, self.prefetch = buffer_size, prefetch
         self.features = bool(features) and self.reader.has_features
-        # Rows per sample: an epoch counts samples, and a store of V views has V rows each.
-        self.per_sample = 1
+        # Rows per sample: an epoch counts samples, and a store of V views has V rows each. With
+        # `one_view` an epoch reads each sample's V rows (one shard holds them) and keeps the
+        # epoch's chosen one (`chosen_views`: every view once per V epochs).
+        views = self.reader.views if one_view else None
+        self.per_sample = views["count"] if views else 1
         self._parked: Parked | None = None  # per iteration, for sequence stores
 
     def __getstate__(self) -> dict:
@@ -291,6 +296,8 @@ class CacheStream(EpochStream):
         return out
 
     def _read(self, piece: tuple[int, int, int]) -> dict[str, np.ndarray]:
+        if self.per_sample > 1:
+            return self._read_views(piece)
         i, a, b = piece
         table = self.reader.shard_table(i)
         if (a, b) != (0, table.num_rows):
@@ -300,6 +307,21 @@ class CacheStream(EpochStream):
             first = self.reader.shards[i]["first_row"]
             cols["features"] = self.reader.read_features(first + a, first + b)
         return self._parked.park(cols) if self._parked is not None else cols
+
+    def _read_views(self, piece: tuple[int, int, int]) -> dict[str, np.ndarray]:
+        i, a, b = piece
+        v = self.per_sample
+        cols = decode_table(self.reader.shard_table(i).slice(a * v, (b - a) * v), self.reader.codec)
+        keep = cols["view"] == chosen_views(self.seed, self.epoch, cols["sample_id"], v)
+        if int(keep.sum()) != b - a:
+            raise FormatError(
+                f"{self.reader.url} shard {i}: rows are not {v} views per sample; recompute it"
+            )
+        cols = {k: c[keep] for k, c in cols.items()}
+        if self.features:
+            first = self.reader.shards[i]["first_row"]
+            cols["features"] = self.reader.read_features(first + a * v, first + b * v)[keep]
+        return cols
 
     def _to_torch(self, cols: dict) -> dict[str, torch.Tensor]:
         if self._parked is not None:

@@ -30,7 +30,7 @@ DATA = "tests.toy_models:ToyData"
 
 def toy_config(out, **overrides):
     """A small, fast PrecomputeConfig over ToyNet/ToyData; any field can be overridden."""
-    from kdcache.stages.common.config import PrecomputeConfig
+    from kdcache.stages.precompute.config import PrecomputeConfig
 
     fields = dict(
         teacher=TEACHER,

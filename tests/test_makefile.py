@@ -12,7 +12,7 @@ import tomllib
 
 import pytest
 
-from kdcache.stages.common.config import TrainConfig
+from kdcache.stages.train.config import TrainConfig
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")

@@ -128,7 +128,9 @@ def run(out: str, epochs: int = 100, transfer: int = 3000, hidden: int = 32) -> 
     """The whole job into `out`; returns the report (report.json's content) and the teacher's
     test metrics under "teacher"."""
     from kdcache.pipeline import jobs
-    from kdcache.stages.common.config import PrecomputeConfig, ReportConfig, TrainConfig
+    from kdcache.stages.precompute.config import PrecomputeConfig
+    from kdcache.stages.report.config import ReportConfig
+    from kdcache.stages.train.config import TrainConfig
 
     os.makedirs(out, exist_ok=True)
     teacher = fit_teacher(f"{out}/teacher.pt")

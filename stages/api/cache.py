@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kdcache.stages import tasks
 from kdcache.stages.common.data import data_fingerprint
 from kdcache.stages.tasks import causal_lm as lm
-from kdcache.stages.train import lm_loss
+from kdcache.stages.tasks import lm_loss
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.shards import decode_table
@@ -45,7 +46,7 @@ class Cache:
 
     def __init__(self, url: str, storage_options: dict | None = None, verify: bool = True):
         self.reader = r = CacheReader(url, storage_options or None, verify=verify)
-        if r.task != lm.TASK:
+        if not tasks.get(r.task).per_token:
             raise UsageError(
                 f"{r.url} is a {r.task} store: the Python API serves causal-lm stores only; "
                 "train a classifier's store with `kdcache train`"
@@ -90,7 +91,7 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: Cache, data, shards_in_memory: int = 8):
         r = self.reader = cache.reader
-        got = data_fingerprint(data, r.task) if len(data) >= r.num_samples else "-"
+        got = data_fingerprint(data, tokens=True) if len(data) >= r.num_samples else "-"
         if got != r.data_fingerprint:  # the check `kdcache train` makes (stages/train/streams.py)
             made = r.manifest["data"]
             raise UsageError(
@@ -125,7 +126,7 @@ class CacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(f"item {i} of a cache dataset of {len(self)}")
-        x = lm.inputs(self.data, np.array([i]), lm.TASK)
+        x = lm.inputs(self.data, np.array([i]))
         ids, mask = x["input_ids"][0], x["attention_mask"][0]
         # The stored tokens: every real one, or a chat row's targets (kdcache.text_dataset)
         targets = lm.target_mask(x)[0]

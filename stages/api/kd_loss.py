@@ -2,7 +2,7 @@
 
 ``alpha * T^2 * KD + (1 - alpha) * CE``: KD the codec's term averaged over the batch's stored
 tokens, CE the next-token cross-entropy averaged over the positions whose next label is not -100.
-Both come from one chunked pass (stages/train/lm_loss.py), so the extra memory is O(chunk x V), never
+Both come from one chunked pass (stages/tasks/lm_loss.py), so the extra memory is O(chunk x V), never
 a float32 (tokens x V) copy; `kd_loss_fused` takes the last hidden states and the output layer
 instead of the logits, and (tokens x V) logits never exist (Liger-Kernel's fused linear loss).
 """
@@ -15,7 +15,7 @@ import torch
 
 from kdcache.stages.api.cache import positions
 from kdcache.stages.common.device import to_device
-from kdcache.stages.train import lm_loss
+from kdcache.stages.tasks import lm_loss
 from kdcache.storage.errors import UsageError
 
 ALPHA = 0.9  # `kdcache train`'s default

@@ -186,11 +186,11 @@ def _label_array(labels) -> np.ndarray:
 
 
 def get_batch(
-    ds, ids: np.ndarray, spec: str = "data", task: str = "classification"
+    ds, ids: np.ndarray, spec: str = "data", tokens: bool = False
 ) -> tuple[torch.Tensor | dict, np.ndarray]:
     """Inputs stacked into one tensor and int64 labels (-1 where an item has none).
 
-    For `task="causal-lm"` the inputs are `{"input_ids", "attention_mask"}` int64 (B, Lmax),
+    For token data (`tokens`: a causal-lm task's) the inputs are `{"input_ids", "attention_mask"}` int64 (B, Lmax),
     right-padded with id 0 and mask 0 to the batch's longest item, and the labels are all -1.
 
     Only integer class ids count as labels; regression targets are not stored (a regression
@@ -199,7 +199,7 @@ def get_batch(
     Datasets with a vectorised `get_batch(ids) -> {"input", "label"}` (causal-lm: `{"input_ids",
     "attention_mask"}`) skip the per-item loop.
     """
-    if task == "causal-lm":
+    if tokens:
         return _token_batch(ds, ids, spec)
     if hasattr(ds, "get_batch"):
         batch = ds.get_batch(ids)
@@ -242,16 +242,16 @@ def _stack(xs: list[torch.Tensor], ids: np.ndarray, spec: str) -> torch.Tensor:
 class BatchView(torch.utils.data.Dataset):
     """Index by an array of ids, so a DataLoader with a batch sampler fetches whole batches."""
 
-    def __init__(self, ds, spec: str = "data", task: str = "classification"):
+    def __init__(self, ds, spec: str = "data", tokens: bool = False):
         self.ds = ds
         self.spec = spec
-        self.task = task
+        self.tokens = tokens
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, ids):
-        x, y = get_batch(self.ds, np.asarray(ids, dtype=np.int64), self.spec, self.task)
+        x, y = get_batch(self.ds, np.asarray(ids, dtype=np.int64), self.spec, self.tokens)
         return torch.as_tensor(np.asarray(ids, dtype=np.int64)), x, torch.from_numpy(y)
 
 
@@ -264,12 +264,12 @@ def _is_token_data(ds) -> bool:
     return isinstance(first, dict) and "input_ids" in first
 
 
-def data_fingerprint(ds, task: str | None = None, spec: str = "data") -> str:
+def data_fingerprint(ds, tokens: bool | None = None, spec: str = "data") -> str:
     """Content hash of the data set: its length and FINGERPRINT_SAMPLES evenly spaced items.
 
     Content, not spec, so that the same data reached through another wrapper still matches, and
     sampled so that a student can check it in well under a second on any size of data set.
-    Token data (`task="causal-lm"`, or items with `input_ids` when no task is given) hashes the
+    Token data (`tokens`, or items with `input_ids` when `tokens` is None) hashes the
     padded ids and masks (and target masks) of those items. A data set that knows its whole
     content cheaply (`kdcache.text_dataset`: its files' bytes, tokenizer and settings) declares
     it as a `fingerprint` string, which is hashed in too, so a change the samples miss shows.
@@ -280,7 +280,7 @@ def data_fingerprint(ds, task: str | None = None, spec: str = "data") -> str:
     declared = getattr(ds, "fingerprint", None)
     if isinstance(declared, str):
         h.update(f"declared|{declared}|".encode())
-    if task == "causal-lm" or (task is None and _is_token_data(ds)):
+    if tokens or (tokens is None and _is_token_data(ds)):
         inputs, _ = _token_batch(ds, ids, spec)
         x, mask = inputs["input_ids"], inputs["attention_mask"]
         h.update(f"causal-lm|{n}|{tuple(x.shape)}".encode())

@@ -6,7 +6,9 @@ Stage two trains each epoch on one view per sample (`chosen_views`: every view o
 epochs), re-creates it from the same generator and callable, and checks the hash, so a student
 always sees the exact input its soft labels were computed on.
 
-Without a cache of views, `--augment` in stage two augments on the fly (`OnTheFly`): every epoch a
+Stage two's side of it is in stages/train/streams.py (`ReplayViews`, over a `CacheStream` that
+keeps one view per sample per epoch). Without a cache of views, `--augment` in stage two augments
+on the fly (`OnTheFly`): every epoch a
 fresh view from (--seed, sample_id, epoch). With a cache that is the naive pairing this module
 exists to avoid (soft labels of the plain input, a student on an augmented one); it is kept as a
 baseline, and for hard-label and online students, where it is exact.
@@ -17,17 +19,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kdcache.stages.common.data import BatchView, get_batch
-from kdcache.stages.tasks.targets import TargetView
-from kdcache.stages.train.streams import check_data, with_pseudo_labels
-from kdcache.storage.errors import FormatError, UsageError
+from kdcache.stages import tasks
+from kdcache.storage.errors import UsageError
 from kdcache.storage.manifest import balanced_shard_rows
-from kdcache.storage.shards import decode_table
-from kdcache.storage.stream import CacheStream
 from kdcache.storage.views import (
     HASH_COLUMN,
     HASH_NAME,
-    chosen_views,
     input_hashes,
     row_generator,
 )
@@ -91,16 +88,16 @@ class ViewBatches(torch.utils.data.Dataset):
 def batches(ds, cfg, views: dict | None, augment):
     """Stage one's batches by store row: plain (a regression teacher's with its float targets),
     or augmented views of them."""
-    plain = (TargetView if cfg.task == "regression" else BatchView)(ds, cfg.data, cfg.task)
+    plain = tasks.get(cfg.task).batch_view(ds, cfg.data)
     return plain if views is None else ViewBatches(plain, views, augment)
 
 
-def settle(cfg, reader) -> None:
-    """Take the augmentation of a cache of views (its arguments too when none are given);
-    refuse another."""
+def settle(cfg, reader) -> dict:
+    """The augmentation of a cache of views (its arguments too when none are given) as the
+    settings to take; refuse another. {} for any other cache."""
     v = reader.views if reader else None
     if v is None:
-        return
+        return {}
     given = (cfg.augment or v["augment"], cfg.augment_args or v["augment_args"])
     if given != (v["augment"], v["augment_args"]):
         raise UsageError(
@@ -108,97 +105,4 @@ def settle(cfg, reader) -> None:
             f"{reader.url} ({v['augment']} {v['augment_args']}): drop --augment to replay the "
             "cache's"
         )
-    cfg.augment, cfg.augment_args = v["augment"], dict(v["augment_args"])
-
-
-class ViewStream(CacheStream):
-    """Stage two over a cache of views: one view per sample per epoch, replayed and checked.
-
-    Splits, shuffling, workers, ranks and resume are the CacheStream's, counted in samples (the
-    V rows of a sample live in one shard): each sample once per epoch. A piece reads its samples'
-    V rows and keeps the epoch's chosen one (and its features)."""
-
-    def __init__(
-        self, cache, data, *args, augment, check_inputs=True, pseudo_labels=False, **kwargs
-    ):
-        ignore = kwargs.pop("ignore_fingerprint", False)
-        super().__init__(cache, *args, **kwargs)
-        check_data(self.reader, data, ignore)
-        self.data, self.augment, self.check_inputs = data, augment, check_inputs
-        self.pseudo_labels = pseudo_labels
-        self.per_sample = self.reader.views["count"]
-
-    def _read(self, piece: tuple[int, int, int]) -> dict[str, np.ndarray]:
-        i, a, b = piece
-        v = self.per_sample
-        cols = decode_table(self.reader.shard_table(i).slice(a * v, (b - a) * v), self.reader.codec)
-        keep = cols["view"] == chosen_views(self.seed, self.epoch, cols["sample_id"], v)
-        if int(keep.sum()) != b - a:
-            raise FormatError(
-                f"{self.reader.url} shard {i}: rows are not {v} views per sample; recompute it"
-            )
-        cols = {k: c[keep] for k, c in cols.items()}
-        if self.features:
-            first = self.reader.shards[i]["first_row"]
-            cols["features"] = self.reader.read_features(first + a * v, first + b * v)[keep]
-        return cols
-
-    def __iter__(self):
-        spec = self.reader.views["augment"]
-        for batch in super().__iter__():
-            ids, view = batch["sample_id"].numpy(), batch["view"].numpy()
-            x, _ = get_batch(self.data, ids)
-            x = replay(self.augment, x, ids, view, self.reader.views["seed"], spec)
-            stored = batch.pop(HASH_COLUMN).numpy()
-            if self.check_inputs:
-                bad = np.flatnonzero(input_hashes(x) != stored)
-                if len(bad):
-                    j = int(bad[0])
-                    raise UsageError(
-                        f"--augment {spec} is not deterministic: sample_id {ids[j]} view "
-                        f"{view[j]} re-created differs from the input the teacher saw "
-                        f"({len(bad)} of {len(ids)} rows in this batch); it must draw all its "
-                        "randomness from the generator it is given (not the global RNG)"
-                    )
-            batch["input"] = x
-            if self.pseudo_labels:
-                with_pseudo_labels(batch, self.reader.codec)
-            yield batch
-
-
-class OnTheFly(torch.utils.data.IterableDataset):
-    """A stage-two stream whose inputs are augmented afresh every epoch: the generator of
-    (--seed, sample_id, epoch), so a resumed epoch sees the same views."""
-
-    def __init__(self, stream, augment, seed: int, spec: str):
-        self.stream, self.augment, self.seed, self.spec = stream, augment, seed, spec
-
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-
-    def num_batches(self, rank: int | None = None) -> int:
-        return self.stream.num_batches(rank)
-
-    def __len__(self) -> int:
-        return len(self.stream)
-
-    def __iter__(self):
-        for batch in self.stream:
-            ids = batch["sample_id"].numpy()
-            epochs = np.full(len(ids), self.stream.epoch)
-            batch["input"] = replay(self.augment, batch["input"], ids, epochs, self.seed, self.spec)
-            yield batch
-
-
-def replay_options(reader, cfg, augment) -> dict:
-    """`ViewStream`'s own arguments for a cache of views; {} for a plain cache."""
-    if reader.views is None:
-        return {}
-    return {"augment": augment, "check_inputs": cfg.check_inputs}
-
-
-def on_the_fly(stream, augment, cfg):
-    """`stream` with --augment applied on the fly, unless it already replays a cache's views."""
-    if augment is None or isinstance(stream, ViewStream):
-        return stream
-    return OnTheFly(stream, augment, cfg.seed, cfg.augment)
+    return {"augment": v["augment"], "augment_args": dict(v["augment_args"])}

@@ -23,10 +23,10 @@ import warnings
 import torch
 from torch import nn
 
-from kdcache.stages.common.run_folder import torch_bytes
-from kdcache.stages.evaluate.metrics import summarise
+from kdcache.stages import tasks
 from kdcache.stages.evaluate.run import dataset_batches, eval_sums
-from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.tasks.scoring import summarise
+from kdcache.stages.train.run_folder import torch_bytes
 
 BATCHES = (1, 256)
 WARMUP, REPEATS, BUDGET = 5, 50, 1.5
@@ -34,7 +34,7 @@ QUANTIZATION = "int8 dynamic quantization of the Linear layers (torch.ao.quantiz
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """The size of its model.pt (stages/common/run_folder.py writes the same bytes)."""
+    """The size of its model.pt (stages/train/run_folder.py writes the same bytes)."""
     return len(torch_bytes(model.state_dict()))
 
 
@@ -52,26 +52,27 @@ def _rows(x, n: int):
     return x.repeat(reps, *([1] * (x.dim() - 1)))[:n] if reps > 1 else x[:n]
 
 
-def sample_inputs(data, task: str = "classification", rows: int = max(BATCHES)):
+def sample_inputs(data, task=None, rows: int = max(BATCHES)):
     """A CPU batch of `rows` real inputs from `data` (its first rows, repeated if too few)."""
     x, _ = next(iter(dataset_batches(data, rows, task=task)))
     return _rows(x, rows)
 
 
 @torch.no_grad()
-def latency(model: nn.Module, x, task: str = "classification") -> float:
+def latency(model: nn.Module, x, task=None) -> float:
     """Median seconds of one forward of `model` on `x` (see the module docstring)."""
+    forward = tasks.get(task).logits
     for _ in range(WARMUP):
-        lm.logits(model, x, task)
+        forward(model, x)
     times: list[float] = []
     while len(times) < REPEATS and (len(times) < 3 or sum(times) < BUDGET):
         tick = time.perf_counter()
-        lm.logits(model, x, task)
+        forward(model, x)
         times.append(time.perf_counter() - tick)
     return statistics.median(times)
 
 
-def profile(model: nn.Module, x, task: str = "classification") -> dict:
+def profile(model: nn.Module, x, task=None) -> dict:
     """params, weight_bytes, latency_b1/latency_b256 (seconds), samples_per_sec (at 256), threads."""
     model = copy.deepcopy(model).cpu().eval()
     out = {"params": num_params(model), "weight_bytes": weight_bytes(model)}
@@ -92,13 +93,13 @@ def quantize(model: nn.Module) -> nn.Module:
         return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, torch.qint8)
 
 
-def accuracy(model: nn.Module, data, task: str = "classification") -> float | None:
+def accuracy(model: nn.Module, data, task=None) -> float | None:
     """Top-1 accuracy on `data` (per token for causal-lm), on the CPU."""
     batches = dataset_batches(data, 1024, task=task)
     return summarise(eval_sums(model, batches, torch.device("cpu"), task=task))["accuracy"]
 
 
-def figures(model: nn.Module, data, task: str = "classification", int8: bool = True) -> dict:
+def figures(model: nn.Module, data, task=None, int8: bool = True) -> dict:
     """The float model's profile, and with `int8` that of its quantized copy (plus its accuracy
     on `data`) under ``int8``; both timed on the same real inputs."""
     x = sample_inputs(data, task)

@@ -5,7 +5,7 @@ are encoded in chunks of at most `--encode-chunk-bytes` of work, and only each c
 columns (already at their stored widths) are copied to the host, into pinned buffers with
 non-blocking copies on CUDA. Statistics stay on the device, summed per shard, and are read once
 when the shard ends (`DeviceStats.read`), so the forward of the next batch is queued while the
-copies run. The writer thread and its queue only ever see host arrays (`Encoded`, `ShardEnd`).
+copies run. The writer thread and its queue only ever see host arrays (`TeacherBatch`, `ShardEnd`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from kdcache.stages.precompute.encode import _refuse_non_finite
-from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.tasks.causal_lm import target_mask
 from kdcache.storage.codecs.base import Workspace, token_keys
 from kdcache.storage.errors import UsageError
 
 
 @dataclass
-class Encoded:
-    """One batch, ready for the writer: host arrays only."""
+class TeacherBatch:
+    """One teacher batch encoded, ready for the writer: host arrays only (the queue's item)."""
 
     columns: dict  # row keys, labels and any finished codec columns
     chunks: list = field(default_factory=list)  # codec columns per token chunk, to `finish`
@@ -126,14 +126,14 @@ def chunk_tokens(codec, vocab: int, teacher_itemsize: int, budget: int) -> int:
 
 def encode_sequences(
     z, inputs, ids, codec, temperature, stats: DeviceStats, budget: int | None, work: Workspace
-) -> Encoded:
+) -> TeacherBatch:
     """A causal-LM batch (logits z (B, L, V) on the teacher's device) as host columns.
 
-    Only target tokens (`lm.target_mask`: the real ones, or a chat row's positions before an
+    Only target tokens (`target_mask`: the real ones, or a chat row's positions before an
     assistant token) are stored, row-major, each row with its `length`. The teacher's accuracy is
     next-token top-1 over stored positions whose next token is real."""
     real = inputs["attention_mask"].cpu().numpy().astype(bool)  # the loader's: on the host
-    mask = lm.target_mask(inputs).cpu().numpy().astype(bool)
+    mask = target_mask(inputs).cpu().numpy().astype(bool)
     b, length, vocab = z.shape
     lengths = mask.sum(1).astype(np.int32)
     keys = {"sample_id": ids, "view": np.zeros(len(ids), np.int32), "length": lengths}
@@ -151,7 +151,7 @@ def encode_sequences(
         stats.add({"teacher_correct": (hit & torch.from_numpy(nxt).to(dev)).sum()})
         s = z.float()[torch.from_numpy(mask).to(dev)] / temperature
         cols, codec_stats = codec.encode(s, keys)
-        return Encoded(columns=cols | columns, stats=host | codec_stats)
+        return TeacherBatch(columns=cols | columns, stats=host | codec_stats)
     flat = np.flatnonzero(mask.reshape(-1))
     # Each stored token's next token where that is real too (-1: not counted); the top-1 is
     # taken per chunk, while the chunk is in cache.
@@ -190,4 +190,4 @@ def encode_sequences(
         chunks.append({k: to_host(v, work) for k, v in cols.items()})
     stats.bad.append((ids, bad))
     stats.add({"teacher_correct": correct})
-    return Encoded(columns=columns, chunks=chunks, stats=host, ready=[copied_event(dev)])
+    return TeacherBatch(columns=columns, chunks=chunks, stats=host, ready=[copied_event(dev)])

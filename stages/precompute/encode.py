@@ -33,9 +33,7 @@ def _refuse_non_finite(bad: torch.Tensor, ids: np.ndarray) -> None:
         )
 
 
-def check_logits(z: torch.Tensor, ids: np.ndarray, batch: int, task: str) -> torch.Tensor:
-    if task == "regression" and z.dim() == 1:
-        z = z[:, None]
+def check_logits(z: torch.Tensor, ids: np.ndarray, batch: int) -> torch.Tensor:
     if z.dim() != 2 or z.shape[0] != batch:
         raise UsageError(
             f"the teacher returned shape {tuple(z.shape)} for a batch of {batch}; "
@@ -43,16 +41,6 @@ def check_logits(z: torch.Tensor, ids: np.ndarray, batch: int, task: str) -> tor
         )
     _refuse_non_finite(~torch.isfinite(z).all(dim=1), ids)
     return z
-
-
-def check_labels(labels: np.ndarray, ids: np.ndarray, num_classes: int) -> None:
-    bad = (labels < -1) | (labels >= num_classes)
-    if bad.any():
-        j = int(np.argmax(bad))
-        raise UsageError(
-            f"label {int(labels[j])} of sample_id {int(ids[j])} is outside 0..{num_classes - 1} "
-            f"for a teacher with {num_classes} outputs: fix the data set or the teacher's num_classes"
-        )
 
 
 def encode_batch(

@@ -9,38 +9,36 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
-import threading
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from kdcache.stages import tasks
 from kdcache.stages.common import views
-from kdcache.stages.common.config import PrecomputeConfig
 from kdcache.stages.common.data import data_fingerprint, forward_tokens
 from kdcache.stages.common.device import autocast, to_device
 from kdcache.stages.common.hooks import FeatureTap, logits_of
 from kdcache.stages.precompute.conditions import conditions, warn_if_resumed_elsewhere
+from kdcache.stages.precompute.config import PrecomputeConfig
 from kdcache.stages.precompute.device_encode import (
     DeviceStats,
-    Encoded,
     ShardEnd,
+    TeacherBatch,
     copied_event,
     encode_sequences,
     to_host,
 )
 from kdcache.stages.precompute.encode import (
     add_stats,
-    check_labels,
     check_logits,
     check_token_logits,
     encode_batch,
     summarise,
 )
-from kdcache.stages.tasks import causal_lm as lm
-from kdcache.stages.tasks.targets import check_targets
+from kdcache.stages.precompute.writer import WriterThread
+from kdcache.stages.tasks.causal_lm import target_mask
 from kdcache.storage import codecs, faults
 from kdcache.storage.codecs.base import Workspace
 from kdcache.storage.errors import FormatError, KdcacheError, UsageError
@@ -89,7 +87,7 @@ def _identity(cfg: PrecomputeConfig, teacher_id: dict, ds, data_fp: str) -> dict
     }
     if cfg.augment is not None:  # absent otherwise: such stores stay as they were before views
         header["views"] = views.header(cfg)
-    if cfg.task == "regression":
+    if tasks.get(cfg.task).stores_targets:
         header["targets"] = {"dtype": "float32"}  # its width (the teacher's) follows the probe
     header["fingerprint"] = store_fingerprint(header)
     return header
@@ -133,12 +131,12 @@ def _complete_header(header, model, ds, device, cfg, augment=None) -> dict:
     if isinstance(x, dict):
         z = check_token_logits(z, ids.numpy(), x["attention_mask"])
     else:
-        z = check_logits(z, ids.numpy(), len(ids), cfg.task)
+        z = check_logits(tasks.get(cfg.task).teacher_outputs(z), ids.numpy(), len(ids))
     c = int(z.shape[-1])
     header["soft_labels"]["num_classes"] = c
     if cfg.budget_bytes_per_token is not None:
         kind = codecs.codec_class(cfg.codec)
-        s = z[lm.target_mask(x).to(z.device).bool()].float() / header["temperature"]
+        s = z[target_mask(x).to(z.device).bool()].float() / header["temperature"]
         chosen = kind.fit_budget(cfg.budget_bytes_per_token, s, {"dtype": cfg.dtype})
         header["soft_labels"].update(chosen)
         log.info(
@@ -167,78 +165,6 @@ def _plan(n: int, shard_rows: int, batch_size: int, shards: list[int]) -> list[t
         for a in range(lo, hi, batch_size):
             out.append((i, np.arange(a, min(hi, a + batch_size), dtype=np.int64)))
     return out
-
-
-class _Aborted(Exception):
-    pass
-
-
-class _WriterThread(threading.Thread):
-    """Encodes and publishes shards from a bounded queue; its first error stops the run."""
-
-    def __init__(self, store: StoreWriter, depth: int):
-        super().__init__(daemon=True, name="kdcache-writer")
-        self.store = store
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-        self.totals: dict = {}
-
-    def put(self, item) -> None:
-        while True:
-            self.raise_if_failed()
-            try:
-                self.q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        """The main thread failed: commit the shards already queued whole, leave the open one
-        uncommitted, and end the thread."""
-        self.stop.set()
-        self.join(timeout=60)
-
-    def _get(self):
-        # After an abort, what was queued before it still counts: a shard whose last batch and
-        # commit signal are queued gets committed (less to redo); the open one never is.
-        while True:
-            if self.stop.is_set():
-                try:
-                    return self.q.get_nowait()
-                except queue.Empty:
-                    raise _Aborted from None
-            try:
-                return self.q.get(timeout=0.2)
-            except queue.Empty:
-                continue
-
-    def run(self) -> None:
-        # Protocol: a shard index, its batches (`Encoded`), a `ShardEnd` (commit, with the
-        # statistics the device summed); a None in place of an index stops. An abort raises
-        # inside the open shard, so its partial rows are never committed.
-        codec = self.store.codec
-        try:
-            while (index := self._get()) is not None:
-                with self.store.shard(index) as shard:
-                    while not isinstance(item := self._get(), ShardEnd):
-                        item.wait()  # the batch's non-blocking copies to pinned memory
-                        columns = {}
-                        if item.chunks:
-                            parts = [codec.finish(c) for c in item.chunks]
-                            columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-                        columns.update(item.columns)
-                        add_stats(shard.stats, item.stats)
-                        shard.add(columns, item.features)
-                        faults.point("precompute.encoded")
-                    add_stats(shard.stats, item.stats)
-                add_stats(self.totals, shard.stats)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            self.error = exc
 
 
 def _prepare_store(loc, header, cfg, model, ds, device, augment=None) -> tuple:
@@ -310,10 +236,14 @@ def run(
     """Stage one with a built teacher (on `device`) and data set; returns {"status": "hit" |
     "done", "manifest": ..., ...}. `dist` is this process's place among the ranks (rank,
     world_size, is_main, barrier, decide); `started` is when the job began (perf_counter);
-    `augment` the callable `--augment` names (stages/common/views.py)."""
+    `augment` the callable `--augment` names (stages/common/views.py). The stage works from
+    `cfg.resolved()`: every check at once, its defaults (codec, T, codec options) filled."""
+    cfg = cfg.resolved()
     started = time.perf_counter() if started is None else started
     loc = open_location(cfg.out, cfg.storage_options)
-    header = _identity(cfg, teacher_id, ds, data_fingerprint(ds, cfg.task, cfg.data))
+    header = _identity(
+        cfg, teacher_id, ds, data_fingerprint(ds, tasks.get(cfg.task).per_token, cfg.data)
+    )
     lock = StoreLock(loc) if dist.is_main else None
 
     def prepare() -> tuple:
@@ -357,20 +287,13 @@ def run(
             faults.point("precompute.released")
 
 
-def _encode_rows(z, y_np, ids_np, codec, temperature, task) -> Encoded:
+def _encode_rows(z, y_np, ids_np, codec, temperature, task) -> TeacherBatch:
     """A classifier's or regressor's batch (B, C): small, so encoded whole; its checks and
     statistics read back per batch (host syncs, B x C values)."""
-    z = check_logits(z, ids_np, len(ids_np), task)
-    targets = None
-    if task == "classification":
-        check_labels(y_np, ids_np, z.shape[1])
-    elif task == "regression":  # float targets, kept in their own column
-        targets = check_targets(y_np, ids_np, z.shape[1])
-        y_np = np.full(len(ids_np), -1, np.int64)
-    else:
-        y_np = np.full_like(y_np, -1)
+    z = check_logits(task.teacher_outputs(z), ids_np, len(ids_np))
+    y_np, targets = task.stored_labels(y_np, ids_np, z.shape[1])
     columns, stats = encode_batch(z, y_np, ids_np, codec, temperature, None, targets)
-    return Encoded(columns=columns, stats=stats)
+    return TeacherBatch(columns=columns, stats=stats)
 
 
 def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) -> float:
@@ -385,7 +308,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) ->
         batch_size=None,
         num_workers=cfg.num_workers,
     )
-    writer = _WriterThread(store, cfg.queue_depth)
+    writer = WriterThread(store, cfg.queue_depth)
     writer.start()
     tap = FeatureTap(model, cfg.features, cfg.pool) if cfg.features else None
     rows = sum(len(ids) for _, ids in plan)
@@ -420,7 +343,7 @@ def _compute(store, shards, model, ds, device, cfg, show: bool, augment=None) ->
                         z, x, ids_np, codec, temperature, stats, cfg.encode_chunk_bytes, work
                     )
                 else:
-                    item = _encode_rows(z, y_np, ids_np, codec, temperature, cfg.task)
+                    item = _encode_rows(z, y_np, ids_np, codec, temperature, tasks.get(cfg.task))
                 del z  # the logits go now: nothing below or in the queue holds them
                 if feats is not None:
                     # Cast on the device, then copy: the stored width crosses, not float32.

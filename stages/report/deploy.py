@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from kdcache.stages.common.fmt import ms, pct
 from kdcache.stages.evaluate import deploy
-from kdcache.stages.report.text import _pct
 
 PLOT = "accuracy_vs_latency.png"
 
@@ -45,10 +45,6 @@ def _figures(f: dict) -> dict:
     return {k: f[k] for k in keys if k in f}
 
 
-def _ms(seconds) -> str:
-    return "-" if seconds is None else f"{1e3 * seconds:.3f} ms"
-
-
 def deploy_markdown(d: dict, plots: list[str]) -> list[str]:
     """The section's lines: what was timed and how, the table, the plot."""
     lines = [
@@ -71,9 +67,9 @@ def deploy_markdown(d: dict, plots: list[str]) -> list[str]:
             r["precision"],
             f"{r['params']:,}",
             f"{r['weight_bytes'] / 1024:.1f} KiB",
-            _pct(r.get("accuracy")),
-            _ms(r["latency_b1"]),
-            _ms(r["latency_b256"]),
+            pct(r.get("accuracy")),
+            ms(r["latency_b1"]),
+            ms(r["latency_b256"]),
             f"{r['samples_per_sec']:,.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

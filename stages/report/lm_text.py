@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from kdcache.stages.report.lm import NEAR_ONLINE, OVER_HARD
-from kdcache.stages.report.text import _bytes, _num, _pct, _seconds
+from kdcache.stages.common.fmt import nbytes, num, pct, seconds, signed
 
-NATS = "{:.4f}"
-
-
-def _signed(v: float | None) -> str:
-    return "-" if v is None else f"{v:+.4f}"
+NATS = ".4f"
 
 
 def _verdict(met: bool | None) -> str:
@@ -28,7 +23,7 @@ def _taught(e: dict) -> str:
 
 def _agreement(e: dict) -> str:
     mark = "*" if e.get("agreement_on") == "cached training tokens" else ""
-    return _pct(e["agreement"]) + mark
+    return pct(e["agreement"]) + mark
 
 
 def students_table(lm: dict) -> str:
@@ -43,13 +38,13 @@ def students_table(lm: dict) -> str:
         cells = [
             f"**{e['name']}**" if e["name"] == best else e["name"],
             _taught(e),
-            _num(e["eval_loss"], NATS),
-            _num(e["eval_perplexity"], "{:.2f}"),
+            num(e["eval_loss"], NATS),
+            num(e["eval_perplexity"], ".2f"),
             "-" if e["role"] == "teacher" else _agreement(e),
-            _num(e.get("bytes_per_token"), "{:.1f}"),
-            _bytes(e.get("store_bytes")),
-            _num(e["epochs"]),
-            _seconds(e["train_seconds"]),
+            num(e.get("bytes_per_token"), ".1f"),
+            nbytes(e.get("store_bytes")),
+            num(e["epochs"]),
+            seconds(e["train_seconds"]),
         ]
         lines.append(_row(cells))
     return "\n".join(lines)
@@ -73,13 +68,13 @@ def caches_table(lm: dict) -> str:
         cells = [
             f"`{c['url']}`",
             c["codec_label"],
-            _num(c["bytes_per_token"], "{:.1f}"),
+            num(c["bytes_per_token"], ".1f"),
             c["codec_error"] or "-",
-            _bytes(c["total_bytes"]),
-            _seconds(c["teacher_seconds"]),
-            f"E = {c['epochs']}: {_seconds(c['online_equivalent_seconds'])}",
-            _seconds(c["online_measured_seconds"]),
-            _seconds(c["saved_seconds"]),
+            nbytes(c["total_bytes"]),
+            seconds(c["teacher_seconds"]),
+            f"E = {c['epochs']}: {seconds(c['online_equivalent_seconds'])}",
+            seconds(c["online_measured_seconds"]),
+            seconds(c["saved_seconds"]),
         ]
         lines.append(_row(cells))
     return "\n".join(lines)
@@ -87,8 +82,10 @@ def caches_table(lm: dict) -> str:
 
 def headline(lm: dict) -> str:
     h, by_name = lm["headline"], {e["name"]: e for e in lm["students"]}
-    loss = lambda n: _num(by_name[n]["eval_loss"], NATS)  # noqa: E731
+    loss = lambda n: num(by_name[n]["eval_loss"], NATS)  # noqa: E731
     targets = list(h["targets"].values())
+    goal = h.get("target_values", {})
+    near, over = goal.get("near_online"), goal.get("over_hard")
     parts = []
     s = h["sampled_student"]
     if s is None:
@@ -96,19 +93,20 @@ def headline(lm: dict) -> str:
     else:
         sampled = by_name[s]
         parts.append(
-            f"Sampled-cache student **{s}** ({_num(sampled['bytes_per_token'], '{:.1f}')} "
+            f"Sampled-cache student **{s}** ({num(sampled['bytes_per_token'], '.1f')} "
             f"bytes/token): validation loss {loss(s)} nats/token"
         )
         o, k = h["online_student"], h["matched_topk_student"]
         parts.append(
-            f", {_signed(h['sampled_minus_online'])} vs the online-KD student {o} ({loss(o)}; "
-            f"target within {NEAR_ONLINE:g}: {_verdict(targets[0])})"
+            f", {signed(h['sampled_minus_online'])} vs the online-KD student {o} ({loss(o)}"
+            + (f"; target within {near:g}: {_verdict(targets[0])}" if near is not None else "")
+            + ")"
             if o
             else ", no online-KD student to compare with"
         )
         parts.append(
-            f" and {_signed(h['sampled_minus_matched_topk'])} vs the topk student of the nearest "
-            f"bytes/token {k} ({_num(by_name[k]['bytes_per_token'], '{:.1f}')} bytes/token, "
+            f" and {signed(h['sampled_minus_matched_topk'])} vs the topk student of the nearest "
+            f"bytes/token {k} ({num(by_name[k]['bytes_per_token'], '.1f')} bytes/token, "
             f"{loss(k)}; target better: {_verdict(targets[1])})."
             if k
             else " and no topk student to compare with."
@@ -117,8 +115,8 @@ def headline(lm: dict) -> str:
     if b and hard:
         parts.append(
             f" Best cache student **{b}** ({loss(b)}) vs hard labels only {hard} ({loss(hard)}): "
-            f"{_signed(h['hard_minus_best_cache'])} nats/token better "
-            f"(target >= {OVER_HARD:g}: {_verdict(targets[2])})."
+            f"{signed(h['hard_minus_best_cache'])} nats/token better"
+            + (f" (target >= {over:g}: {_verdict(targets[2])})." if over is not None else ".")
         )
     return "".join(parts)
 
@@ -150,3 +148,7 @@ def lm_markdown(lm: dict) -> list[str]:
         ]
     lines += [f"![{p[:-4]}]({p})" for p in lm.get("plots", [])]
     return lines + [""] if lm.get("plots") else lines
+
+
+def terminal(lm: dict) -> tuple[str, str]:
+    return students_table(lm), headline(lm)

@@ -1,4 +1,4 @@
-"""The report's regression part: every regression run (settings.task = "regression") in one table.
+"""The report's regression part: every regression run (those whose task reports them in this table) in one table.
 
 A regression student is scored by its final epoch on its --eval-data: MSE, MAE and R² against the
 true targets, and MSE / R² against the teacher's stored outputs on the first cached rows (what
@@ -9,15 +9,22 @@ between both (`alpha * MSE(teacher) + (1 - alpha) * MSE(targets)`, stages/tasks/
 
 from __future__ import annotations
 
+from kdcache.stages import tasks
+from kdcache.stages.common.fmt import num
 from kdcache.stages.report.runs import model_fields, open_cache
+from kdcache.stages.report.sections import Section, register
 
-TASK = "regression"
+#: The runs whose task reports them here (`Task.report_table`).
+TABLE = "regression"
+
+
+def _here(s: dict) -> bool:
+    return tasks.get(s.get("settings", {}).get("task")).report_table == TABLE
 
 
 def split(runs: list[dict]) -> tuple[list[dict], list[dict]]:
     """(the other runs, the regression runs), each in the given order."""
-    reg = [s for s in runs if s.get("settings", {}).get("task") == TASK]
-    return [s for s in runs if s.get("settings", {}).get("task") != TASK], reg
+    return [s for s in runs if not _here(s)], [s for s in runs if _here(s)]
 
 
 def loss_name(st: dict) -> str:
@@ -75,10 +82,6 @@ def collect(runs: list[dict]) -> dict:
     return {"students": entries, "best": best and best["name"], "caches": caches}
 
 
-def _num(v, fmt: str = "{:.4g}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
 def table(part: dict) -> str:
     head = "| model | architecture | loss | params | MSE | MAE | R² | vs teacher: MSE | vs teacher: R² | epochs | train time |"
     lines = [head, "|" + "---|" * 11]
@@ -88,14 +91,14 @@ def table(part: dict) -> str:
             name,
             e["model"],
             e["loss"],
-            _num(e["num_params"], "{:,}"),
-            _num(e["eval_mse"]),
-            _num(e["eval_mae"]),
-            _num(e["eval_r2"], "{:.3f}"),
-            _num(e["teacher_mse"]),
-            _num(e["teacher_r2"], "{:.3f}"),
-            _num(e["epochs"], "{}"),
-            _num(e["train_seconds"], "{:.1f} s"),
+            num(e["num_params"], ","),
+            num(e["eval_mse"], ".4g"),
+            num(e["eval_mae"], ".4g"),
+            num(e["eval_r2"], ".3f"),
+            num(e["teacher_mse"], ".4g"),
+            num(e["teacher_r2"], ".3f"),
+            num(e["epochs"], ""),
+            "-" if e["train_seconds"] is None else f"{e['train_seconds']:.1f} s",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -116,6 +119,15 @@ def markdown(part: dict) -> list[str]:
             continue
         lines += [
             f"- `{c['url']}`: {c['rows']:,} rows, {c['target_rows']:,} with a target; the "
-            f"teacher on them: MSE {_num(c['teacher_mse'])}, R² {_num(c['teacher_r2'], '{:.3f}')}"
+            f"teacher on them: MSE {num(c['teacher_mse'], '.4g')}, R² {num(c['teacher_r2'], '.3f')}"
         ]
     return lines + [""]
+
+
+def _terminal(part: dict) -> tuple[str, str]:
+    return table(part), f"Best regression student: {part['best']}."
+
+
+register(
+    Section(TABLE, lambda cfg, build, runs: collect(runs) if runs else None, markdown, _terminal)
+)

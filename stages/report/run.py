@@ -30,9 +30,9 @@ import logging
 import os
 import time
 
-from kdcache.stages.common.config import ReportConfig
-from kdcache.stages.common.run_folder import RunFolder
-from kdcache.stages.report import regression as report_regression
+from kdcache.stages import tasks
+from kdcache.stages.report import sections
+from kdcache.stages.report.config import ReportConfig
 from kdcache.stages.report.deploy import PLOT as DEPLOY_PLOT
 from kdcache.stages.report.deploy import collect_deploy
 from kdcache.stages.report.runs import (
@@ -45,6 +45,7 @@ from kdcache.stages.report.runs import (
 )
 from kdcache.stages.report.views import collect_views
 from kdcache.stages.train import relations
+from kdcache.stages.train.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 from kdcache.storage.fsio import open_location
 
@@ -52,22 +53,8 @@ log = logging.getLogger("kdcache.report")
 PLOTS = ("accuracy_curves.png", "accuracy_bars.png")
 
 
-def _check(cfg: ReportConfig) -> None:
-    """`cfg.validate()`; it joins and checks with pathlib, so URLs get the same defaults joined
-    with "/" and the students folder checked through fsio."""
-    if "://" not in cfg.runs + (cfg.students or ""):
-        cfg.validate()
-        return
-    root = cfg.runs.rstrip("/")
-    cfg.out = cfg.out or f"{root}/report.md"
-    cfg.teacher = cfg.teacher or f"{root}/teacher"
-    cfg.students = cfg.students or f"{root}/students"
-    cfg.lm = cfg.lm or f"{root}/lm"
-    if not open_location(cfg.students).is_dir() and not open_location(cfg.lm).is_dir():
-        raise UsageError(
-            f"--students {cfg.students}: no such folder (nor --lm {cfg.lm}); train students first"
-        )
-
+#: The table of the classifier job's students: the runs of tasks that report them here.
+CLASSIFIER_TABLE = "students"
 
 # Students trained on hard labels, the data's or the teacher's top-1 (--pseudo-labels): baselines.
 BASELINES = ("hard labels", "pseudo-labels")
@@ -209,19 +196,25 @@ def _headline(report: dict) -> dict:
 
 def collect(cfg: ReportConfig, build) -> dict:
     """The report as a dict (what report.json holds)."""
-    from kdcache.stages.report.lm import collect_lm
-
-    _check(cfg)
-    lm = collect_lm(cfg, build)
-    build = memo_build(build)  # agreement and the deployment figures load the same models
+    cfg = cfg.resolved()
     finished, unfinished = load_runs(cfg.students)
-    finished, regression_runs = report_regression.split(finished)
-    if not finished and not regression_runs and not (lm and lm["students"]):
+    by_table: dict[str, list] = {}
+    for run in finished:  # each run in the table its task reports it in (Task.report_table)
+        by_table.setdefault(tasks.get(run.get("settings", {}).get("task")).report_table, []).append(
+            run
+        )
+    finished = by_table.pop(CLASSIFIER_TABLE, [])
+    parts = {s.key: s.collect(cfg, build, by_table.get(s.key, [])) for s in sections.every()}
+    parts = {k: v for k, v in parts.items() if v is not None}
+    build = memo_build(build)  # agreement and the deployment figures load the same models
+    if not finished and not any(p.get("students") for p in parts.values()):
+        lm_folder = "lm" in parts
         raise UsageError(
             f"--students {cfg.students}: no finished student (no */summary.json"
-            + (f", nor in {cfg.lm}/students" if lm else "")
+            + (f", nor in {cfg.lm}/students" if lm_folder else "")
             + "); "
-            "run `make students` (or rerun its `kdcache train` command to finish)"
+            "train the students first (`kdcache train --config ... --out FOLDER`, or rerun its "
+            "command to finish)"
         )
     students = [_entry(s, "student") for s in finished]
     # Without classifier students (the LM job alone) the classifier's teacher is not reported.
@@ -242,17 +235,14 @@ def collect(cfg: ReportConfig, build) -> dict:
     report["views"] = collect_views(report)
     if students and cfg.agreement and cfg.deploy:
         report["deploy"] = collect_deploy(report, build)
-    if lm is not None:
-        report["lm"] = lm
-    if regression_runs:
-        report["regression"] = report_regression.collect(regression_runs)
-    return report
+    return report | parts
 
 
 def run(cfg: ReportConfig, build) -> dict:
     """Collect the report and write report.md, report.json and (with plots) the PNGs."""
     from kdcache.stages.report.text import markdown
 
+    cfg = cfg.resolved()
     report = collect(cfg, build)
     parent, _, name = cfg.out.rpartition("/")
     # Atomic writes: a reader (or a cron job running alongside) never sees a half-written file.

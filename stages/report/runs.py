@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from kdcache.stages.common.hooks import logits_of
-from kdcache.stages.common.run_folder import RunFolder
 from kdcache.stages.evaluate.run import dataset_batches
+from kdcache.stages.train.run_folder import RunFolder
 from kdcache.storage.fsio import open_location
 from kdcache.storage.reader import CacheReader
 

@@ -2,31 +2,8 @@
 
 from __future__ import annotations
 
-from kdcache.stages.report import regression as report_regression
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _num(v, fmt: str = "{:g}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
-def _seconds(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
-
-
-def _bytes(v) -> str:
-    if v is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if v < 1024 or unit == "GiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.2f} {unit}"
-        v /= 1024
-    return "-"
+from kdcache.stages.common.fmt import nbytes, num, pct, seconds
+from kdcache.stages.report import sections
 
 
 def table(report: dict) -> str:
@@ -56,16 +33,16 @@ def table(report: dict) -> str:
             f"**{e['name']}**" if e["name"] == report.get("best_student") else e["name"],
             e["model"],
             loss,
-            _num(e["temperature"]),
-            _num(e["alpha"]),
-            _num(e["beta"]),
-            _num(e["num_params"], "{:,}"),
-            _pct(e["test_accuracy"]),
+            num(e["temperature"]),
+            num(e["alpha"]),
+            num(e["beta"]),
+            num(e["num_params"], ","),
+            pct(e["test_accuracy"]),
             vs,
-            _pct(e["agreement"]),
-            _num(e["eval_ece"], "{:.3f}"),
-            _num(e["epochs"]),
-            _seconds(e["train_seconds"]),
+            pct(e["agreement"]),
+            num(e["eval_ece"], ".3f"),
+            num(e["epochs"]),
+            seconds(e["train_seconds"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -78,8 +55,8 @@ def headline(report: dict) -> str:
     if report.get("best_student"):
         best, base = by_name[report["best_student"]], by_name[report["baseline"]]
         parts.append(
-            f"Best distilled {best['model']}: **{best['name']}** at {_pct(best['test_accuracy'])} "
-            f"against {_pct(base['test_accuracy'])} for the same model on hard labels only "
+            f"Best distilled {best['model']}: **{best['name']}** at {pct(best['test_accuracy'])} "
+            f"against {pct(base['test_accuracy'])} for the same model on hard labels only "
             f"({base['name']}): **{report['gain_points']:+.1f} points**"
             + (
                 f" (tied with {', '.join(report['best_ties'])})."
@@ -91,7 +68,7 @@ def headline(report: dict) -> str:
             pl = by_name[report["pseudo_baseline"]]
             parts.append(
                 f"Against the same model on the teacher's top-1 class as hard labels over the same "
-                f"rows ({pl['name']}, {_pct(pl['test_accuracy'])}): "
+                f"rows ({pl['name']}, {pct(pl['test_accuracy'])}): "
                 f"**{report['gain_over_pseudo_points']:+.1f} points**."
             )
     elif report.get("baseline"):
@@ -99,7 +76,7 @@ def headline(report: dict) -> str:
             f"No distilled student shares the baseline {report['baseline']}'s architecture."
         )
     if t:
-        parts.append(f"The teacher ({t['model']}) scores {_pct(t['test_accuracy'])}.")
+        parts.append(f"The teacher ({t['model']}) scores {pct(t['test_accuracy'])}.")
     return " ".join(parts)
 
 
@@ -124,12 +101,12 @@ def _cache(c: dict) -> list[str]:
         f"- {c['rows']:,} rows{_views(c)} in {c['shards']} shards: {soft} at T = "
         f"{c['temperature']:g} "
         f"({c['logit_dtype']}){feats}",
-        f"- size {_bytes(c['total_bytes'])}, {_num(c['bytes_per_sample'], '{:.0f}')} bytes/"
+        f"- size {nbytes(c['total_bytes'])}, {num(c['bytes_per_sample'], '.0f')} bytes/"
         + ("view" if c.get("views") else "sample"),
-        f"- teacher accuracy on the cache's labeled rows {_pct(c['teacher_accuracy'])}"
+        f"- teacher accuracy on the cache's labeled rows {pct(c['teacher_accuracy'])}"
         + (f"; {c['codec_error']}" if c.get("codec_error") else ""),
-        f"- teacher forward t = {_seconds(c['teacher_seconds'])} (precompute wall "
-        f"{_seconds(c['precompute_wall_seconds'])}), paid once",
+        f"- teacher forward t = {seconds(c['teacher_seconds'])} (precompute wall "
+        f"{seconds(c['precompute_wall_seconds'])}), paid once",
     ]
     if c.get("stale_students"):
         lines.append(
@@ -143,31 +120,28 @@ def _cache(c: dict) -> list[str]:
             f"Teacher time saved for the n = {n} students that read it (t = {t:.2f} s):",
             "",
             f"- each student running the teacher once itself: (n - 1) * t = {n - 1} * {t:.2f} s "
-            f"= {_seconds(ts['one_pass_each_seconds'])}",
+            f"= {seconds(ts['one_pass_each_seconds'])}",
             "- online distillation, a teacher forward every epoch: "
             + (
                 f"(E / V - 1) * t with V = {ts['views']} views, "
                 if ts.get("views", 1) > 1
                 else "(E - 1) * t with "
             )
-            + f"E = {e} epochs in all = {_seconds(ts['online_seconds'])}",
+            + f"E = {e} epochs in all = {seconds(ts['online_seconds'])}",
         ]
     return lines + [""]
 
 
 def markdown(report: dict) -> str:
-    from kdcache.stages.report.lm_text import lm_markdown
-
     lines = [
         "# kdcache report",
         "",
         f"Runs in `{report['runs']}`, generated {report['generated']}.",
     ]
     lines += [""] + _classifier(report) if report["students"] else [""]
-    if "regression" in report:
-        lines += report_regression.markdown(report["regression"])
-    if "lm" in report:
-        lines += lm_markdown(report["lm"])
+    for section in sections.every():
+        if section.key in report:
+            lines += section.markdown(report[section.key])
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ since a plain cache may also hold features its students do not read.
 
 from __future__ import annotations
 
-from kdcache.stages.report.text import _bytes, _num, _pct, _seconds
+from kdcache.stages.common.fmt import nbytes, num, pct, seconds
 
 TWINS = ("spec", "model_args", "temperature", "alpha", "beta", "relation")
 
@@ -89,12 +89,12 @@ def views_markdown(views: dict | None) -> list[str]:
             r["name"],
             spec,
             _WHAT[r["pairing"]],
-            _pct(r["test_accuracy"]),
-            _num(r["views"]),
-            _bytes(r["cache_bytes"]),
-            _num(r["bytes_per_view"], "{:.0f}"),
-            _num(r["soft_bytes_per_view"], "{:.0f}"),
-            _seconds(r["teacher_seconds"]),
+            pct(r["test_accuracy"]),
+            num(r["views"]),
+            nbytes(r["cache_bytes"]),
+            num(r["bytes_per_view"], ".0f"),
+            num(r["soft_bytes_per_view"], ".0f"),
+            seconds(r["teacher_seconds"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     by_name = {r["name"]: r for r in views["rows"]}
@@ -102,15 +102,13 @@ def views_markdown(views: dict | None) -> list[str]:
     lines.append("")
     if "replayed" in best:
         rep = best["replayed"]
-        parts = [f"{rep['name']} (replayed views) {_pct(rep['test_accuracy'])}"]
+        parts = [f"{rep['name']} (replayed views) {pct(rep['test_accuracy'])}"]
         for other in ("naive", "none"):
             if other in best:
                 o = best[other]
                 gain = 100 * (rep["test_accuracy"] - o["test_accuracy"])
                 label = "naive" if other == "naive" else "no augmentation"
-                parts.append(
-                    f"{gain:+.1f} pts vs {o['name']} ({label}, {_pct(o['test_accuracy'])})"
-                )
+                parts.append(f"{gain:+.1f} pts vs {o['name']} ({label}, {pct(o['test_accuracy'])})")
         lines += ["; ".join(parts) + ".", ""]
     lines += [
         "Teacher time paid is the cache's teacher forward time (`kdcache precompute`), paid once "

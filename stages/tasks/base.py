@@ -29,7 +29,7 @@ class Measure:
     """How a measurement runs: where, in which precision, rows per forward, the memory bound of
     the logits made at once, a causal-lm student's fused head, and this rank's share."""
 
-    device: torch.device
+    device: torch.device = torch.device("cpu")
     precision: str = "fp32"
     batch_size: int = 1024
     logits_mb: float = 256.0
@@ -58,10 +58,14 @@ class Task:
     needs_cache: ClassVar[bool] = False
     #: The teacher's top-1 is a class a student can take as its hard label (--pseudo-labels).
     pseudo_labels: ClassVar[bool] = False
+    #: Stage one stores the data's float targets beside the teacher's outputs.
+    stores_targets: ClassVar[bool] = False
     #: The soft term is a distance to the teacher's stored values (not the codec's KL).
     soft_on_values: ClassVar[bool] = False
     #: The columns a run's epoch rows and summary add for this task (metrics.csv).
     row_fields: ClassVar[tuple[str, ...]] = ()
+    #: The report's table of this task's runs (stages/report/: "students" is the classifier job's).
+    report_table: ClassVar[str] = "students"
     #: The epoch a run calls best: (metric, +1 highest / -1 lowest).
     best: ClassVar[tuple[str, int]] = ("eval_accuracy", 1)
 
@@ -86,6 +90,10 @@ class Task:
     def teacher_outputs(self, z: torch.Tensor) -> torch.Tensor:
         """A non-sequence teacher's batch output as (B, C) rows."""
         return z
+
+    def stored_labels(self, y: np.ndarray, ids: np.ndarray, width: int):
+        """Stage one: a batch's (label column, targets (B, width) or None), checked."""
+        return np.full(len(ids), -1, np.int64), None
 
     def label_rows(self, data, every_row: bool) -> tuple[np.ndarray, np.ndarray]:
         """(labels of every row, the ids a hard-label or online student trains on)."""

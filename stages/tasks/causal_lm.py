@@ -16,23 +16,23 @@ import numpy as np
 import torch
 
 from kdcache.stages.common import data
+from kdcache.stages.common.fmt import num, pct
 from kdcache.stages.common.hooks import logits_of
-from kdcache.stages.train import loss as losses
+from kdcache.stages.tasks import register
+from kdcache.stages.tasks.base import Measure
+from kdcache.stages.tasks.classification import Classification, hard_loss
 from kdcache.storage.errors import UsageError
-
-TASK = "causal-lm"
-
-
-def inputs(ds, ids: np.ndarray, task: str):
-    """The model inputs of rows `ids` of `ds` for `task` (token ids and mask for causal-lm)."""
-    return data.get_batch(ds, ids, task=task)[0]
+from kdcache.storage.stream import span
 
 
-def logits(model, x, task: str) -> torch.Tensor:
-    """The model's logits on inputs `x`: (B, L, V) for causal-lm, (B, C) otherwise."""
-    if task == TASK:
-        return logits_of(data.forward_tokens(model, x))
-    return logits_of(model(x))
+def inputs(ds, ids: np.ndarray):
+    """The token ids and mask (and target mask) of rows `ids` of `ds`, right-padded."""
+    return data.get_batch(ds, ids, tokens=True)[0]
+
+
+def logits(model, x) -> torch.Tensor:
+    """The model's logits (B, L, V) on token inputs `x`."""
+    return logits_of(data.forward_tokens(model, x))
 
 
 def target_mask(x: dict) -> torch.Tensor:
@@ -64,7 +64,7 @@ def next_token_loss(
     (attached to the graph) when P is empty.
     """
     labels = next_token_labels(input_ids, mask, targets)
-    return losses.hard_loss(z.reshape(labels.numel(), -1), labels.reshape(-1))
+    return hard_loss(z.reshape(labels.numel(), -1), labels.reshape(-1))
 
 
 def valid_tokens(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,3 +96,60 @@ def perplexity(loss: float | None) -> float | None:
     if loss is None:
         return None
     return math.exp(loss) if loss < 700 else math.inf
+
+
+@register
+class CausalLM(Classification):
+    """Measured as a classifier of its tokens: every position with a next token is a row labeled
+    with that token (loss in nats/token, plus perplexity); agreement compares every stored
+    token's teacher top-1. Its loss is the chunked one of stages/tasks/lm_loss.py."""
+
+    name = "causal-lm"
+    per_token = True
+    codec = "sampled"
+    temperature = 1.0  # a language model's own distribution is what its students usually match
+    eval_rows = 64
+    augmentable = False
+    pseudo_labels = False
+    row_fields = ("eval_perplexity",)
+    best = ("eval_loss", -1)
+
+    def inputs(self, ds, ids):
+        return inputs(ds, ids)
+
+    def logits(self, model, x):
+        return logits(model, x)
+
+    def width(self, z, what):
+        return int(z.shape[-1])
+
+    def label_rows(self, data, every_row):
+        # Every block is used: its labels are its own next tokens.
+        return np.full(len(data), -1, np.int64), np.arange(len(data), dtype=np.int64)
+
+    def top1_labels(self, x, top1):
+        return token_labels(target_mask(x), top1)
+
+    def check_eval_data(self, ds, width, option="--eval-data"):
+        pass  # every block with two tokens has a next-token label
+
+    def eval_batches(self, ds, m: Measure, width, spec="--eval-data"):
+        lo, hi = span(len(ds), m.rank, m.world)
+        for a in range(lo, hi, m.batch_size):
+            x = inputs(ds, np.arange(a, min(hi, a + m.batch_size)))
+            yield x, next_token_labels(x["input_ids"], x["attention_mask"], target_mask(x))
+
+    def epoch_metrics(self, model, eval_data, rows, m: Measure, width):
+        out = super().epoch_metrics(model, eval_data, rows, m, width)
+        return out | {"eval_perplexity": perplexity(out["eval_loss"])}
+
+    def evaluate(self, model, ds, rows, m: Measure, width):
+        result = super().evaluate(model, ds, rows, m, width)
+        agreement = result.pop("agreement")
+        return result | {"perplexity": perplexity(result["loss"]), "agreement": agreement}
+
+    def scores(self, row: dict) -> str:
+        return (
+            f"eval_loss {num(row['eval_loss'], '.4f')} eval_perplexity "
+            f"{num(row['eval_perplexity'], '.2f')} agreement {pct(row['agreement'], 2)}"
+        )

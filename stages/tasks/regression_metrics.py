@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kdcache.stages.common.fmt import num
+
 #: The per-epoch columns a regression run adds to metrics.csv and summary.json.
 FIELDS = ("eval_mse", "eval_mae", "eval_r2", "teacher_mse", "teacher_r2")
 
@@ -54,10 +56,6 @@ def summarise(sums: torch.Tensor | np.ndarray | None) -> dict:
         "mae": float(sae.sum() / (n * w)),
         "r2": r2,
     }
-
-
-def num(v, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
 
 
 def scores(row: dict) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kdcache.stages.common.device import autocast
-from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.tasks.causal_lm import target_mask, valid_tokens
 from kdcache.storage.codecs.dense import soft_loss_dense
 
 
@@ -25,7 +25,7 @@ class OnlineTeacher:
     batches. Not a submodule of the student: DDP never wraps it, each rank holds its own copy,
     and neither the optimizer nor a checkpoint sees its weights."""
 
-    def __init__(self, model: nn.Module, identity: dict, task: str):
+    def __init__(self, model: nn.Module, identity: dict, task):
         self.model, self.identity, self.task = model, identity, task
         self.device, self.precision = torch.device("cpu"), "fp32"
         self.seconds = 0.0
@@ -40,7 +40,7 @@ class OnlineTeacher:
         """The teacher's float32 logits on inputs `x`, its forward time added to `seconds`."""
         tick = time.perf_counter()
         with torch.no_grad(), autocast(self.device, self.precision):
-            z = lm.logits(self.model, x, self.task).float()
+            z = self.task.logits(self.model, x).float()
         if self.device.type == "cuda":  # kernels run asynchronously: wait before reading the clock
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - tick
@@ -50,8 +50,8 @@ class OnlineTeacher:
         """The dense soft loss of student logits `z_student` (rows, or the valid tokens in order)
         against the teacher on the same inputs `x`."""
         z = self.logits(x)
-        if self.task == lm.TASK:
-            z = lm.valid_tokens(z, lm.target_mask(x))
+        if self.task.per_token:
+            z = valid_tokens(z, target_mask(x))
         return soft_loss_dense(z_student, z, 1.0, T)
 
     def take_seconds(self) -> float:

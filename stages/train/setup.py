@@ -4,6 +4,7 @@ two-row probe of a model's output and feature widths. stages/train/trainer.py tr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict
 
@@ -11,16 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdcache.stages import tasks
 from kdcache.stages.common import views
-from kdcache.stages.common.config import EXECUTION, TrainConfig, cached_only, default_temperature
 from kdcache.stages.common.device import to_device
 from kdcache.stages.common.hooks import FeatureTap
-from kdcache.stages.common.run_folder import RunFolder
-from kdcache.stages.tasks import causal_lm as lm
-from kdcache.stages.tasks import regression
+from kdcache.stages.train.config import EXECUTION, TrainConfig, cached_only
+from kdcache.stages.train.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 from kdcache.storage.manifest import diff
-from kdcache.storage.options import options_of
+from kdcache.storage.options import options_of, raise_problems
 from kdcache.storage.reader import CacheReader
 
 
@@ -32,14 +32,14 @@ class Distillee(nn.Module):
         super().__init__()
         self.student, self.projector, self.tap, self.task = student, projector, tap, task
         self.project = project  # False: the tap feeds relation losses only (--beta 0)
-        # A fused head (stages/train/lm_head.py): the forward stops at the last hidden states and the
+        # A fused head (stages/tasks/lm_head.py): the forward stops at the last hidden states and the
         # loss applies the head chunk by chunk. Called here, so DDP sees the whole forward.
         self.head = head
 
     def forward(self, x):
         if self.tap is not None and isinstance(x, dict):
             self.tap.mask = x["attention_mask"]
-        z = self.head.hidden(x) if self.head is not None else lm.logits(self.student, x, self.task)
+        z = self.head.hidden(x) if self.head is not None else self.task.logits(self.student, x)
         if self.tap is None or not self.project:
             return z, None
         f = self.tap.value
@@ -72,46 +72,54 @@ def settings_diff(old: dict, new: dict) -> list[str]:
 def probe(model, data, tap, device, task, what="--student") -> tuple[int, int | None]:
     """(output width, pooled feature width) from a two-row forward, in eval mode (BN untouched);
     a causal-lm model's width is its vocabulary."""
-    x = lm.inputs(data, np.arange(min(2, len(data))), task)
+    x = task.inputs(data, np.arange(min(2, len(data))))
     model.eval()
     with torch.no_grad():
-        z = lm.logits(model, to_device(x, device), task)
-    if z.dim() == 1:
-        z = z[:, None]
-    if task != lm.TASK and z.dim() > 2:
-        raise UsageError(
-            f"{what} outputs logits of shape {tuple(z.shape)}, not one row per sample: "
-            "for a language model pass --task causal-lm"
-        )
+        z = task.logits(model, to_device(x, device))
     dim = None if tap is None or tap.value is None else int(tap.value[0].numel())
-    return int(z.shape[-1] if task == lm.TASK else z.shape[1]), dim
+    return task.width(z, what), dim
 
 
-def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
-    """The settings a run records (cfg with the cache's defaults), after the checks that need the
-    cache but neither the data nor the student."""
+def resolve(cfg: TrainConfig, reader: CacheReader | None) -> TrainConfig:
+    """The run's settings: `cfg` checked (every problem at once) against the cache too, with the
+    defaults the cache and the task give filled in; a new config, the same on every rank (each
+    builds it from the same config and store). The settings a run records are `asdict` of it."""
+    cfg = cfg.resolved()
+    problems = []
     if reader and cfg.task not in (None, reader.task):
-        raise UsageError(
+        problems.append(
             f"--task {cfg.task} but the cache {reader.url} holds a {reader.task} teacher: "
             "drop --task (a cache's task is the store's)"
         )
-    cfg.task = reader.task if reader else cfg.task or "classification"
-    cached_only(cfg, reader)
-    regression.resolve_alpha(cfg, reader)
-    if cfg.temperature is None and (reader or cfg.online):
-        cfg.temperature = reader.temperature if reader else default_temperature(cfg.task)
-    views.settle(cfg, reader)
+    name = reader.task if reader else cfg.task or tasks.DEFAULT
+    task = tasks.get(name)
+    problems += cached_only(cfg, reader)
     if reader and cfg.beta > 0 and not reader.has_features:
-        raise UsageError(
+        problems.append(
             f"--beta {cfg.beta} needs teacher features but the cache {reader.url} stores none: "
             "recompute it with `kdcache precompute --features LAYER`, or use --beta 0"
         )
-    return asdict(cfg)
+    fills = {"task": name}
+    for step in (lambda: task.resolve(cfg, reader), lambda: views.settle(cfg, reader)):
+        try:
+            fills |= step()
+        except UsageError as exc:
+            problems.append(str(exc))
+    raise_problems(problems)
+    if cfg.temperature is None and (reader or cfg.online):
+        fills["temperature"] = reader.temperature if reader else task.temperature
+    return dataclasses.replace(cfg, **fills)
 
 
-def finished(cfg: TrainConfig, reader: CacheReader | None, folder: RunFolder) -> dict | None:
-    """The summary of an identical finished run, if there is one (then this run is a no-op)."""
-    settings = run_settings(cfg, reader)
+def run_settings(cfg: TrainConfig, reader: CacheReader | None) -> dict:
+    """The settings a run records: its resolved config as a dict."""
+    return asdict(resolve(cfg, reader))
+
+
+def finished(cfg: TrainConfig, folder: RunFolder) -> dict | None:
+    """The summary of a finished run with the resolved settings `cfg`, if there is one (then
+    this run is a no-op)."""
+    settings = asdict(cfg)
     summary = folder.summary()
     if summary is None:
         return None

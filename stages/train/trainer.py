@@ -25,46 +25,42 @@ import logging
 import os
 import random
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdcache.stages.common import views
-from kdcache.stages.common.config import TrainConfig, eval_rows
+from kdcache.stages import tasks
 from kdcache.stages.common.device import autocast, sum_dtype, to_device
 from kdcache.stages.common.hooks import FeatureTap
-from kdcache.stages.evaluate.metrics import epoch_line, run_totals, summarise
-from kdcache.stages.evaluate.run import (
-    AgreementSet,
-    dataset_batches,
-    eval_sums,
-    has_labels,
-    reduce_sums,
-)
-from kdcache.stages.tasks import causal_lm as lm
-from kdcache.stages.tasks import regression
-from kdcache.stages.train import checkpoint, lm_head, lm_loss, relations
-from kdcache.stages.train import loss as losses
+from kdcache.stages.tasks import lm_head, lm_loss
+from kdcache.stages.tasks.base import Measure
+from kdcache.stages.tasks.causal_lm import target_mask
+from kdcache.stages.tasks.scoring import reduce_sums
+from kdcache.stages.train import checkpoint, streams
+from kdcache.stages.train.config import TrainConfig
+from kdcache.stages.train.loss import StudentLoss
 from kdcache.stages.train.online import OnlineTeacher
+from kdcache.stages.train.run_log import epoch_line, run_totals
 from kdcache.stages.train.setup import (
     Distillee,
     finished,
     probe,
+    resolve,
     run_settings,
     schedule,
     settings_diff,
 )
-from kdcache.stages.train.streams import JoinedStream, LabelStream, check_data
+from kdcache.stages.train.streams import check_data
 from kdcache.storage import faults
-from kdcache.storage.codecs import token_targets
 from kdcache.storage.errors import UsageError
 
 log = logging.getLogger("kdcache.train")
 
 # What callers (pipeline/jobs.py, tests) import from here; the build-up lives in train_setup.py.
-__all__ = ["Distillee", "TrainConfig", "Trainer", "finished", "run_settings", "schedule"]
+__all__ = ["Distillee", "TrainConfig", "Trainer", "finished", "resolve", "run_settings", "schedule"]
 
 
 class Trainer:
@@ -91,6 +87,9 @@ class Trainer:
         teacher=None,
         augment=None,
     ):
+        # The run works from `cfg` resolved (stages/train/setup.py: checked, the cache's and the
+        # task's defaults filled); resolving a resolved config changes nothing.
+        cfg = resolve(cfg, reader)
         self.cfg, self.dist, self.device, self.reader, self.folder = (
             cfg,
             dist,
@@ -99,8 +98,8 @@ class Trainer:
             folder,
         )
         self.data, self.eval_data, self.augment = data, eval_data, augment
-        self.settings = run_settings(cfg, reader)
-        self.task = cfg.task
+        self.settings = asdict(cfg)
+        self.task = tasks.get(cfg.task)
         self.cleanup_stack = contextlib.ExitStack()
         try:
             self._build(student, teacher)
@@ -109,16 +108,17 @@ class Trainer:
             raise
 
     def _build(self, student: nn.Module, teacher: tuple | None) -> None:
-        cfg, r = self.cfg, self.reader
-        if self.eval_data is not None and self.task == "classification":
-            has_labels(self.eval_data)
+        cfg, r, task = self.cfg, self.reader, self.task
         if r and not cfg.ignore_fingerprint:  # (JoinedStream warns about an ignored mismatch)
             check_data(r, self.data)
         tap = None
         if cfg.beta > 0 or cfg.relation:
             tap = FeatureTap(student, cfg.student_features, cfg.pool, "--student-features")
             self.cleanup_stack.enter_context(tap)
-        width, sdim = probe(student, self.data, tap, torch.device("cpu"), self.task)
+        width, sdim = probe(student, self.data, tap, torch.device("cpu"), task)
+        self.width = width
+        if self.eval_data is not None:
+            task.check_eval_data(self.eval_data, width)
         if r and width != r.num_classes:
             raise UsageError(
                 f"--student {cfg.student} outputs {width} values per sample but the cache has "
@@ -126,43 +126,35 @@ class Trainer:
             )
         self.online = None
         if teacher is not None:
-            self.online = OnlineTeacher(*teacher, self.task)
-            tw, _ = probe(teacher[0], self.data, None, torch.device("cpu"), self.task, "--teacher")
+            self.online = OnlineTeacher(*teacher, task)
+            tw, _ = probe(teacher[0], self.data, None, torch.device("cpu"), task, "--teacher")
             if tw != width:
                 raise UsageError(
                     f"--teacher {cfg.teacher} outputs {tw} values per sample but --student "
                     f"{cfg.student} {width}: give the student the teacher's classes (vocabulary)"
                 )
-        self.head, self.chunk, self.plain = None, 0, False
-        if (
-            self.task == lm.TASK
-        ):  # the chunked loss (stages/train/lm_loss.py), fused where it can be
-            x = lm.inputs(self.data, np.arange(min(2, len(self.data))), self.task)
+        self.head, chunk, plain = None, 0, False
+        if task.per_token:  # the chunked loss (stages/tasks/lm_loss.py), fused where it can be
+            x = task.inputs(self.data, np.arange(min(2, len(self.data))))
             # A plug-in codec without per-token targets keeps the plain loss (its soft_loss on
             # the valid tokens' full logits): nothing to fuse then.
-            self.plain = r is not None and not r.codec.has_token_targets
-            wanted = False if self.plain and not cfg.fused_head else cfg.fused_head
+            plain = r is not None and not r.codec.has_token_targets
+            wanted = False if plain and not cfg.fused_head else cfg.fused_head
             self.head = lm_head.resolve(student, x, width, wanted, cfg.student)
-            if self.plain and self.head is not None:
+            if plain and self.head is not None:
                 raise UsageError(
                     f"--fused-head: the {r.codec.name} codec gives no per-token targets "
                     "(Codec.token_targets) for the fused loss: drop --fused-head"
                 )
-            self.chunk = lm_loss.chunk_tokens(cfg.loss_chunk_mb, width)
+            chunk = lm_loss.chunk_tokens(cfg.loss_chunk_mb, width)
             lm_loss.chunk_tokens(cfg.eval_logits_mb, width, "--eval-logits-mb")
         self.student = student
         self.num_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
         projector: nn.Module = nn.Identity()
         if cfg.beta > 0 and sdim != r.features_info["dim"]:
             projector = nn.Linear(sdim, r.features_info["dim"])
-        self.model = Distillee(
-            student, tap, projector, self.task, project=cfg.beta > 0, head=self.head
-        )
-        self.regression = None
-        if self.task == regression.TASK:
-            self.regression = regression.RegressionTerms(r, cfg)
-            if self.eval_data is not None:
-                regression.has_targets(self.eval_data, width)
+        self.model = Distillee(student, tap, projector, task, project=cfg.beta > 0, head=self.head)
+        self.loss = StudentLoss(cfg, task, r, self.online, tap, self.head, chunk, plain)
         # Every student of a [[students]] list is built before the first trains: each one trains
         # from the RNG state its own seeded build left, as it would alone.
         self.rng = checkpoint.rng_state()
@@ -183,26 +175,7 @@ class Trainer:
             # Small models on a busy CPU can run several times faster on one thread.
             torch.set_num_threads(cfg.threads)
         rank, world = self.dist.rank, self.dist.world_size
-        common = dict(seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
-        if r:
-            features = cfg.beta > 0 or cfg.relation is not None
-            common.update(buffer_size=cfg.buffer_size, prefetch=cfg.prefetch, features=features)
-            common.update(views.replay_options(r, cfg, self.augment))  # {} unless views
-            stream = views.ViewStream if r.views else JoinedStream
-            self.stream = stream(
-                r,
-                self.data,
-                cfg.batch_size,
-                ignore_fingerprint=cfg.ignore_fingerprint,
-                pseudo_labels=cfg.pseudo_labels,
-                **common,
-            )
-        else:
-            # Online KD sees every row, as a cache's student does; hard labels only the labeled.
-            self.stream = LabelStream(
-                self.data, cfg.batch_size, task=self.task, every_row=cfg.online, **common
-            )
-        self.stream = views.on_the_fly(self.stream, self.augment, cfg)
+        self.stream = streams.build(cfg, r, self.data, self.task, self.augment, rank, world)
         checkpoint.set_rng_state(self.rng)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -220,87 +193,13 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, schedule(cfg.epochs * self.steps, cfg.warmup)
         )
-        self.agree = None
-        if r and self.task in ("classification", lm.TASK):
-            self.agree = AgreementSet(r, self.data, cfg.agree_rows)
-        elif r:
-            self.agree = regression.TeacherRows(r, self.data, cfg.agree_rows)
+        self.agree = self.task.teacher_rows(r, self.data, cfg.agree_rows) if r else None
 
     # ----------------------------------------------------------------- one batch, one epoch
 
     def loss_terms(self, z, proj, batch) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        if self.task == regression.TASK:  # MSE to the teacher and to the true targets
-            terms = self.regression(z, proj, batch, self.device)
-        else:
-            terms = self._kd_terms(z, proj, batch)
-        rel = terms["loss"].new_zeros(())
-        if cfg.relation:  # the student's features are the tap's, unprojected
-            stored = to_device(batch["features"], self.device)
-            rel = relations.relation_loss(cfg.relation, self.model.tap.value, stored)
-            terms["loss"] = terms["loss"] + cfg.gamma * rel
-        return terms | {"relation_loss": rel}
-
-    def _kd_terms(self, z, proj, batch) -> dict[str, torch.Tensor]:
-        cfg, r, dev = self.cfg, self.reader, self.device
-        zero = z.new_zeros((), dtype=torch.float32)
-        hard = soft = feat = zero
-        if self.task == lm.TASK:
-            return self._lm_terms(z, proj, batch)
-        hard = losses.hard_loss(z, to_device(batch["label"], dev))
-        if r:
-            stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
-            soft = r.codec.soft_loss(z, stored, r.temperature, cfg.temperature)
-        elif self.online:
-            soft = self.online.soft_loss(z, to_device(batch["input"], dev), cfg.temperature)
-        if proj is not None:
-            feat = losses.feature_loss(proj, to_device(batch["features"], dev))
-        if not (r or self.online):
-            total = hard
-        else:
-            total = cfg.alpha * soft + (1 - cfg.alpha) * hard + cfg.beta * feat
-        return {"loss": total, "hard_loss": hard, "soft_loss": soft, "feature_loss": feat}
-
-    def _lm_terms(self, out, proj, batch) -> dict[str, torch.Tensor]:
-        """One chunked pass over the valid tokens (stages/train/lm_loss.py): `out` is the student's
-        logits, or its last hidden states when its head is fused into the loss."""
-        cfg, r, dev = self.cfg, self.reader, self.device
-        pos = batch.get("positions")
-        if pos is None:  # (the training loop selects them from the host's batch)
-            x = batch["input"]
-            pos = lm_loss.positions(
-                x["input_ids"].cpu(), x["attention_mask"].cpu(), lm.target_mask(x).cpu()
-            ).to(dev)
-        targets, T = None, cfg.temperature or 1.0
-        if self.plain:  # the loss before issue 22, for codecs that only have soft_loss
-            x = to_device(batch["input"], dev)
-            hard = lm.next_token_loss(
-                out.float(), x["input_ids"], x["attention_mask"], lm.target_mask(x)
-            )
-            stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
-            z = lm.valid_tokens(out.float(), lm.target_mask(x))
-            soft = r.codec.soft_loss(z, stored, r.temperature, T)
-            loss = cfg.alpha * soft + (1 - cfg.alpha) * hard
-            return self._with_features(loss, hard, soft, proj, batch)
-        if r:
-            stored = {f.name: to_device(batch[f.name], dev) for f in r.codec.fields()}
-            targets = r.codec.token_targets(stored, r.temperature, T, r.num_classes)
-        elif self.online:
-            z_t = self.online.logits(to_device(batch["input"], dev))
-            z_t = z_t.reshape(-1, z_t.shape[-1]).index_select(0, pos.index)
-            targets = token_targets.Dense(z_t, 1.0, T)  # the live logits, "stored" at T = 1
-        w_soft = cfg.alpha if targets is not None else 0.0
-        head = self.head.linear if self.head is not None else None
-        loss, hard, soft = lm_loss.causal_lm_loss(out, pos, targets, T, 1 - w_soft, w_soft,
-                                                  self.chunk, head)  # fmt: skip
-        return self._with_features(loss, hard, soft, proj, batch)
-
-    def _with_features(self, loss, hard, soft, proj, batch) -> dict[str, torch.Tensor]:
-        feat = loss.new_zeros(())
-        if proj is not None:
-            feat = losses.feature_loss(proj, to_device(batch["features"], self.device))
-            loss = loss + self.cfg.beta * feat
-        return {"loss": loss, "hard_loss": hard, "soft_loss": soft, "feature_loss": feat}
+        """The loss terms of one batch (stages/train/loss.py)."""
+        return self.loss(z, proj, batch)
 
     def train_epoch(self, epoch: int, history: list) -> dict:
         self.stream.set_epoch(epoch)
@@ -338,11 +237,11 @@ class Trainer:
                 on_device = batch | {
                     k: to_device(batch[k], self.device) for k in ("input", "features") if k in batch
                 }
-                lm_batch = self.task == lm.TASK
+                lm_batch = self.task.per_token
                 if lm_batch:  # selected once, from the host's mask: no device sync
                     x = batch["input"]
                     on_device["positions"] = lm_loss.positions(
-                        x["input_ids"], x["attention_mask"], lm.target_mask(x)
+                        x["input_ids"], x["attention_mask"], target_mask(x)
                     ).to(self.device)
                 with autocast(self.device, self.cfg.precision):
                     z, proj = self.ddp(on_device["input"])
@@ -381,29 +280,14 @@ class Trainer:
         return out
 
     def evaluate(self) -> dict:
-        cfg, world, rank, task = self.cfg, self.dist.world_size, self.dist.rank, self.task
-        out = {"eval_loss": None, "eval_accuracy": None, "eval_ece": None, "agreement": None}
-        if task == regression.TASK:
-            reduce = lambda s: reduce_sums(s, self.dist.enabled)  # noqa: E731
-            out |= regression.metrics(
-                self.student, self.device, self.reader.num_classes, cfg.precision,
-                eval_rows(cfg.eval_batch_size, task), self.eval_data, self.agree, rank, world,
-                reduce,
-            )  # fmt: skip
-            self.model.train()
-            return out
-        size, mb = eval_rows(cfg.eval_batch_size, task), cfg.eval_logits_mb
-        if self.eval_data is not None and task in ("classification", lm.TASK):
-            batches = dataset_batches(self.eval_data, size, rank, world, task)
-            sums = eval_sums(self.student, batches, self.device, cfg.precision, task, mb, self.head)
-            m = summarise(reduce_sums(sums, self.dist.enabled))
-            out.update(eval_loss=m["loss"], eval_accuracy=m["accuracy"], eval_ece=m["ece"])
-        if task == lm.TASK:
-            out["eval_perplexity"] = lm.perplexity(out["eval_loss"])
-        if self.agree is not None:
-            batches = self.agree.batches(size, rank, world)
-            sums = eval_sums(self.student, batches, self.device, cfg.precision, task, mb, self.head)
-            out["agreement"] = summarise(reduce_sums(sums, self.dist.enabled))["accuracy"]
+        """The task's epoch metrics on --eval-data and against the first cached rows."""
+        cfg, d = self.cfg, self.dist
+        m = Measure(
+            self.device, cfg.precision, cfg.eval_batch_size or self.task.eval_rows,
+            cfg.eval_logits_mb, self.head, d.rank, d.world_size,
+            lambda sums: reduce_sums(sums, d.enabled),
+        )  # fmt: skip
+        out = self.task.epoch_metrics(self.student, self.eval_data, self.agree, m, self.width)
         self.model.train()
         return out
 
@@ -447,7 +331,7 @@ class Trainer:
             "settings": self.settings,
             "epochs": rows[-1]["epoch"],
             "wall_seconds": wall,
-            **run_totals(rows),
+            **run_totals(rows, self.task),
             # What the cache saves: the online teacher's forward time over all epochs.
             "online_teacher": self.online.identity if self.online else None,
             "teacher_seconds": (
@@ -500,12 +384,12 @@ class Trainer:
                 "epoch_seconds": seconds,
                 "samples_per_sec": train["rows"] / seconds if seconds else None,
             }
-            if self.task == lm.TASK:
+            if self.task.per_token:
                 row["tokens_per_sec"] = train["tokens"] / seconds if seconds else None
             rows.append(row)
             faults.point("train.epoch")
             if d.is_main:
-                log.info(epoch_line(row, cfg.epochs))
+                log.info(epoch_line(row, cfg.epochs, self.task))
                 extra["wall_seconds"] = (
                     extra.get("wall_seconds", 0.0) + time.perf_counter() - started
                 )

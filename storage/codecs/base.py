@@ -282,7 +282,7 @@ class Codec:
         return type(self).token_targets is not Codec.token_targets
 
     def token_targets(self, batch: dict, stored_T: float, T: float, num_classes: int, dtype=None):
-        """A sequence codec's soft targets for the chunked causal-lm loss (stages/train/lm_loss.py):
+        """A sequence codec's soft targets for the chunked causal-lm loss (stages/tasks/lm_loss.py):
         one of `kdcache.storage.codecs.token_targets`' kinds, row t = the batch's t-th token."""
         raise UsageError(f"the {self.name} codec has no per-token soft targets")
 

@@ -19,7 +19,6 @@ from kdcache.storage.codecs.losses import (
     check_same_shape,
     check_temperature,
     kl_rows,
-    regression_loss,
     retemper,
     upcast,
 )
@@ -74,8 +73,8 @@ class Dense(Codec):
         return f"all {self.num_classes} logits"
 
     def soft_loss(self, student_logits, batch, stored_T, T):
-        if self.task == "regression":
-            return regression_loss(student_logits.reshape(len(student_logits), -1), batch["logits"])
+        # A regression store's soft target is its values, not a distribution: that task takes
+        # its own MSE to `teacher_values` (stages/tasks/regression.py).
         return soft_loss_dense(student_logits, batch["logits"], stored_T, T)
 
     def token_targets(self, batch, stored_T, T, num_classes: int, dtype=torch.float32):

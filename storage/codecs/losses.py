@@ -10,7 +10,6 @@ scale does not shrink as ``T`` grows and ``alpha`` keeps the same meaning across
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 Temperature = float | torch.Tensor
 
@@ -54,10 +53,3 @@ def retemper(stored: torch.Tensor, stored_T: Temperature, T: Temperature) -> tor
     check_temperature("stored_T", stored_T)
     check_temperature("T", T)
     return upcast(stored) * (stored_T / T)
-
-
-def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean((pred - target)^2)`` over all elements; shapes must match exactly."""
-    check_same_shape(pred, target, "regression_loss")
-    pred = upcast(pred)
-    return F.mse_loss(pred, target.to(pred.dtype))

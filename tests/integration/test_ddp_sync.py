@@ -25,7 +25,7 @@ import json, os, sys
 import torch
 from kdcache.pipeline.jobs import trainer
 from kdcache.pipeline.runtime import process_group
-from kdcache.stages.common.config import TrainConfig
+from kdcache.stages.train.config import TrainConfig
 
 fields, dump, epochs = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 with process_group("cpu") as dist:

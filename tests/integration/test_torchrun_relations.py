@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kdcache.stages.common.run_folder import RunFolder
+from kdcache.stages.train.run_folder import RunFolder
 from tests.conftest import DATA, TEACHER, toy_precompute
 from tests.integration.conftest import run_proc, torchrun
 

@@ -11,13 +11,10 @@ from kdcache.pipeline.cli import main
 from kdcache.pipeline.cli_common import build_config, handle_errors
 from kdcache.pipeline.cli_options import click_options
 from kdcache.pipeline.cli_train import _argv
-from kdcache.stages.common.config import (
-    EXECUTION,
-    EvaluateConfig,
-    PrecomputeConfig,
-    ReportConfig,
-    TrainConfig,
-)
+from kdcache.stages.evaluate.config import EvaluateConfig
+from kdcache.stages.precompute.config import PrecomputeConfig
+from kdcache.stages.report.config import ReportConfig
+from kdcache.stages.train.config import EXECUTION, TrainConfig
 from kdcache.storage import codecs
 from kdcache.storage.options import Option, options_of
 from tests.conftest import assert_one_line_error, cli_args

@@ -94,7 +94,7 @@ def mixed_batch(vocab: int):
     items = [
         torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 3, 5)
     ]
-    inputs, _ = get_batch(items, np.arange(3), task="causal-lm")
+    inputs, _ = get_batch(items, np.arange(3), tokens=True)
     return items, inputs
 
 

@@ -61,7 +61,7 @@ def test_only_the_assistant_tokens_are_targets(files, tok):
         assert [t for t, lab in zip(ids, labels, strict=True) if lab != -100] == want
         assert all(lab in (-100, t) for t, lab in zip(ids, labels, strict=True))
     # In the batch, a position is a target when it predicts an assistant token (causal shift).
-    x, _ = get_batch(ds, np.array([1, 0]), task="causal-lm")
+    x, _ = get_batch(ds, np.array([1, 0]), tokens=True)
     for j, i in enumerate([1, 0]):
         labels = ds[i]["labels"]
         n = len(labels)
@@ -176,7 +176,7 @@ def test_chat_end_to_end_stores_only_assistant_tokens(files, tmp_path, cli):
     cols = r.read_shard(0, features=False)
     assert cols["length"].tolist() == [targets[i] for i in cols["sample_id"]]
     # The teacher's stored top-1 at each target position is its argmax there, token by token.
-    x, _ = get_batch(ds, cols["sample_id"], task="causal-lm")
+    x, _ = get_batch(ds, cols["sample_id"], tokens=True)
     model = kdcache.hf_causal_lm(path=str(teacher))
     with torch.no_grad():
         z = model(x["input_ids"], attention_mask=x["attention_mask"]).logits
@@ -244,12 +244,12 @@ def test_parquet_arrow_and_a_saved_folder_read_as_the_jsonl(files, tmp_path):
 
 def test_stage_two_selects_exactly_the_target_positions(files):
     from kdcache.stages.tasks import causal_lm as lm
-    from kdcache.stages.train import lm_loss
+    from kdcache.stages.tasks import lm_loss
 
     ds = kdcache.text_dataset(
         str(files["chats"]), str(files["tokenizer"]), messages_field="messages", block_size=108
     )
-    x, _ = get_batch(ds, np.arange(4), task="causal-lm")
+    x, _ = get_batch(ds, np.arange(4), tokens=True)
     ids, mask, target = x["input_ids"], x["attention_mask"], lm.target_mask(x)
     pos = lm_loss.positions(ids, mask, target)
     want = [(b, t) for b in range(4) for t in range(ids.shape[1]) if target[b, t]]

@@ -13,7 +13,7 @@ import kdcache
 from kdcache.pipeline import jobs
 from kdcache.pipeline.models import load_model
 from kdcache.pipeline.runtime import Dist
-from kdcache.stages.common.config import TrainConfig
+from kdcache.stages.train.config import TrainConfig
 from kdcache.storage.errors import UsageError
 from tests import toy_models
 from tests.conftest import LM_ROWS, LM_SMALL

@@ -42,7 +42,7 @@ MIXED = Items(
 
 
 def test_mixed_lengths_are_right_padded_with_mask_zero():
-    inputs, labels = get_batch(MIXED, np.arange(4), task="causal-lm")
+    inputs, labels = get_batch(MIXED, np.arange(4), tokens=True)
     assert set(inputs) == {"input_ids", "attention_mask"}
     x, m = inputs["input_ids"], inputs["attention_mask"]
     assert x.dtype == m.dtype == torch.int64 and x.shape == m.shape == (4, 5)
@@ -50,18 +50,18 @@ def test_mixed_lengths_are_right_padded_with_mask_zero():
     assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
     assert labels.dtype == np.int64 and labels.tolist() == [-1] * 4
     # Padded to the batch's own longest item.
-    assert get_batch(MIXED, np.array([0, 2]), task="causal-lm")[0]["input_ids"].shape == (2, 3)
-    _, x, y = BatchView(MIXED, task="causal-lm")[[3, 0]]
+    assert get_batch(MIXED, np.array([0, 2]), tokens=True)[0]["input_ids"].shape == (2, 3)
+    _, x, y = BatchView(MIXED, tokens=True)[[3, 0]]
     assert x["input_ids"].tolist() == [[3, 3, 0], [5, 6, 7]] and y.tolist() == [-1, -1]
 
 
 def test_vectorised_batches_keep_their_mask_or_get_ones():
     ids = np.arange(12).reshape(3, 4)
-    inputs, _ = get_batch(Vectorised(ids), np.array([2, 0]), task="causal-lm")
+    inputs, _ = get_batch(Vectorised(ids), np.array([2, 0]), tokens=True)
     assert inputs["input_ids"].tolist() == [ids[2].tolist(), ids[0].tolist()]
     assert inputs["attention_mask"].tolist() == [[1] * 4] * 2
     mask = np.array([[1, 1, 0, 0]] * 3)
-    inputs, _ = get_batch(Vectorised(ids, mask), np.array([1]), task="causal-lm")
+    inputs, _ = get_batch(Vectorised(ids, mask), np.array([1]), tokens=True)
     assert inputs["attention_mask"].tolist() == [[1, 1, 0, 0]]
 
 
@@ -79,7 +79,7 @@ def test_vectorised_batches_keep_their_mask_or_get_ones():
 def test_bad_items_name_the_sample_and_the_fix(item, words):
     ds = Items([torch.tensor([1, 2]), torch.tensor([3]), item])
     with pytest.raises(UsageError) as err:
-        get_batch(ds, np.arange(3), spec="my.mod:Data", task="causal-lm")
+        get_batch(ds, np.arange(3), spec="my.mod:Data", tokens=True)
     msg = str(err.value)
     assert "sample 2" in msg and "my.mod:Data" in msg and "\n" not in msg
     assert all(w in msg for w in words), msg
@@ -88,9 +88,9 @@ def test_bad_items_name_the_sample_and_the_fix(item, words):
 def test_vectorised_bad_mask_names_the_row():
     mask = np.array([[1, 1], [1, 3]])
     with pytest.raises(UsageError, match="sample 1: attention_mask holds values"):
-        get_batch(Vectorised(np.ones((2, 2), np.int64), mask), np.arange(2), task="causal-lm")
+        get_batch(Vectorised(np.ones((2, 2), np.int64), mask), np.arange(2), tokens=True)
     with pytest.raises(UsageError, match="not integers"):
-        get_batch(Vectorised(np.ones((2, 2))), np.arange(2), task="causal-lm")
+        get_batch(Vectorised(np.ones((2, 2))), np.arange(2), tokens=True)
 
 
 class Masked(torch.nn.Module):
@@ -102,7 +102,7 @@ class Masked(torch.nn.Module):
 
 
 def test_forward_tokens_passes_the_mask_only_to_models_that_take_it():
-    inputs, _ = get_batch(MIXED, np.arange(4), task="causal-lm")
+    inputs, _ = get_batch(MIXED, np.arange(4), tokens=True)
     masked = Masked()
     assert logits_of(forward_tokens(masked, inputs)).shape == (4, 5, 3)
     assert masked.got is inputs["attention_mask"]
@@ -119,7 +119,7 @@ def test_fingerprint_of_token_data_is_stable_and_content_based():
     a = data_fingerprint(Vectorised(ids))
     assert a == data_fingerprint(Vectorised(ids.copy()))
     # The same items per item, with the task named, hash the same as the vectorised set.
-    assert a == data_fingerprint(Items(list(ids)), task="causal-lm")
+    assert a == data_fingerprint(Items(list(ids)), tokens=True)
     changed = ids.copy()
     changed[-1, 3] += 1
     assert data_fingerprint(Vectorised(changed)) != a
@@ -127,13 +127,13 @@ def test_fingerprint_of_token_data_is_stable_and_content_based():
     mask[0, -1] = 0
     assert data_fingerprint(Vectorised(ids, mask)) != a
     # Bare tensors could be a text classifier's inputs: only the named task makes them tokens.
-    fp = data_fingerprint(MIXED, task="causal-lm")
-    assert fp == data_fingerprint(Items(MIXED), task="causal-lm")
-    assert fp != data_fingerprint(Items(MIXED[:3]), task="causal-lm")
+    fp = data_fingerprint(MIXED, tokens=True)
+    assert fp == data_fingerprint(Items(MIXED), tokens=True)
+    assert fp != data_fingerprint(Items(MIXED[:3]), tokens=True)
 
 
 def test_classifier_fingerprint_is_unchanged():
     # The bytes of today's stores: a change here orphans every store's recorded fingerprint.
-    assert data_fingerprint(ToyData(50)) == data_fingerprint(ToyData(50), task="classification")
+    assert data_fingerprint(ToyData(50)) == data_fingerprint(ToyData(50), tokens=False)
     x, y = get_batch(ToyData(50), np.arange(4))
     assert isinstance(x, torch.Tensor) and x.shape[0] == 4 and y.dtype == np.int64

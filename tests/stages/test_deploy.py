@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from kdcache.stages.common.run_folder import RunFolder
 from kdcache.stages.evaluate import deploy
 from kdcache.stages.evaluate.run import dataset_batches
+from kdcache.stages.train.run_folder import RunFolder
 from tests.toy_models import ToyData, ToyNet
 
 

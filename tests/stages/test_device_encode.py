@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdcache.stages.precompute import run as precompute
-from kdcache.stages.precompute.device_encode import DeviceStats, Encoded, ShardEnd
+from kdcache.stages.precompute.device_encode import DeviceStats, ShardEnd, TeacherBatch
 from kdcache.storage.errors import UsageError
 from tests import toy_models
 from tests.conftest import assert_one_line_error, files_under
@@ -45,16 +45,16 @@ def tensors_in(value) -> list:
 @pytest.mark.parametrize("codec", ["sampled", "topk", "dense"])
 def test_the_queue_only_ever_holds_host_arrays(tmp_path, cli, monkeypatch, codec):
     queued = []
-    put = precompute._WriterThread.put
-    monkeypatch.setattr(precompute._WriterThread, "put", lambda w, item: (queued.append(item),
+    put = precompute.WriterThread.put
+    monkeypatch.setattr(precompute.WriterThread, "put", lambda w, item: (queued.append(item),
                         put(w, item))[1])  # fmt: skip
     res = cli(
         *lm_args(tmp_path / "s", "--codec", codec, "--features", "body", "--pool", "token-mean")
     )
     assert res.exit_code == 0, res.stderr
-    batches = [q for q in queued if isinstance(q, Encoded)]
+    batches = [q for q in queued if isinstance(q, TeacherBatch)]
     assert len(batches) == 9 and sum(isinstance(q, ShardEnd) for q in queued) == 3
-    assert all(q is None or isinstance(q, int | Encoded | ShardEnd) for q in queued)
+    assert all(q is None or isinstance(q, int | TeacherBatch | ShardEnd) for q in queued)
     assert tensors_in(queued) == []
     arrays = [a for b in batches for c in [b.columns, *b.chunks] for a in c.values()]
     assert all(isinstance(a, np.ndarray) for a in arrays)

@@ -9,15 +9,14 @@ import torch.nn.functional as F
 
 from kdcache.pipeline.jobs import evaluate as run
 from kdcache.pipeline.jobs import train
-from kdcache.stages.evaluate.metrics import (
+from kdcache.stages.evaluate.run import EvaluateConfig
+from kdcache.stages.tasks.scoring import (
     agreement,
     batch_sums,
-    csv_text,
     expected_calibration_error,
-    parse_csv,
     summarise,
 )
-from kdcache.stages.evaluate.run import EvaluateConfig
+from kdcache.stages.train.run_log import csv_text, parse_csv
 from kdcache.stages.train.trainer import TrainConfig
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.errors import UsageError

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kdcache.pipeline.examples.lm import TinyCausalLM, gpt2
-from kdcache.stages.evaluate.metrics import parse_csv
 from kdcache.stages.tasks import causal_lm as lm
-from kdcache.stages.train import lm_head, lm_loss
+from kdcache.stages.tasks import lm_head, lm_loss
+from kdcache.stages.train.run_log import parse_csv
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.codecs.sampled import draw
 
@@ -57,7 +57,7 @@ def test_fused_head_equals_the_unfused_loss(name, T):
     params = [p for p in model.parameters() if p.requires_grad]
     runs = []
     for fused in (False, True):
-        out = head.hidden(x) if fused else lm.logits(model, x, lm.TASK)
+        out = head.hidden(x) if fused else lm.logits(model, x)
         loss, hard, soft = lm_loss.causal_lm_loss(out, pos, targets, T, 0.3, 0.7, 7,
                                                   head.linear if fused else None)  # fmt: skip
         runs.append((loss, hard, soft, *torch.autograd.grad(loss, params)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdcache.stages.tasks import causal_lm as lm
-from kdcache.stages.train import lm_loss
+from kdcache.stages.tasks import lm_loss
 from kdcache.storage.codecs import open_codec
 from kdcache.storage.codecs.sampled import draw
 from kdcache.storage.errors import UsageError

@@ -13,9 +13,9 @@ from kdcache.pipeline import jobs
 from kdcache.pipeline.jobs import train as run
 from kdcache.pipeline.models import load_model
 from kdcache.pipeline.runtime import Dist
-from kdcache.stages.common.config import EvaluateConfig
-from kdcache.stages.evaluate.metrics import epoch_line, parse_csv
+from kdcache.stages.evaluate.config import EvaluateConfig
 from kdcache.stages.tasks import regression_metrics
+from kdcache.stages.train.run_log import epoch_line, parse_csv
 from kdcache.stages.train.trainer import TrainConfig
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
@@ -146,7 +146,8 @@ def test_metrics_in_rows_summary_csv_log_and_evaluate(tmp_path, cache):
     cfg = config(tmp_path / "o", cache, epochs=3)
     result = run(cfg)
     rows, summary = result["rows"], result["summary"]
-    assert cfg.alpha == 0.9 and summary["settings"]["alpha"] == 0.9  # the default, with targets
+    # The default, with targets, in the run's resolved settings; the user's config is untouched.
+    assert cfg.alpha is None and summary["settings"]["alpha"] == 0.9
     assert all(r["eval_accuracy"] is None and r["eval_mse"] > 0 for r in rows)
     best = min(rows, key=lambda r: r["eval_mse"])
     assert (
@@ -155,7 +156,7 @@ def test_metrics_in_rows_summary_csv_log_and_evaluate(tmp_path, cache):
     )
     csv_rows = parse_csv((tmp_path / "o" / "metrics.csv").read_text())
     assert [r["eval_mae"] for r in csv_rows] == pytest.approx([r["eval_mae"] for r in rows])
-    line = epoch_line(rows[-1], 3)
+    line = epoch_line(rows[-1], 3, "regression")
     assert "eval_mse" in line and "teacher_r2" in line and "eval_accuracy" not in line
     # The student's metrics by hand on the eval data, and `kdcache evaluate` agreeing.
     model, _ = load_model(cfg.student, cfg.student_args, f"{cfg.out}/model.pt", None, "--student")
@@ -224,9 +225,12 @@ def test_old_store_without_targets_trains_teacher_only(tmp_path):
         batch_size=4,
     )
     cfg = config(tmp_path / "o", old, **old_cfg)
-    rows = run(cfg)["rows"]
-    assert cfg.alpha == 1.0 and all(
-        r["hard_loss"] == 0 and r["loss"] == r["soft_loss"] for r in rows
+    result = run(cfg)
+    rows = result["rows"]
+    assert (
+        cfg.alpha is None
+        and result["summary"]["settings"]["alpha"] == 1.0
+        and all(r["hard_loss"] == 0 and r["loss"] == r["soft_loss"] for r in rows)
     )
     assert rows[-1]["eval_mse"] is not None and rows[-1]["teacher_mse"] is not None
     assert rows[-1]["soft_loss"] < rows[0]["soft_loss"]  # it learns the old store's outputs

@@ -175,7 +175,10 @@ def test_caches_table_and_time_saved(lm_job):
 
 
 def test_headline_states_the_measured_differences(lm_job):
-    lm = collect(ReportConfig(runs=str(lm_job), plots=False, agreement=False))["lm"]
+    cfg = ReportConfig(
+        runs=str(lm_job), plots=False, agreement=False, lm_near_online=0.02, lm_over_hard=0.05
+    )
+    lm = collect(cfg)["lm"]
     loss = {e["name"]: e["eval_loss"] for e in lm["students"]}
     h = lm["headline"]
     assert h["sampled_student"] == "sampled" and h["online_student"] == "online"

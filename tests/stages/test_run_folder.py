@@ -7,9 +7,9 @@ import json
 import pytest
 
 from kdcache.pipeline.jobs import evaluate, report, train
-from kdcache.stages.common.run_folder import RunFolder
 from kdcache.stages.evaluate.run import EvaluateConfig
 from kdcache.stages.report.run import ReportConfig
+from kdcache.stages.train.run_folder import RunFolder
 from kdcache.stages.train.trainer import TrainConfig
 from kdcache.storage.errors import UsageError
 

@@ -15,7 +15,7 @@ from kdcache.pipeline.jobs import train as run
 from kdcache.pipeline.models import load_model
 from kdcache.pipeline.runtime import Dist
 from kdcache.stages.common.hooks import pool
-from kdcache.stages.evaluate.metrics import CSV_FIELDS, parse_csv
+from kdcache.stages.train.run_log import CSV_FIELDS, parse_csv
 from kdcache.stages.train.trainer import TrainConfig, Trainer
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
@@ -238,7 +238,7 @@ def test_regression_loss_is_the_mse_to_the_stored_teacher_outputs(tmp_path):
     with torch.no_grad():
         want = ((z.double() - RegNet().eval()(batch["input"]).double()) ** 2).mean()
     terms = trainer.loss_terms(z, None, batch)
-    assert cfg.alpha == 1.0  # a store without targets trains on the teacher alone
+    assert trainer.cfg.alpha == 1.0  # a store without targets trains on the teacher alone
     assert abs(float(terms["loss"]) - float(want)) < 1e-5 and float(want) > 0.01
     assert float(terms["hard_loss"]) == 0.0
 

@@ -20,13 +20,15 @@ from torch import nn
 from kdcache.pipeline import jobs
 from kdcache.pipeline.runtime import Dist
 from kdcache.stages.common import data as data_module
-from kdcache.stages.common.config import EvaluateConfig
-from kdcache.stages.common.run_folder import RunFolder
-from kdcache.stages.evaluate.metrics import parse_csv, summarise
+from kdcache.stages.evaluate.config import EvaluateConfig
 from kdcache.stages.evaluate.run import AgreementSet, dataset_batches, eval_sums
 from kdcache.stages.evaluate.run import run as evaluate
 from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.tasks.scoring import summarise
+from kdcache.stages.train import streams as streams_module
 from kdcache.stages.train import trainer as train_module
+from kdcache.stages.train.run_folder import RunFolder
+from kdcache.stages.train.run_log import parse_csv
 from kdcache.stages.train.trainer import TrainConfig, Trainer
 from kdcache.storage import faults
 from kdcache.storage.codecs import open_codec
@@ -214,7 +216,7 @@ def test_per_token_metrics_by_hand():
     # Additive: two ranks' shares sum to the whole.
     parts = [
         eval_sums(
-            model, dataset_batches(ds, 2, r, 2, "causal-lm"), torch.device("cpu"), task=lm.TASK
+            model, dataset_batches(ds, 2, r, 2, "causal-lm"), torch.device("cpu"), task="causal-lm"
         )
         for r in (0, 1)
     ]
@@ -303,7 +305,7 @@ def plugin_codec():
 
 @pytest.mark.parametrize("codec", ["dense", "topk", "plugin-dense"])
 def test_training_on_packed_batches(tmp_path, monkeypatch, codec):
-    monkeypatch.setattr(train_module, "JoinedStream", PackedStream)
+    monkeypatch.setattr(streams_module, "JoinedStream", PackedStream)
     ds, eval_ds = TokenData(), TokenData(seed=1)
     reader = FakeReader(ds, plugin_codec() if codec == "plugin-dense" else codec_of(codec))
     cfg = lm_config(tmp_path / "run", cache="fake://store")
@@ -313,7 +315,7 @@ def test_training_on_packed_batches(tmp_path, monkeypatch, codec):
     trainer = Trainer(
         cfg, Dist(), torch.device("cpu"), reader, RunFolder(cfg.out), ds, eval_ds, student
     )
-    assert trainer.task == "causal-lm" and cfg.temperature == TEACHER_T
+    assert trainer.task.name == "causal-lm" and trainer.cfg.temperature == TEACHER_T
     with trainer:
         result = trainer.run()
 
@@ -353,7 +355,7 @@ def test_training_on_packed_batches(tmp_path, monkeypatch, codec):
 
 
 def test_epoch_loss_is_a_mean_per_token(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "JoinedStream", PackedStream)
+    monkeypatch.setattr(streams_module, "JoinedStream", PackedStream)
     ds = TokenData()
     cfg = lm_config(tmp_path / "run", cache="fake://store", eval_data=None, lr=1e-12, epochs=1)
     reader = FakeReader(ds, codec_of("dense"))
@@ -409,7 +411,10 @@ def test_evaluate_a_causal_lm_student():
     # Blocks of one length: the data fingerprint's stacking of the real get_batch takes them.
     ds, eval_ds, model = TokenData(lengths=(4,)), TokenData(seed=1), BigramLM(seed=2).eval()
     reader = FakeReader(ds, codec_of("topk"))
-    reader.num_rows, reader.data_fingerprint = len(ds), data_module.data_fingerprint(ds, lm.TASK)
+    reader.num_rows, reader.data_fingerprint = (
+        len(ds),
+        data_module.data_fingerprint(ds, tokens=True),
+    )
     cfg = EvaluateConfig(checkpoint="unused", data="unused", batch_size=3)
     summary = {"name": "s", "student": "BigramLM", "settings": {"task": "causal-lm"}}
     got = evaluate(cfg, model, summary, eval_ds, torch.device("cpu"), reader, ds)
@@ -420,7 +425,7 @@ def test_evaluate_a_causal_lm_student():
         math.exp(loss)
     )
     sums = eval_sums(
-        model, AgreementSet(reader, ds, 5000).batches(8), torch.device("cpu"), task=lm.TASK
+        model, AgreementSet(reader, ds, 5000).batches(8), torch.device("cpu"), task="causal-lm"
     )
     assert got["agreement"] == summarise(sums)["accuracy"] is not None
     summary["settings"]["task"] = "classification"

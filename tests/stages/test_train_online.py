@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from kdcache.pipeline import jobs
 from kdcache.pipeline.runtime import Dist
-from kdcache.stages.evaluate.metrics import parse_csv
 from kdcache.stages.tasks import causal_lm as lm
+from kdcache.stages.train.run_log import parse_csv
 from kdcache.stages.train.trainer import TrainConfig, Trainer
 from kdcache.storage.errors import UsageError
 from tests.conftest import assert_one_line_error, toy_precompute
@@ -51,7 +51,7 @@ def first_batch(trainer: Trainer) -> tuple[dict, torch.Tensor]:
     trainer.stream.set_epoch(1)
     batch = next(iter(trainer.stream))
     with torch.no_grad():
-        return batch, lm.logits(trainer.student, batch["input"], trainer.task)
+        return batch, trainer.task.logits(trainer.student, batch["input"])
 
 
 def dense_kl(z_teacher: torch.Tensor, z_student: torch.Tensor, T: float) -> float:

@@ -13,8 +13,8 @@ from kdcache.pipeline import jobs
 from kdcache.pipeline.models import load_model
 from kdcache.pipeline.runtime import Dist
 from kdcache.pipeline.specs import augmentation
-from kdcache.stages.common import views
 from kdcache.stages.precompute import run as precompute
+from kdcache.stages.train import streams
 from kdcache.storage.errors import UsageError
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.views import chosen_views
@@ -97,7 +97,7 @@ def test_every_stored_row_is_replayed_bitwise_once_per_v_epochs(store):
     augment = augmentation(SHIFT, {})
     seen = []
     for epoch in range(1, V + 1):
-        stream = views.ViewStream(r, ToyData(N), 7, augment=augment, seed=3, buffer_size=5)
+        stream = streams.ViewStream(r, ToyData(N), 7, augment=augment, seed=3, buffer_size=5)
         stream.set_epoch(epoch)
         epoch_ids = []
         for batch in stream:
@@ -119,7 +119,7 @@ def test_ranks_and_workers_see_each_sample_once_per_epoch(store, world, workers)
     for epoch in (1, 2):
         got = []
         for rank in range(world):
-            stream = views.ViewStream(
+            stream = streams.ViewStream(
                 r,
                 ToyData(N),
                 4,

@@ -1,4 +1,4 @@
-"""A causal-lm student's output layer, found so the loss can fuse it (stages/train/lm_loss.py).
+"""A causal-lm student's output layer, found so the loss can fuse it (stages/tasks/lm_loss.py).
 
 A student exposes its head either as a Hugging Face causal LM does (`get_output_embeddings()`
 returns an `nn.Linear`; its `base_model` gives the last hidden states) or by declaring it: a
@@ -77,7 +77,7 @@ def resolve(model: nn.Module, probe_x: dict, vocab: int, wanted: bool | None, sp
         )
     model.eval()
     with torch.no_grad():
-        want = lm.logits(model, probe_x, lm.TASK).float()
+        want = lm.logits(model, probe_x).float()
         got = head.linear(head.hidden(probe_x)).float()
     if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         return head

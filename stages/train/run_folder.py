@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from kdcache.stages.evaluate.metrics import csv_text, parse_csv
+from kdcache.stages.train.run_log import csv_text, parse_csv
 from kdcache.storage.fsio import Location, open_location
 
 SUMMARY, MODEL, METRICS = "summary.json", "model.pt", "metrics.csv"
