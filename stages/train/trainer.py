@@ -1,14 +1,10 @@
 """Stage two: train a student from a cache (or from hard labels alone), in one readable loop.
 
-Loss per batch (formulas in stages/train/loss.py): ``alpha * soft + (1 - alpha) * hard + beta *
-feature`` (``+ gamma * relation`` with ``--relation``, stages/train/relations.py; ``--pseudo-labels``
-swaps the hard labels for the cached teacher's top-1); without ``--cache`` only the hard term, or
-with ``--teacher`` the dense soft term against the teacher run online on the same batch
-(stages/train/online.py); a regression student's soft and hard terms are MSE to the teacher's stored
-outputs and to the stored true targets (stages/tasks/regression.py). A causal-lm student's hard term is
-the next-token cross-entropy and its soft term is taken on the logits of the valid positions
-(stages/tasks/causal_lm.py); its loss means and metrics are per token. AdamW with linear warmup then cosine decay, stepped per batch.
-With a cache the student never sees the teacher: only the cache's manifest and shards are read.
+The loss of each batch is `StudentLoss` (stages/train/loss.py: the task's hard term, the codec's
+soft term, features, relations); what a task is (inputs, metrics, the teacher comparison) its
+`Task` object says (stages/tasks/). The batches come from `streams.build` (stages/train/streams.py).
+AdamW with linear warmup then cosine decay, stepped per batch. With a cache the student never
+sees the teacher: only the cache's manifest and shards are read.
 
 Resume: after every epoch rank 0 writes ``checkpoint-{epoch}.pt`` (model, projector, optimizer,
 scheduler, RNG states). The loader position saved is the epoch boundary, so a run killed mid-epoch
@@ -59,7 +55,7 @@ from kdcache.storage.errors import UsageError
 
 log = logging.getLogger("kdcache.train")
 
-# What callers (pipeline/jobs.py, tests) import from here; the build-up lives in train_setup.py.
+# What callers (pipeline/jobs.py, tests) import from here; the build-up lives in setup.py.
 __all__ = ["Distillee", "TrainConfig", "Trainer", "finished", "resolve", "run_settings", "schedule"]
 
 
