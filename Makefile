@@ -51,9 +51,17 @@ LM_BLOCK ?= 64
 LM_TOKENS ?= 300000
 LM_EVAL_TOKENS ?= 40000
 LM_TOKENIZER_BYTES ?= 8000000
-LM_TEACHER ?= n_layer=3 n_embd=96 n_head=3
+# The teacher: `committed` restores checkpoints/lm-teacher.safetensors (sha256, size, corpus and
+# tokenizer checked against its card, lm-teacher.json); `train` trains it here, on
+# LM_TEACHER_TOKENS of the train split with one thread (deterministic: see the README), which
+# `make lm-teacher-checkpoint` turns into those two files.
+LM_TEACHER ?= committed
+LM_TEACHER_SIZE ?= n_layer=4 n_embd=176 n_head=4
+LM_TEACHER_TOKENS ?= 10000000
+LM_TEACHER_EPOCHS ?= 1
+LM_TEACHER_THREADS ?= 1
+LM_TEACHER_CARD ?= checkpoints/lm-teacher.json
 LM_STUDENT ?= n_layer=1 n_embd=64 n_head=2
-LM_TEACHER_EPOCHS ?= 2
 LM_EPOCHS ?= 1
 LM_SAMPLES ?= 50
 LM_TOPK ?= 64
@@ -77,19 +85,21 @@ kdcache_with = KDCACHE_DATA_DIR=$(DATA_DIR) $(if $(1),OMP_NUM_THREADS=$(1)) $(VE
 KDCACHE := $(call kdcache_with,$(THREADS))
 
 .PHONY: help setup data teacher precompute students report run test test-quick faults lint bench \
-	cron clean distclean run-lm lm-teacher lm-caches lm-students views-cache views-students
+	cron clean distclean run-lm lm-teacher lm-teacher-committed lm-teacher-checkpoint lm-caches \
+	lm-students views-cache views-students FORCE
 
 # --flag a --flag b ... from a list of k=v words
 kv = $(foreach a,$(2),$(1) $(a))
 GPT2 := kdcache.pipeline.examples.lm:gpt2
 LM_DATA := kdcache.pipeline.examples.text:TextBlocks
 LM_CACHE := $(LM_RUNS)/caches
+LM_TEACHER_DIR := $(LM_RUNS)/teacher
 LM_TEXT := vocab=$(LM_VOCAB) block=$(LM_BLOCK) max_bytes=$(LM_TOKENIZER_BYTES)
 LM_DATA_ARGS := $(call kv,--data-arg,$(LM_TEXT) max_tokens=$(LM_TOKENS))
 LM_EVAL_ARGS := $(call kv,--eval-data-arg,$(LM_TEXT) max_tokens=$(LM_EVAL_TOKENS))
 LM_SIZE := vocab_size=$(LM_VOCAB) n_positions=$(LM_BLOCK)
-LM_TEACHER_MODEL := --teacher $(GPT2) $(call kv,--teacher-arg,$(LM_SIZE) $(LM_TEACHER)) \
-	--checkpoint $(LM_RUNS)/teacher/model.pt
+LM_TEACHER_MODEL := --teacher $(GPT2) $(call kv,--teacher-arg,$(LM_SIZE) $(LM_TEACHER_SIZE)) \
+	--checkpoint $(LM_TEACHER_DIR)/model.pt
 LM_KDCACHE := $(call kdcache_with,$(LM_THREADS))
 LM_PRECOMPUTE := $(LM_KDCACHE) precompute --task causal-lm $(LM_TEACHER_MODEL) --data $(LM_DATA) \
 	$(LM_DATA_ARGS) --shard-rows 1024 --device $(DEVICE) $(PRECOMPUTE_ARGS)
@@ -113,12 +123,33 @@ run-lm: setup lm-students ## The language-model job alone (teacher, three caches
 	$(KDCACHE) report --runs $(RUNS) --out $(RUNS)/report.md $(REPORT_TARGETS)
 	@echo "done: see $(RUNS)/report.md"
 
-lm-teacher: $(LM_RUNS)/teacher/model.pt ## Train the GPT teacher on the torch-sources corpus (skipped once done)
+lm-teacher: $(if $(filter train,$(LM_TEACHER)),$(LM_TEACHER_DIR)/model.pt,lm-teacher-$(LM_TEACHER)) ## The GPT teacher: the committed checkpoint, or LM_TEACHER=train trains it here
 
-$(LM_RUNS)/teacher/model.pt: | $(STAMP)
-	$(LM_KDCACHE) train --config $(LM_CONFIG)/teacher.toml --out $(LM_RUNS)/teacher \
-		$(call kv,--student-arg,$(LM_SIZE) $(LM_TEACHER)) $(LM_DATA_ARGS) $(LM_EVAL_ARGS) \
-		--epochs $(LM_TEACHER_EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)
+# Checked on every run (a hash of a few MB): a folder already restored from it is left alone.
+lm-teacher-committed: | $(STAMP)
+	KDCACHE_DATA_DIR=$(DATA_DIR) $(PY) -m kdcache.pipeline.examples.lm_teacher restore \
+		--card $(LM_TEACHER_CARD) --out $(LM_TEACHER_DIR) \
+		$(call kv,--student-arg,$(LM_SIZE) $(LM_TEACHER_SIZE)) $(call kv,--data-arg,$(LM_TEXT))
+
+lm-teacher-%:
+	@echo "LM_TEACHER=$* is not one of committed, train (the teacher's size is LM_TEACHER_SIZE)" >&2
+	@exit 2
+
+# Trained once (skipped while model.pt exists), except over a folder restored from the committed
+# checkpoint: that one is replaced.
+$(LM_TEACHER_DIR)/model.pt: $(if $(wildcard $(LM_TEACHER_DIR)/committed.json),FORCE) | $(STAMP)
+	if [ -e $(LM_TEACHER_DIR)/committed.json ]; then rm -rf $(LM_TEACHER_DIR); fi
+	$(call kdcache_with,$(LM_TEACHER_THREADS)) train --config $(LM_CONFIG)/teacher.toml \
+		--out $(LM_TEACHER_DIR) $(call kv,--student-arg,$(LM_SIZE) $(LM_TEACHER_SIZE)) \
+		$(call kv,--data-arg,$(LM_TEXT) max_tokens=$(LM_TEACHER_TOKENS)) $(LM_EVAL_ARGS) \
+		--epochs $(LM_TEACHER_EPOCHS) --threads $(LM_TEACHER_THREADS) --device $(DEVICE) \
+		$(TRAIN_ARGS)
+
+lm-teacher-checkpoint: $(LM_TEACHER_DIR)/model.pt ## Rebuild the committed teacher: train it (LM_TEACHER=train), write LM_TEACHER_CARD + weights
+	$(PY) -m kdcache.pipeline.examples.lm_teacher export --run $(LM_TEACHER_DIR) \
+		--card $(LM_TEACHER_CARD)
+
+FORCE:
 
 lm-caches: lm-teacher ## Stage one x3: sampled (N draws), topk at the same bytes/token, topk k=LM_TOPK
 	$(LM_PRECOMPUTE) --out $(LM_CACHE)/sampled --codec sampled --samples $(LM_SAMPLES)

@@ -18,10 +18,12 @@ pytestmark = [
 ]
 
 # Every size shrunk: the pipeline, not the quality, is under test here (the README has the real
-# run). The tokenizer still trains offline, on a 300 kB prefix of the train split.
+# run). The tokenizer still trains offline, on a 300 kB prefix of the train split, and so does
+# the teacher (LM_TEACHER=train): the committed one is for the real sizes (test_lm_teacher.py).
 TINY = [
     "LM_VOCAB=512", "LM_BLOCK=16", "LM_TOKENS=6000", "LM_EVAL_TOKENS=1000",
-    "LM_TOKENIZER_BYTES=300000", "LM_TEACHER=n_layer=1 n_embd=16 n_head=2",
+    "LM_TOKENIZER_BYTES=300000", "LM_TEACHER=train", "LM_TEACHER_SIZE=n_layer=1 n_embd=16 n_head=2",
+    "LM_TEACHER_TOKENS=6000", "LM_TEACHER_EPOCHS=2",
     "LM_STUDENT=n_layer=1 n_embd=8 n_head=2", "LM_SAMPLES=16", "LM_TOPK=16", "THREADS=1",
     "LM_THREADS=1",
 ]  # fmt: skip
