@@ -31,7 +31,7 @@ import torch
 from kdcache.pipeline.cli_common import handle_errors
 from kdcache.pipeline.examples import text
 from kdcache.pipeline.specs import parse_kv
-from kdcache.stages.run_folder import RunFolder
+from kdcache.stages.train.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 
 FORMAT = 1

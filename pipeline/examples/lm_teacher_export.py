@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from kdcache.pipeline.examples.lm_teacher import FORMAT, sha256_of, tokenizer_digests, write_marker
-from kdcache.stages.run_folder import RunFolder
+from kdcache.stages.train.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 
 

@@ -14,7 +14,7 @@ import torch
 
 from kdcache.pipeline.examples import lm_teacher, lm_teacher_export
 from kdcache.pipeline.examples.lm import gpt2
-from kdcache.stages.run_folder import RunFolder
+from kdcache.stages.train.run_folder import RunFolder
 from kdcache.storage.errors import UsageError
 from tests.conftest import REPO, assert_one_line_error, kdcache_cmd
 
