@@ -22,6 +22,9 @@ from kdcache.storage.options import Option
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 # Tasks whose rows are sequences: the codec's values are per token, stored as one list per row.
 SEQUENCE_TASKS = ("causal-lm",)
+# Tasks whose stored values are raw outputs (stored at T = 1), not logits of a distribution. These
+# two declarations are all the store format knows of tasks; the stages ask `kdcache.stages.tasks`.
+VALUE_TASKS = ("regression",)
 
 
 def id_type(num_classes: int) -> pa.DataType:
@@ -146,6 +149,7 @@ class Codec:
         self.settings = settings
         self.task = task
         self.sequence = task in SEQUENCE_TASKS
+        self.values = task in VALUE_TASKS
         self.dtype: str = settings["dtype"]
         self.num_classes: int | None = settings.get("num_classes")
 

@@ -68,7 +68,7 @@ class Dense(Codec):
     def label(self) -> str:
         if self.sequence:
             return f"all {self.num_classes} logits per token"
-        if self.task == "regression":
+        if self.values:
             return f"{self.num_classes} raw outputs"
         return f"all {self.num_classes} logits"
 
