@@ -91,11 +91,13 @@ class StoreLock:
         try:
             self.loc.create_bytes(dumps(self._doc()), LOCK_FILE)
         except FileExistsError:
-            raise LockedError(
-                f"{self.loc.url}: another run took the lock at the same moment; retry later"
-            ) from None
+            raise self._raced() from None
         try:
-            self.check()
+            # The read-back decides where the create is not atomic (moto's If-None-Match, some
+            # S3-compatible stores): both PUTs succeed, the later one wins, the other backs off.
+            held = self._current()
+            if held is None or held.get("token") != self.token:
+                raise self._raced()
             faults.point("lock.acquired")
             self._thread = threading.Thread(target=self._beat, daemon=True, name="kdcache-lock")
             self._thread.start()
@@ -104,6 +106,11 @@ class StoreLock:
             # whose cleanup only covers a lock it got: free it here, or it blocks every rerun.
             self.release()
             raise
+
+    def _raced(self) -> LockedError:
+        return LockedError(
+            f"{self.loc.url}: another run took the lock at the same moment; retry later"
+        )
 
     def check(self) -> None:
         """LockedError unless the lock file still holds this run's token."""
