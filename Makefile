@@ -62,7 +62,13 @@ LM_TEACHER_EPOCHS ?= 1
 LM_TEACHER_THREADS ?= 1
 LM_TEACHER_CARD ?= checkpoints/lm-teacher.json
 LM_STUDENT ?= n_layer=1 n_embd=64 n_head=2
-LM_EPOCHS ?= 1
+# Enough epochs that validation loss has mostly stopped falling (README: the curves).
+LM_EPOCHS ?= 3
+LM_BATCH ?= 16
+# Seeds of the hard, sampled, matched-topk and online students (topk k = LM_TOPK: the first).
+LM_SEEDS ?= 0 1 2
+LM_JOBS ?= 2
+LM_JOB_THREADS ?= 1
 LM_SAMPLES ?= 50
 LM_TOPK ?= 64
 # The LM job's targets, judged in the report's headline (nats/token): the sampled student within
@@ -103,9 +109,23 @@ LM_TEACHER_MODEL := --teacher $(GPT2) $(call kv,--teacher-arg,$(LM_SIZE) $(LM_TE
 LM_KDCACHE := $(call kdcache_with,$(LM_THREADS))
 LM_PRECOMPUTE := $(LM_KDCACHE) precompute --task causal-lm $(LM_TEACHER_MODEL) --data $(LM_DATA) \
 	$(LM_DATA_ARGS) --shard-rows 1024 --device $(DEVICE) $(PRECOMPUTE_ARGS)
-LM_TRAIN := $(LM_KDCACHE) train --config $(LM_CONFIG)/students.toml --out $(LM_RUNS)/students \
+comma := ,
+space := $(subst ,, )
+LM_ENV := KDCACHE_DATA_DIR=$(DATA_DIR) OMP_NUM_THREADS=$(LM_JOB_THREADS)
+# Each run one process on LM_JOB_THREADS threads, LM_JOBS at once (tiny models: two one-thread
+# processes beat one two-thread process on 2 cores).
+LM_TRAIN_ONE := $(call kdcache_with,$(LM_JOB_THREADS)) train --config $(LM_CONFIG)/students.toml \
+	--out $(LM_RUNS)/students --seeds $(subst $(space),$(comma),$(strip $(LM_SEEDS))) \
 	$(call kv,--student-arg,$(LM_SIZE) $(LM_STUDENT)) $(LM_DATA_ARGS) $(LM_EVAL_ARGS) \
-	--epochs $(LM_EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)
+	--epochs $(LM_EPOCHS) --batch-size $(LM_BATCH) --threads $(LM_JOB_THREADS) \
+	--device $(DEVICE) $(TRAIN_ARGS)
+LM_ARGS_kd-sampled := --cache $(LM_CACHE)/sampled
+LM_ARGS_kd-topk-matched := --cache $(LM_CACHE)/topk-matched
+LM_ARGS_kd-topk-large := --cache $(LM_CACHE)/topk-$(LM_TOPK)
+LM_ARGS_kd-online := $(subst --checkpoint,--teacher-checkpoint,$(LM_TEACHER_MODEL))
+# The longest first (online KD pays the teacher every epoch), so the LM_JOBS slots end together.
+LM_RUN_NAMES := $(foreach n,kd-online hard kd-sampled kd-topk-matched,\
+	$(foreach k,$(LM_SEEDS),$(n)-seed$(k))) kd-topk-large-seed$(firstword $(LM_SEEDS)) hf
 
 help: ## List the targets and the variables they take
 	@echo "kdcache: make TARGET [VAR=value ...]"
@@ -158,12 +178,23 @@ lm-caches: lm-teacher ## Stage one x3: sampled (N draws), topk at the same bytes
 	$(LM_PRECOMPUTE) --out $(LM_CACHE)/topk-matched --codec topk --budget-bytes-per-token $$budget
 	$(LM_PRECOMPUTE) --out $(LM_CACHE)/topk-$(LM_TOPK) --codec topk --top-k $(LM_TOPK)
 
-lm-students: lm-caches ## Stage two: the same student five ways (hard, three caches, teacher online)
-	$(LM_TRAIN) --only hard
-	$(LM_TRAIN) --only kd-sampled --cache $(LM_CACHE)/sampled
-	$(LM_TRAIN) --only kd-topk-matched --cache $(LM_CACHE)/topk-matched
-	$(LM_TRAIN) --only kd-topk-large --cache $(LM_CACHE)/topk-$(LM_TOPK)
-	$(LM_TRAIN) --only kd-online $(subst --checkpoint,--teacher-checkpoint,$(LM_TEACHER_MODEL))
+lm-students: lm-caches ## Stage two: the same student taught five ways, LM_SEEDS seeds each, LM_JOBS at once
+	$(MAKE) --no-print-directory --output-sync=target -j$(LM_JOBS) \
+		$(addprefix lm-student-,$(LM_RUN_NAMES))
+
+# One run: NAME-seedK of configs/lm/students.toml (seed K: data order and initial weights).
+# Only through lm-students, which makes the caches first.
+lm-student-%:
+	$(LM_TRAIN_ONE) --only $* --student-arg seed=$(lastword $(subst -seed, ,$*)) \
+		$(LM_ARGS_$(firstword $(subst -seed, ,$*)))
+
+# The sampled cache's student once more, trained by transformers' Trainer (kdcache.KDTrainer).
+lm-student-hf:
+	$(LM_ENV) $(PY) -m kdcache.pipeline.examples.lm_hf_student --cache $(LM_CACHE)/sampled \
+		--out $(LM_RUNS)/students/kd-sampled-hf --data $(LM_DATA) $(LM_DATA_ARGS) \
+		--eval-data $(LM_DATA) $(LM_EVAL_ARGS) --student $(GPT2) \
+		$(call kv,--student-arg,$(LM_SIZE) $(LM_STUDENT) seed=0) --epochs $(LM_EPOCHS) \
+		--batch-size $(LM_BATCH) --alpha 0.9 --seed 0 --device $(DEVICE)
 
 setup: $(STAMP) ## Create .venv: CPU torch (TORCH_SPEC), then kdcache[dev,bench,lm] editable
 

@@ -2,6 +2,11 @@
 
 With several students, CLI options apply to every student (they beat the file); each student's
 table overrides the file's shared top-level options and trains into OUT/<name>.
+
+Seeds: `seeds = [0, 1, 2]` at the file's top level (or `--seeds 0,1,2`, which beats it) or in a
+student's table (which beats both) trains that student once per seed, as NAME-seedK with
+`seed = K`; `--only` takes NAME-seedK (one run) or NAME (all its seeds). The report groups the
+runs of one student and gives their mean and spread.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 @click_options(TrainConfig)
 @click.option("--parallel", type=int, help="With [[students]]: train N at once (subprocesses).")
 @click.option("--only", hidden=True, help="With [[students]]: train just this one.")
+@click.option(
+    "--seeds",
+    help="With [[students]]: train each student once per seed (comma list, e.g. 0,1,2), as "
+    "NAME-seedK.",
+)
 @common_options
 @handle_errors
 def train(**options) -> None:
@@ -52,11 +62,21 @@ def train(**options) -> None:
     file_opts = load_config(options.pop("config"))
     parallel = options.pop("parallel") or file_opts.pop("parallel", None) or 1
     only = options.pop("only")
+    seeds = _seeds(options.pop("seeds"), "--seeds")
+    if seeds is None and "seeds" in file_opts:
+        seeds = _seeds(file_opts.pop("seeds"), "seeds in --config")
+    file_opts.pop("seeds", None)
+    if seeds is not None and options.get("seed") is not None:
+        raise UsageError(
+            "--seed and seeds together: the seeds list sets each run's seed; drop --seed"
+        )
     students = file_opts.pop("students", None)
     if students is None:
+        if seeds is not None:
+            raise UsageError("--seeds needs a --config with [[students]]: pass --seed for one run")
         configs = [build_config(TrainConfig, None, options, file_opts=file_opts)]
     else:
-        configs = _student_configs(TrainConfig, file_opts, students, options, only)
+        configs = _student_configs(TrainConfig, file_opts, students, options, only, seeds)
     release_on_sigterm()
     with process_group(configs[0].device) as dist, contextlib.ExitStack() as cleanup:
         # Options, cache, data and student of every student, before the first one trains; each
@@ -76,15 +96,56 @@ def train(**options) -> None:
             faults.point("train.student")
 
 
-def _student_configs(cls, shared: dict, students, options: dict, only: str | None) -> list:
+def _seeds(value, where: str) -> list[int] | None:
+    """A seed list from `--seeds 0,1,2` or a TOML list; None when not given."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        seeds = [int(str(v).strip()) for v in (items if isinstance(items, list) else [items])]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UsageError(
+            f"{where} {value!r}: give distinct non-negative integers, e.g. 0,1,2 (TOML: [0, 1, 2])"
+        )
+    return seeds
+
+
+def _expand(student: dict, seeds: list[int] | None) -> list[dict]:
+    """One table per seed (NAME-seedK, seed = K), or the table itself without seeds."""
+    own = student.pop("seeds", None)
+    seeds = _seeds(own, f"seeds of student {student.get('name')!r}") if own is not None else seeds
+    if seeds is None:
+        return [student]
+    if "seed" in student:
+        raise UsageError(
+            f"student {student.get('name')!r} sets both seed and seeds: keep one of them"
+        )
+    return [student | {"name": f"{student.get('name')}-seed{k}", "seed": k} for k in seeds]
+
+
+def _student_configs(
+    cls, shared: dict, students, options: dict, only: str | None, seeds: list[int] | None = None
+) -> list:
     if not isinstance(students, list) or not all(isinstance(s, dict) for s in students):
         raise UsageError("[[students]] in --config must be a list of tables")
     out = options.get("out") or shared.get("out")
     if not out:
         raise UsageError("missing --out (the parent folder of every student's own folder)")
-    configs, seen = [], set()
+    configs, seen, base = [], set(), {}
+    tables = []
     for raw in students:
         student = normalise_keys(raw)
+        name = student.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise UsageError(
+                f"every [[students]] table needs a unique name of letters, digits, _ . -: {name!r}"
+            )
+        for one in _expand(dict(student), seeds):
+            base[one["name"]] = name
+            tables.append(one)
+    for student in tables:
         name = student.get("name")
         if not isinstance(name, str) or not NAME.match(name) or name in seen:
             raise UsageError(
@@ -96,7 +157,7 @@ def _student_configs(cls, shared: dict, students, options: dict, only: str | Non
         merged = {**shared, **student, "out": f"{out.rstrip('/')}/{name}"}
         configs.append(build_config(cls, None, {**options, "out": None}, merged))
     if only is not None:
-        configs = [c for c in configs if c.name == only]
+        configs = [c for c in configs if only in (c.name, base[c.name])]
         if not configs:
             raise UsageError(f"--only {only!r} names no student in --config ({sorted(seen)})")
     return configs

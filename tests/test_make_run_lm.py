@@ -25,8 +25,10 @@ TINY = [
     "LM_TOKENIZER_BYTES=300000", "LM_TEACHER=train", "LM_TEACHER_SIZE=n_layer=1 n_embd=16 n_head=2",
     "LM_TEACHER_TOKENS=6000", "LM_TEACHER_EPOCHS=2",
     "LM_STUDENT=n_layer=1 n_embd=8 n_head=2", "LM_SAMPLES=16", "LM_TOPK=16", "THREADS=1",
-    "LM_THREADS=1",
+    "LM_THREADS=1", "LM_SEEDS=0 1", "LM_EPOCHS=2",
 ]  # fmt: skip
+KINDS = ("hard", "kd-sampled", "kd-topk-matched", "kd-online")
+RUNS = {f"{k}-seed{s}" for k in KINDS for s in (0, 1)} | {"kd-topk-large-seed0", "kd-sampled-hf"}
 
 
 def test_make_run_lm_writes_the_language_model_report(tmp_path):
@@ -40,7 +42,19 @@ def test_make_run_lm_writes_the_language_model_report(tmp_path):
     report = json.loads((runs / "report.json").read_text())
     lm = report["lm"]
     names = {s["name"] for s in lm["students"]}
-    assert names == {"hard", "kd-sampled", "kd-topk-matched", "kd-topk-large", "kd-online"}
+    assert names == RUNS
+    groups = {g["name"]: g for g in lm["groups"]}
+    assert set(groups) == {*KINDS, "kd-topk-large", "kd-sampled-hf"}
+    for k in KINDS:  # two seeds each: their mean and spread
+        g = groups[k]
+        assert g["n"] == 2 and g["seeds"] == [0, 1]
+        assert g["eval_loss"] == pytest.approx(sum(g["eval_losses"]) / 2)
+        assert g["eval_loss_std"] > 0  # other seeds, other weights: never the same loss
+    hf = groups["kd-sampled-hf"]
+    assert hf["trainer"].startswith("transformers.Trainer") and hf["codec"] == "sampled"
+    h = lm["headline"]
+    assert h["sampled_student"] == "kd-sampled" and h["online_student"] == "kd-online"
+    assert h["sampled_minus_online_paired"]["seeds"] == [0, 1]
     for s in lm["students"]:
         assert 0 < s["eval_loss"] < math.log(512) + 1, s  # sane: about uniform or better
     codecs = sorted(c["codec"] for c in lm["caches"])
@@ -56,4 +70,4 @@ def test_make_run_lm_writes_the_language_model_report(tmp_path):
         ["make", "-C", str(REPO), "run-lm", f"RUNS={runs}", *TINY],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
-    assert again.returncode == 0 and again.stdout.count("already trained") == 5
+    assert again.returncode == 0 and again.stdout.count("already trained") == len(RUNS)

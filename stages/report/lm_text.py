@@ -26,19 +26,30 @@ def _agreement(e: dict) -> str:
     return pct(e["agreement"]) + mark
 
 
+def _loss(e: dict) -> str:
+    """`mean +- std (n)` of a seed group, or the one run's loss."""
+    if e.get("n", 1) > 1:
+        return f"{num(e['eval_loss'], NATS)} ± {num(e['eval_loss_std'], NATS)} ({e['n']})"
+    return num(e["eval_loss"], NATS)
+
+
 def students_table(lm: dict) -> str:
-    """Per model: teacher first, then every LM student in training order."""
+    """Per student (its seeds together, `lm_groups`): teacher first, then in training order."""
     best = lm["headline"]["best_cache_student"]
     head = (
-        "| model | taught by | val loss (nats/token) | perplexity | top-1 agrees with teacher "
-        "| bytes/token | store size | epochs | train time |"
+        "| student | taught by | trained by | val loss, nats/token (mean ± std (seeds)) "
+        "| per seed | perplexity | top-1 agrees with teacher | bytes/token | store size | epochs "
+        "| train time (mean) |"
     )
-    lines = [head, "|" + "---|" * 9]
-    for e in ([lm["teacher"]] if lm["teacher"] else []) + lm["students"]:
+    lines = [head, "|" + "---|" * 11]
+    for e in ([lm["teacher"]] if lm["teacher"] else []) + lm.get("groups", lm["students"]):
+        per = e.get("per_seed") or {}
         cells = [
             f"**{e['name']}**" if e["name"] == best else e["name"],
             _taught(e),
-            num(e["eval_loss"], NATS),
+            e.get("trainer") or "kdcache train",
+            _loss(e),
+            ", ".join(f"{num(v, '.3f')}" for v in per.values()) if len(per) > 1 else "-",
             num(e["eval_perplexity"], ".2f"),
             "-" if e["role"] == "teacher" else _agreement(e),
             num(e.get("bytes_per_token"), ".1f"),
@@ -80,9 +91,16 @@ def caches_table(lm: dict) -> str:
     return "\n".join(lines)
 
 
+def _paired(p: dict | None) -> str:
+    if not p or len(p["seeds"]) < 2:
+        return ""
+    return f", per seed {signed(p['mean'])} ± {num(p['std'], '.4f')} over seeds {p['seeds']}"
+
+
 def headline(lm: dict) -> str:
-    h, by_name = lm["headline"], {e["name"]: e for e in lm["students"]}
-    loss = lambda n: num(by_name[n]["eval_loss"], NATS)  # noqa: E731
+    groups = lm.get("groups", lm["students"])
+    h, by_name = lm["headline"], {e["name"]: e for e in groups}
+    loss = lambda n: _loss(by_name[n])  # noqa: E731
     targets = list(h["targets"].values())
     goal = h.get("target_values", {})
     near, over = goal.get("near_online"), goal.get("over_hard")
@@ -99,6 +117,7 @@ def headline(lm: dict) -> str:
         o, k = h["online_student"], h["matched_topk_student"]
         parts.append(
             f", {signed(h['sampled_minus_online'])} vs the online-KD student {o} ({loss(o)}"
+            + _paired(h.get("sampled_minus_online_paired"))
             + (f"; target within {near:g}: {_verdict(targets[0])}" if near is not None else "")
             + ")"
             if o
@@ -107,17 +126,29 @@ def headline(lm: dict) -> str:
         parts.append(
             f" and {signed(h['sampled_minus_matched_topk'])} vs the topk student of the nearest "
             f"bytes/token {k} ({num(by_name[k]['bytes_per_token'], '.1f')} bytes/token, "
-            f"{loss(k)}; target better: {_verdict(targets[1])})."
+            f"{loss(k)}"
+            + _paired(h.get("sampled_minus_matched_topk_paired"))
+            + f"; target better: {_verdict(targets[1])})."
             if k
             else " and no topk student to compare with."
         )
     b, hard = h["best_cache_student"], h["hard_student"]
+    w = h.get("worst_cache_student")
     if b and hard:
         parts.append(
-            f" Best cache student **{b}** ({loss(b)}) vs hard labels only {hard} ({loss(hard)}): "
+            f" Hard labels only {hard}: {loss(hard)}. Best cache student **{b}** ({loss(b)}): "
             f"{signed(h['hard_minus_best_cache'])} nats/token better"
-            + (f" (target >= {over:g}: {_verdict(targets[2])})." if over is not None else ".")
         )
+        if w:
+            parts.append(
+                f"; the least good, {w} ({loss(w)}): {signed(h['hard_minus_worst_cache'])}"
+                + (
+                    f" (target every one >= {over:g}: {_verdict(targets[2])})"
+                    if over is not None
+                    else ""
+                )  # fmt: skip
+            )
+        parts.append(".")
     return "".join(parts)
 
 
@@ -131,9 +162,11 @@ def lm_markdown(lm: dict) -> list[str]:
         "",
         students_table(lm),
         "",
-        "Validation loss and perplexity are each model's final epoch on its eval data. Agreement "
-        "is the share of validation tokens where the model's top-1 next token is the teacher's "
-        "(* the trainer's figure on cached training tokens, when the models were not loaded).",
+        "Validation loss is each run's final epoch on its eval data, the mean over a student's "
+        "seeds (± the sample standard deviation, seed count in brackets); perplexity is exp of "
+        "the mean. Agreement is the share of validation tokens where the model's top-1 next "
+        "token is the teacher's, averaged over seeds (* the trainer's figure on cached training "
+        "tokens, when the models were not loaded).",
         "",
     ]
     if lm.get("unfinished"):

@@ -144,6 +144,44 @@ def test_several_students_from_one_toml(tmp_path, cli, cache):
     assert t2["out"] == str(tmp_path / "out" / "t2")
 
 
+def test_seeds_train_each_student_once_per_seed(tmp_path, cli, cache):
+    toml = tmp_path / "students.toml"
+    toml.write_text("seeds = [0, 5]\n" + STUDENTS.format(n=N, cache=cache))
+    out = tmp_path / "out"
+    res = cli("train", "--config", toml, "--out", out, "--epochs", "1", "--only", "hard",
+              "--quiet")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["hard-seed0", "hard-seed5"]
+    runs = {p.name: json.loads((p / "summary.json").read_text()) for p in out.iterdir()}
+    assert {n: s["settings"]["seed"] for n, s in runs.items()} == {"hard-seed0": 0, "hard-seed5": 5}
+    # other seeds: other data orders, so other weights and losses
+    losses = {n: s["final"]["eval_loss"] for n, s in runs.items()}
+    assert losses["hard-seed0"] != losses["hard-seed5"]
+    # --seeds beats the file's list; --only takes one run by its full name
+    res = cli("train", "--config", toml, "--out", out, "--epochs", "1", "--seeds", "7,0",
+              "--only", "t2-seed7", "--quiet")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    assert (out / "t2-seed7" / "summary.json").exists() and not (out / "t2-seed0").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "head", "needle"),
+    [
+        (["--seeds", "0,x"], "", "distinct non-negative integers"),
+        (["--seeds", "1,1"], "", "distinct non-negative integers"),
+        (["--seeds", "0,1", "--seed", "3"], "", "drop --seed"),
+        ([], "seeds = []\n", "distinct non-negative integers"),
+    ],
+)
+def test_bad_seeds(tmp_path, cli, cache, args, head, needle):
+    toml = tmp_path / "students.toml"
+    toml.write_text(head + STUDENTS.format(n=N, cache=cache))
+    res = cli("train", "--config", toml, "--out", tmp_path / "out", *args)
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, needle)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bad_later_student_fails_before_the_first_trains(tmp_path, cli, cache):
     toml = tmp_path / "students.toml"
     bad = '[[students]]\nname = "wide"\nstudent_args = {num_classes = 7}\n'
