@@ -62,10 +62,10 @@ def train(**options) -> None:
     file_opts = load_config(options.pop("config"))
     parallel = options.pop("parallel") or file_opts.pop("parallel", None) or 1
     only = options.pop("only")
+    file_seeds = file_opts.pop("seeds", None)
     seeds = _seeds(options.pop("seeds"), "--seeds")
-    if seeds is None and "seeds" in file_opts:
-        seeds = _seeds(file_opts.pop("seeds"), "seeds in --config")
-    file_opts.pop("seeds", None)
+    if seeds is None:
+        seeds = _seeds(file_seeds, "seeds in --config")
     if seeds is not None and options.get("seed") is not None:
         raise UsageError(
             "--seed and seeds together: the seeds list sets each run's seed; drop --seed"
@@ -146,8 +146,8 @@ def _student_configs(
             base[one["name"]] = name
             tables.append(one)
     for student in tables:
-        name = student.get("name")
-        if not isinstance(name, str) or not NAME.match(name) or name in seen:
+        name = student["name"]  # checked above; a seed suffix keeps it a NAME
+        if name in seen:
             raise UsageError(
                 f"every [[students]] table needs a unique name of letters, digits, _ . -: {name!r}"
             )
