@@ -22,7 +22,7 @@ from tests.conftest import assert_one_line_error, cli_args
 # Each command's options that are not config fields.
 COMMANDS = {
     "precompute": (PrecomputeConfig, {"config", "quiet", "log_json"}),
-    "train": (TrainConfig, {"config", "quiet", "log_json", "parallel", "only"}),
+    "train": (TrainConfig, {"config", "quiet", "log_json", "parallel", "only", "seeds"}),
     "evaluate": (EvaluateConfig, {"as_json"}),
     "report": (ReportConfig, {"quiet", "log_json"}),
 }
