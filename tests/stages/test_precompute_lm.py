@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdcache.storage.codecs import sampled_layout
 from kdcache.storage.reader import CacheReader
 from tests import toy_models
 from tests.conftest import (
@@ -104,7 +105,10 @@ def test_budget_chooses_k_and_n_and_says_so(tmp_path, cli):
     r = CacheReader(str(tmp_path / "n"))
     assert res.exit_code == 0 and 1 <= r.codec.n < 50
     assert f"--budget-bytes-per-token 12: sampled chose samples = {r.codec.n}" in res.stderr
-    assert r.manifest["stats"]["mean_unique"] * 2 + 1 <= 12 * 1.15  # measured on the probe only
+    # The budget counts the columns as layout 2 stores them (compressed), measured on the probe.
+    stored = sampled_layout.stored_bytes_per_token(r.codec, read_all(tmp_path / "n"))
+    assert stored <= 12 * 1.15
+    assert r.manifest["stats"]["disk_bytes_per_token"] > stored  # the whole files: keys, footers
     res = cli(*lm_args(tmp_path / "x", "--codec", "topk", "--budget-bytes-per-token", "5"))
     assert res.exit_code == 2
     assert_one_line_error(res.stderr, "--budget-bytes-per-token 5", "raise it")
