@@ -41,7 +41,7 @@ def shard_schema(
     width of a regression store's `target` column (None: no such column)."""
     keys = KEYS_V1 if version == "kdcache/1" else KEYS + ([LENGTH] if codec.sequence else [])
     tail = [] if targets is None else [target_field(targets)]
-    return pa.schema(keys + ([HASH_FIELD] if hashed else []) + codec.fields() + tail)
+    return pa.schema(keys + ([HASH_FIELD] if hashed else []) + codec.stored_fields() + tail)
 
 
 def encode_table(columns: dict[str, np.ndarray], codec) -> pa.Table:
@@ -85,10 +85,12 @@ def payload_bytes(table: pa.Table) -> int:
     return total
 
 
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
-    # Fixed writer settings so that the same rows always give the same bytes (resume relies on it).
+def table_to_parquet_bytes(table: pa.Table, options: dict | None = None) -> bytes:
+    """Fixed writer settings, so that the same rows always give the same bytes (resume relies on
+    it); `options` is the codec's layout's own (`Codec.parquet_options`)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="snappy", row_group_size=16384, write_statistics=False)
+    settings = {"compression": "snappy", "row_group_size": 16384, "write_statistics": False}
+    pq.write_table(table, buf, **(settings | (options or {})))
     return buf.getvalue()
 
 

@@ -214,7 +214,7 @@ class ShardWriter:
             raise RuntimeError(f"shard {self.index} got {rows} rows, expected {expected}")
         key = parquet_key(self.index)
         table = encode_table(columns, store.codec)
-        data = table_to_parquet_bytes(table)
+        data = table_to_parquet_bytes(table, store.codec.parquet_options())
         faults.point("shard.encoded")
         loc.write_bytes(data, key)
         faults.point("shard.parquet")

@@ -226,6 +226,8 @@ def _publish(store: StoreWriter, seconds: dict) -> dict:
             tokens=totals["tokens"],
             tokens_seen=totals.get("tokens_seen", totals["tokens"]),
             bytes_per_token=totals["payload_bytes"] / totals["tokens"],
+            # What the files take (compression included): a compressed layout's real cost.
+            disk_bytes_per_token=size / totals["tokens"],
         )
     return store.publish(stats, extra={"kdcache_version": kdcache_version()})
 

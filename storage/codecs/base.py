@@ -177,12 +177,29 @@ class Codec:
         """The codec's columns for one item: a sample, or one token of a sequence."""
         raise NotImplementedError
 
+    def stored_token_fields(self) -> list[pa.Field]:
+        """The columns for one item as the Parquet file holds them, in `token_fields()` order:
+        the same unless a layout codes a column on disk (sampled layout 2's id gaps), which
+        `decode` undoes, so that readers and losses only ever see `token_fields()`."""
+        return self.token_fields()
+
     def fields(self) -> list[pa.Field]:
-        """The codec's Parquet columns: per item, wrapped in one list per row for sequences."""
-        own = self.token_fields()
+        """The codec's columns as read: per item, wrapped in one list per row for sequences."""
+        return self._per_row(self.token_fields())
+
+    def stored_fields(self) -> list[pa.Field]:
+        """The codec's Parquet columns (the shard schema's)."""
+        return self._per_row(self.stored_token_fields())
+
+    def _per_row(self, own: list[pa.Field]) -> list[pa.Field]:
         if not self.sequence:
             return own
         return [pa.field(f.name, pa.list_(f.type), nullable=False) for f in own]
+
+    def parquet_options(self) -> dict:
+        """Writer settings beyond the store's fixed defaults (storage/shards.py), fixed per
+        layout so that the same rows always give the same bytes."""
+        return {}
 
     def groups(self) -> list[tuple[str, ...]]:
         """Columns that share an entry axis: all of them (one entry per item) unless a codec
@@ -229,17 +246,18 @@ class Codec:
         return columns
 
     def token_arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
-        """The encoded numpy columns as Arrow arrays, in `token_fields()` order."""
+        """The encoded numpy columns as Arrow arrays, in `stored_token_fields()` order."""
         raise NotImplementedError
 
     def arrays(self, columns: dict, lengths: np.ndarray | None = None) -> list[pa.Array]:
-        """Arrow arrays in `fields()` order; sequence codecs' entries grouped into their rows."""
+        """Arrow arrays in `stored_fields()` order; a sequence codec's entries grouped into rows."""
         flat = self.token_arrays(columns)
         if not self.sequence:
             return flat
         counts = {}
         for names, n in zip(self.groups(), self.group_counts(columns, lengths), strict=True):
             counts.update(dict.fromkeys(names, n))
+        # Groups name the columns as read; a stored column shares its read column's entry axis.
         return [rows_of(a, counts[f.name]) for a, f in zip(flat, self.token_fields(), strict=True)]
 
     def summarise(self, totals: dict) -> dict:
@@ -252,7 +270,7 @@ class Codec:
         """The codec's columns of a shard table as numpy; a sequence codec's are packed over the
         table's rows in order (row 0's tokens, then row 1's, ...)."""
         out = {}
-        for f in self.fields():
+        for f in self.stored_fields():
             col = table.column(f.name)
             nested = pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type)
             out[f.name] = list_to_numpy(col) if nested else col.to_numpy()

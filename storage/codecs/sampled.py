@@ -15,7 +15,9 @@ teacher's device from counter-based uniforms of (``sample_seed``, sample_id, vie
 from a generator seeded by (``sample_seed``, sample_id, view). Given the same teacher logits both
 write the same bytes for a rerun, a resume or another batch size (the logits themselves follow
 the run's conditions: stages/precompute/conditions.py); they differ from each other, so the version is part
-of the store's fingerprint and a resume never mixes them.
+of the store's fingerprint and a resume never mixes them. The on-disk layout
+(``soft_labels.layout``, `sampled_layout.py`) is versioned the same way: 2 in new stores (id
+gaps, zstd), 1 without the key (the ids as they are).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.storage.codecs import draws, register, token_targets
+from kdcache.storage.codecs import sampled_layout as layout
 from kdcache.storage.codecs.base import Codec, id_type, torch_dtype
 from kdcache.storage.codecs.losses import upcast
 from kdcache.storage.errors import UsageError
@@ -62,12 +65,19 @@ class Sampled(Codec):
         return int(self.settings.get("sampler", 1))
 
     @property
+    def layout(self) -> int:
+        return int(self.settings.get("layout", 1))
+
+    @property
     def on_device(self) -> bool:
         return self.version >= 2
 
     @classmethod
     def configure(cls, values: dict, task: str) -> dict:
-        return super().configure(values, task) | {"sampler": draws.VERSION}
+        return super().configure(values, task) | {
+            "sampler": draws.VERSION,
+            "layout": layout.VERSION,
+        }
 
     @property
     def ids(self) -> pa.DataType:
@@ -75,21 +85,32 @@ class Sampled(Codec):
 
     @classmethod
     def fit_budget(cls, budget: float, s: torch.Tensor, values: dict) -> dict:
-        per_id = id_type(s.shape[-1]).bit_width // 8 + 1
+        """The most draws whose columns, as layout 2 stores them (compressed: file bytes, not
+        the payload), take at most `budget` bytes per token on the probe's tokens."""
         # Sampler 2's first n draws are the same for every N >= n: draw 255 once, on the probe's
-        # device, and read the unique ids of every prefix off one sort.
+        # device, then store each prefix a binary search asks for (the cost grows with N).
         tokens = torch.arange(len(s), device=s.device, dtype=torch.int64)
         keys = {"sample_id": tokens, "view": torch.zeros_like(tokens), "position": tokens}
         p, _ = draws.probabilities(s.float().clone())
-        curve = draws.unique_curve(draws.draw(p, draws.token_words(0, keys, 255), sort=False))
-        fits = (1 + curve.cpu() * per_id <= budget).nonzero()  # a sync, once per run
-        best = int(fits.max()) + 1 if len(fits) else None
-        if best is None:
+        drawn = draws.draw(p, draws.token_words(0, keys, 255), sort=False)
+        soft = {"dtype": values.get("dtype", "float16"), "num_classes": int(s.shape[-1])}
+        soft |= cls.configure({}, "causal-lm")
+
+        def cost(n: int) -> float:
+            ids = drawn[:, :n].sort(dim=1).values.cpu().numpy()  # a sync per try, once per run
+            codec = cls(soft | {"samples": n}, "causal-lm")
+            return layout.stored_bytes_per_token(codec, codec.finish({"draws": ids}))
+
+        lo, hi = 0, 255  # the largest n with cost(n) <= budget lies in [lo, hi]; cost(0) = 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+        if lo == 0:
             raise UsageError(
                 f"--budget-bytes-per-token {budget:g} is below the sampled codec's minimum of "
-                f"{1 + per_id} bytes (one draw): raise it"
+                f"{cost(1):.2f} bytes per token (one draw, as stored) on this teacher: raise it"
             )
-        return {"samples": best}
+        return {"samples": lo}
 
     def token_fields(self) -> list[pa.Field]:
         return [
@@ -97,6 +118,15 @@ class Sampled(Codec):
             pa.field("sampled_ids", self.ids, nullable=False),
             pa.field("sampled_counts", pa.uint8(), nullable=False),
         ]
+
+    def stored_token_fields(self) -> list[pa.Field]:
+        own = self.token_fields()
+        if self.layout >= 2:
+            own[1] = pa.field(layout.GAPS, self.ids, nullable=False)
+        return own
+
+    def parquet_options(self) -> dict:
+        return layout.parquet_options(self.sequence) if self.layout >= 2 else {}
 
     def groups(self) -> list[tuple[str, ...]]:
         return [("sampled_n",), ("sampled_ids", "sampled_counts")]
@@ -153,11 +183,23 @@ class Sampled(Codec):
         return cols, {"tv_sum": tv, "unique_sum": int(cols["sampled_n"].sum())}
 
     def token_arrays(self, columns: dict[str, np.ndarray]) -> list[pa.Array]:
+        width = self.ids.to_pandas_dtype()
+        # Off the CPU ids arrive as the signed type of their width: unsigned first, same bits.
+        ids = columns["sampled_ids"].astype(width)
+        if self.layout >= 2:
+            ids = layout.gaps(ids, columns["sampled_n"]).astype(width)
         return [
             pa.array(columns["sampled_n"].astype(np.uint8)),
-            pa.array(columns["sampled_ids"].astype(self.ids.to_pandas_dtype())),
+            pa.array(ids),
             pa.array(columns["sampled_counts"].astype(np.uint8)),
         ]
+
+    def decode(self, table: pa.Table) -> dict[str, np.ndarray]:
+        out = super().decode(table)
+        if self.layout >= 2:
+            ids = layout.ids_from_gaps(out.pop(layout.GAPS), out["sampled_n"])
+            out = {f.name: ids if f.name == "sampled_ids" else out[f.name] for f in self.fields()}
+        return out
 
     def summarise(self, totals: dict) -> dict:
         tokens = totals.get("tokens") or totals.get("rows", 0)

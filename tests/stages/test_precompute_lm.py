@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from kdcache.storage.codecs import sampled_layout
+from kdcache.storage.codecs.sampled import Sampled
 from kdcache.storage.reader import CacheReader
 from tests import toy_models
 from tests.conftest import (
@@ -104,7 +107,10 @@ def test_budget_chooses_k_and_n_and_says_so(tmp_path, cli):
     r = CacheReader(str(tmp_path / "n"))
     assert res.exit_code == 0 and 1 <= r.codec.n < 50
     assert f"--budget-bytes-per-token 12: sampled chose samples = {r.codec.n}" in res.stderr
-    assert r.manifest["stats"]["mean_unique"] * 2 + 1 <= 12 * 1.15  # measured on the probe only
+    # The budget counts the columns as layout 2 stores them (compressed), measured on the probe.
+    stored = sampled_layout.stored_bytes_per_token(r.codec, read_all(tmp_path / "n"))
+    assert stored <= 12 * 1.15
+    assert r.manifest["stats"]["disk_bytes_per_token"] > stored  # the whole files: keys, footers
     res = cli(*lm_args(tmp_path / "x", "--codec", "topk", "--budget-bytes-per-token", "5"))
     assert res.exit_code == 2
     assert_one_line_error(res.stderr, "--budget-bytes-per-token 5", "raise it")
@@ -145,3 +151,37 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical(tmp_path):
     done = subprocess.run(kdcache_cmd(*lm_args(ref, n=40)), cwd=REPO, capture_output=True)
     assert done.returncode == 0
     assert files_under(out) == files_under(ref)
+
+
+def test_a_layout_1_store_trains_and_is_never_resumed_as_layout_2(tmp_path, cli, monkeypatch):
+    """A store written before layout 2 (`soft_labels` without `layout`: ids as they are, snappy)
+    verifies and trains; today's precompute into it, finished or interrupted, is refused in one
+    line naming the layout, so no store ever mixes the two."""
+    configure = Sampled.configure.__func__
+
+    def before_layout_2(cls, values, task):
+        return {k: v for k, v in configure(cls, values, task).items() if k != "layout"}
+
+    monkeypatch.setattr(Sampled, "configure", classmethod(before_layout_2))
+    out = tmp_path / "old"
+    assert cli(*lm_args(out)).exit_code == 0
+    monkeypatch.undo()
+    r = CacheReader(str(out))
+    assert "layout" not in r.soft and r.codec.layout == 1 and r.verify() == []
+    assert "sampled_ids" in pq.read_schema(out / "soft_labels" / "part-00000.parquet").names
+    assert cli("verify", out).exit_code == 0
+    res = cli(
+        "train", "--cache", out, "--student", "tests.toy_models:ToyCausalLM", "--data", DATA,
+        "--data-arg", "n=24", "--epochs", "1", "--batch-size", "8", "--out", tmp_path / "student",
+        "--device", "cpu", "--quiet",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    rows = (tmp_path / "student" / "metrics.csv").read_text().splitlines()
+    soft = float(rows[1].split(",")[rows[0].split(",").index("soft_loss")])
+    assert np.isfinite(soft) and soft > 0
+    for interrupted in (False, True):
+        if interrupted:
+            (out / "manifest.json").unlink()  # as a killed run leaves it: only _run.json
+        res = cli(*lm_args(out))
+        assert res.exit_code == 2
+        assert_one_line_error(res.stderr, "soft_labels.layout: None -> 2", "--force")
