@@ -171,10 +171,10 @@ lm-teacher-checkpoint: $(LM_TEACHER_DIR)/model.pt ## Rebuild the committed teach
 
 FORCE:
 
-lm-caches: lm-teacher ## Stage one x3: sampled (N draws), topk at the same bytes/token, topk k=LM_TOPK
+lm-caches: lm-teacher ## Stage one x3: sampled (N draws), topk at the same file bytes/token, topk k=LM_TOPK
 	$(LM_PRECOMPUTE) --out $(LM_CACHE)/sampled --codec sampled --samples $(LM_SAMPLES)
 	budget=$$($(KDCACHE) inspect $(LM_CACHE)/sampled --json | $(PY) -c \
-		'import json, sys; print(json.load(sys.stdin)["bytes_per_token"])'); \
+		'import json, sys; print(json.load(sys.stdin)["disk_bytes_per_token"])'); \
 	$(LM_PRECOMPUTE) --out $(LM_CACHE)/topk-matched --codec topk --budget-bytes-per-token $$budget
 	$(LM_PRECOMPUTE) --out $(LM_CACHE)/topk-$(LM_TOPK) --codec topk --top-k $(LM_TOPK)
 

@@ -115,7 +115,11 @@ def _summary(reader: CacheReader) -> dict:
         "bytes_per_sample": s.get("bytes_per_sample"),
         "disk_bytes_per_sample": s.get("disk_bytes_per_sample"),
         **(
-            {"tokens": s["tokens"], "bytes_per_token": s.get("bytes_per_token")}
+            {
+                "tokens": s["tokens"],
+                "bytes_per_token": s.get("bytes_per_token"),
+                "disk_bytes_per_token": s.get("disk_bytes_per_token"),
+            }
             if "tokens" in s
             else {}
         ),

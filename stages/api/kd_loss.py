@@ -56,21 +56,22 @@ def _check_alpha(alpha: float) -> float:
 
 
 def kd_loss(logits: torch.Tensor, batch: dict, alpha: float = ALPHA,
-            temperature: float | None = None, chunk_mb: float = lm_loss.CHUNK_MB,
+            temperature: float | None = None, chunk_mb: float | None = None,
             return_terms: bool = False):  # fmt: skip
     """The loss of logits (B, L, V) on `batch` (or `KDTerms` with `return_terms`).
 
     `temperature` defaults to the store's (what `kdcache train` uses); `chunk_mb` is the float32
-    logits per chunk, `--loss-chunk-mb`."""
+    logits per chunk, `--loss-chunk-mb` (default 64 MB, 4 on the CPU)."""
     alpha = _check_alpha(alpha)
     pos, targets, T = _parts(batch, logits.shape[-1], logits.device, temperature)
-    chunk = lm_loss.chunk_tokens(chunk_mb, logits.shape[-1], "kd_loss chunk_mb")
+    mb = chunk_mb or lm_loss.default_chunk_mb(logits.device)
+    chunk = lm_loss.chunk_tokens(mb, logits.shape[-1], "kd_loss chunk_mb")
     loss, ce, kd = lm_loss.causal_lm_loss(logits, pos, targets, T, 1 - alpha, alpha, chunk)
     return KDTerms(loss, kd, ce) if return_terms else loss
 
 
 def kd_loss_fused(hidden: torch.Tensor, head: torch.nn.Linear, batch: dict, alpha: float = ALPHA,
-                  temperature: float | None = None, chunk_mb: float = lm_loss.CHUNK_MB,
+                  temperature: float | None = None, chunk_mb: float | None = None,
                   return_terms: bool = False):  # fmt: skip
     """`kd_loss` of the last hidden states (B, L, H) through the output layer `head` (an
     `nn.Linear`, e.g. `model.get_output_embeddings()`), chunk by chunk."""
@@ -83,6 +84,7 @@ def kd_loss_fused(hidden: torch.Tensor, head: torch.nn.Linear, batch: dict, alph
             "final norm) and the layer that maps them to logits"
         )
     pos, targets, T = _parts(batch, width, hidden.device, temperature)
-    chunk = lm_loss.chunk_tokens(chunk_mb, width, "kd_loss chunk_mb")
+    mb = chunk_mb or lm_loss.default_chunk_mb(hidden.device)
+    chunk = lm_loss.chunk_tokens(mb, width, "kd_loss chunk_mb")
     loss, ce, kd = lm_loss.causal_lm_loss(hidden, pos, targets, T, 1 - alpha, alpha, chunk, head)
     return KDTerms(loss, kd, ce) if return_terms else loss

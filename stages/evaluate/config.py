@@ -48,8 +48,10 @@ class EvaluateConfig(Checked):
     eval_logits_mb: float = option(EVAL_LOGITS_MB, EVAL_LOGITS_HELP, above=0)
     device: str = option("auto", DEVICE_HELP, execution=True)
     precision: str = option("fp32", "Autocast precision.", choices=TRAIN_PRECISIONS)
-    agree_rows: int = option(
-        5000, "Cached rows (blocks for causal-lm) measured for teacher agreement.", minimum=1
+    agree_rows: int | None = option(
+        None,
+        "Cached rows measured for teacher agreement (default 5000; 512 blocks for causal-lm).",
+        minimum=1,
     )
     ignore_fingerprint: bool = option(False, "Skip the cache data check.", execution=True)
     storage_options: dict = option({}, STORAGE_HELP, flag_name="--storage-option", execution=True)

@@ -57,6 +57,6 @@ def run(cfg: EvaluateConfig, model, summary: dict, ds, device, reader=None, cach
     rows = None
     if reader is not None:
         check_data(reader, cache_data, cfg.ignore_fingerprint)
-        rows = task.teacher_rows(reader, cache_data, cfg.agree_rows)
+        rows = task.teacher_rows(reader, cache_data, cfg.agree_rows or task.agree_rows)
     result = {"name": summary.get("name"), "student": summary["student"], "data": cfg.data}
     return task.evaluate(model, ds, rows, m, width) | result

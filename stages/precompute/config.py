@@ -46,8 +46,8 @@ class PrecomputeConfig(Checked):
     )
     budget_bytes_per_token: float | None = option(
         None,
-        "Choose the codec's size to fit this many bytes per token (topk's k: payload; sampled's "
-        "draws: its columns as stored, compressed, measured on the first batch).",
+        "Choose the codec's size (topk's k, sampled's draws) to fit this many bytes per token "
+        "of its columns as stored (compressed file bytes), measured on the first batch.",
         above=0,
     )
     dtype: str = option("float16", "Logit storage dtype.", choices=DTYPES)

@@ -97,6 +97,7 @@ def _cache_info(url: str, users: list[dict], online: dict | None) -> dict:
         **codec.describe(stats),
         soft_labels=r.manifest.get("soft_labels"),
         bytes_per_token=stats.get("bytes_per_token"),
+        disk_bytes_per_token=stats.get("disk_bytes_per_token"),
         tokens=stats.get("tokens"),
         total_bytes=stats.get("total_bytes"),
         teacher_seconds=t,
@@ -133,11 +134,11 @@ def headline(groups: list[dict], near_online=None, over_hard_by=None) -> dict:
     # The sampled student with the most seeds (then the lowest loss): the one the target is of.
     sampled_groups = [e for e in cached if e.get("codec") == SAMPLED]
     sampled = min(sampled_groups, key=lambda e: (-e["n"], e["eval_loss"]), default=None)
-    topk = [e for e in cached if e.get("codec") == TOPK and e.get("bytes_per_token")]
+    topk = [e for e in cached if e.get("codec") == TOPK and lm_groups.file_bytes(e)]
     matched = None
-    if sampled and sampled.get("bytes_per_token") and topk:
-        size = sampled["bytes_per_token"]
-        matched = min(topk, key=lambda e: abs(math.log(e["bytes_per_token"] / size)))
+    if sampled and lm_groups.file_bytes(sampled) and topk:
+        size = lm_groups.file_bytes(sampled)
+        matched = min(topk, key=lambda e: abs(math.log(lm_groups.file_bytes(e) / size)))
     online, hard, best = first(ONLINE), first(HARD), pick(cached)
     worst = max(cached, key=lambda e: e["eval_loss"]) if cached else None
     vs_online, vs_topk = _diff(sampled, online), _diff(sampled, matched)
@@ -189,7 +190,13 @@ def collect_lm(cfg, build) -> dict | None:
         e["agreement_on"] = "validation tokens" if e["agreement"] is not None else None
         if e["agreement"] is None and e["cache_agreement"] is not None:
             e["agreement"], e["agreement_on"] = e["cache_agreement"], "cached training tokens"
-        for key in ("codec", "codec_label", "short_label", "bytes_per_token"):
+        for key in (
+            "codec",
+            "codec_label",
+            "short_label",
+            "bytes_per_token",
+            "disk_bytes_per_token",
+        ):
             e[key] = c.get(key)
         e["store_bytes"] = c.get("total_bytes")
     groups = lm_groups.group(students)

@@ -15,8 +15,14 @@ import re
 SEED = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
 # What a group says of its runs, taken from its first run: they differ only in seed.
 SHARED = ("role", "taught", "cache", "codec", "codec_label", "short_label", "bytes_per_token",
-          "store_bytes", "online_teacher", "epochs", "model", "spec", "num_params", "trainer",
+          "disk_bytes_per_token", "store_bytes", "online_teacher", "epochs", "model", "spec", "num_params", "trainer",
           "agreement_on")  # fmt: skip
+
+
+def file_bytes(e: dict) -> float | None:
+    """A cache's bytes per token on disk (its Parquet files over its stored tokens), what a
+    user pays; the payload (values at their widths) for a store written before it was kept."""
+    return e.get("disk_bytes_per_token") or e.get("bytes_per_token")
 
 
 def split_name(name: str) -> tuple[str, int | None]:

@@ -26,6 +26,13 @@ def _agreement(e: dict) -> str:
     return pct(e["agreement"]) + mark
 
 
+def _bytes(e: dict) -> str:
+    """Bytes per token on disk, then the payload (values at their widths) in brackets."""
+    if e.get("disk_bytes_per_token") is None:
+        return num(e.get("bytes_per_token"), ".1f")
+    return f"{num(e['disk_bytes_per_token'], '.1f')} ({num(e.get('bytes_per_token'), '.1f')})"
+
+
 def _loss(e: dict) -> str:
     """`mean +- std (n)` of a seed group, or the one run's loss."""
     if e.get("n", 1) > 1:
@@ -38,7 +45,8 @@ def students_table(lm: dict) -> str:
     best = lm["headline"]["best_cache_student"]
     head = (
         "| student | taught by | trained by | val loss, nats/token (mean ± std (seeds)) "
-        "| per seed | perplexity | top-1 agrees with teacher | bytes/token | store size | epochs "
+        "| per seed | perplexity | top-1 agrees with teacher | bytes/token on disk (payload) "
+        "| store size | epochs "
         "| train time (mean) |"
     )
     lines = [head, "|" + "---|" * 11]
@@ -52,7 +60,7 @@ def students_table(lm: dict) -> str:
             ", ".join(f"{num(v, '.3f')}" for v in per.values()) if len(per) > 1 else "-",
             num(e["eval_perplexity"], ".2f"),
             "-" if e["role"] == "teacher" else _agreement(e),
-            num(e.get("bytes_per_token"), ".1f"),
+            _bytes(e),
             nbytes(e.get("store_bytes")),
             num(e["epochs"]),
             seconds(e["train_seconds"]),
@@ -68,7 +76,8 @@ def _row(cells: list[str]) -> str:
 
 def caches_table(lm: dict) -> str:
     head = (
-        "| cache | codec | bytes/token | codec's error | store size | teacher time (paid once) "
+        "| cache | codec | bytes/token on disk (payload) | codec's error | store size "
+        "| teacher time (paid once) "
         "| online KD: E x t | measured online | saved (E - 1) x t |"
     )
     lines = [head, "|" + "---|" * 9]
@@ -79,7 +88,7 @@ def caches_table(lm: dict) -> str:
         cells = [
             f"`{c['url']}`",
             c["codec_label"],
-            num(c["bytes_per_token"], ".1f"),
+            _bytes(c),
             c["codec_error"] or "-",
             nbytes(c["total_bytes"]),
             seconds(c["teacher_seconds"]),
@@ -111,8 +120,8 @@ def headline(lm: dict) -> str:
     else:
         sampled = by_name[s]
         parts.append(
-            f"Sampled-cache student **{s}** ({num(sampled['bytes_per_token'], '.1f')} "
-            f"bytes/token): validation loss {loss(s)} nats/token"
+            f"Sampled-cache student **{s}** ({_bytes(sampled)} "
+            f"bytes/token on disk (payload)): validation loss {loss(s)} nats/token"
         )
         o, k = h["online_student"], h["matched_topk_student"]
         parts.append(
@@ -125,7 +134,7 @@ def headline(lm: dict) -> str:
         )
         parts.append(
             f" and {signed(h['sampled_minus_matched_topk'])} vs the topk student of the nearest "
-            f"bytes/token {k} ({num(by_name[k]['bytes_per_token'], '.1f')} bytes/token, "
+            f"bytes/token on disk {k} ({_bytes(by_name[k])} bytes/token, "
             f"{loss(k)}"
             + _paired(h.get("sampled_minus_matched_topk_paired"))
             + f"; target better: {_verdict(targets[1])})."

@@ -12,6 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from kdcache.stages.report.lm_groups import file_bytes
+
 COLORS = {"hard labels": "#7f7f7f", "KD": "#1f77b4", "KD + features": "#2ca02c"}
 COLORS |= {"pseudo-labels": "#8c564b", "KD + relations": "#ff7f0e"}
 TEACHER = "#d62728"
@@ -127,21 +129,23 @@ def _patch(color: str, label: str):
 
 
 def plot_lm_loss_vs_bytes(lm: dict) -> bytes:
-    """Validation loss against the cache's bytes/token, one point per cache student labelled with
-    its codec; the online-KD and hard-label students (no cache to size) as horizontal lines."""
+    """Validation loss (the mean over a student's seeds) against the cache's bytes/token on disk,
+    one point per cache student labelled with its codec; the online-KD and hard-label students
+    (no cache to size) as horizontal lines."""
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
-    points = [e for e in lm["students"] if e["bytes_per_token"] and e["eval_loss"] is not None]
-    ax.scatter([e["bytes_per_token"] for e in points], [e["eval_loss"] for e in points], zorder=3)
+    groups = lm.get("groups", lm["students"])
+    points = [e for e in groups if file_bytes(e) and e["eval_loss"] is not None]
+    ax.scatter([file_bytes(e) for e in points], [e["eval_loss"] for e in points], zorder=3)
     for e in points:
         ax.annotate(
             f"{e['name']}: {e['short_label']}",
-            (e["bytes_per_token"], e["eval_loss"]),
+            (file_bytes(e), e["eval_loss"]),
             xytext=(5, 4),
             textcoords="offset points",
             fontsize=8,
         )
-    for e in lm["students"]:
+    for e in groups:
         if e["taught"] in LM_LINES and e["eval_loss"] is not None:
             ax.axhline(
                 e["eval_loss"],
@@ -154,9 +158,9 @@ def plot_lm_loss_vs_bytes(lm: dict) -> bytes:
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     if points:  # room for the labels right of the last point
-        sizes = [e["bytes_per_token"] for e in points]
+        sizes = [file_bytes(e) for e in points]
         ax.set_xlim(min(sizes) / 1.5, max(sizes) * 3)
-    ax.set_xlabel("cache bytes per token (log scale)")
+    ax.set_xlabel("cache bytes per token on disk (log scale)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Language-model students: validation loss against the cache's size")
     ax.grid(alpha=0.3, which="both")

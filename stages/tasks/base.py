@@ -52,6 +52,9 @@ class Task:
     tempered: ClassVar[bool] = True
     #: Evaluation rows per forward when none is given.
     eval_rows: ClassVar[int] = 1024
+    # Cached rows the teacher-agreement figure reads (each epoch in training): a diagnostic, so
+    # a causal LM's default is far fewer rows, each one a block of tokens.
+    agree_rows: ClassVar[int] = 5000
     #: Seeded input augmentations (views) make sense for its inputs.
     augmentable: ClassVar[bool] = True
     #: A student learns only from a store (there are no hard labels without one).

@@ -109,6 +109,7 @@ class CausalLM(Classification):
     codec = "sampled"
     temperature = 1.0  # a language model's own distribution is what its students usually match
     eval_rows = 64
+    agree_rows = 512
     augmentable = False
     pseudo_labels = False
     row_fields = ("eval_perplexity",)

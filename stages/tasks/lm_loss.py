@@ -33,8 +33,17 @@ from kdcache.stages.tasks import causal_lm as lm
 from kdcache.storage.codecs.losses import upcast
 from kdcache.storage.errors import UsageError
 
-# float32 logits per chunk of the loss, by default: 64 MB (512 tokens at V = 32,768).
+# float32 logits per chunk of the loss, by default: 64 MB (512 tokens at V = 32,768) on an
+# accelerator, where large chunks keep kernels busy; 4 MB on the CPU, where a chunk that stays
+# in cache makes the loss's passes over it faster (measured at V = 4,096, 1 thread: a step's
+# CE + head 42 ms at 64 MB, 35 ms at 4 MB, 36 ms at 1 MB).
 CHUNK_MB = 64.0
+CPU_CHUNK_MB = 4.0
+
+
+def default_chunk_mb(device: torch.device | str) -> float:
+    """`--loss-chunk-mb` when none is given: by the device the logits are on."""
+    return CPU_CHUNK_MB if torch.device(device).type == "cpu" else CHUNK_MB
 
 
 @dataclass
@@ -99,12 +108,18 @@ def _chunk(z, labels, spec: Spec, targets, grad: bool):
     """(CE sum, KD sum without T^2, d(w_hard * CE_mean + w_soft * T^2 * KD_mean)/dz or None) of
     one chunk's logits `z` (n, V), which this may overwrite."""
     z = upcast(z)
-    lse = torch.logsumexp(z, 1, keepdim=True)
-    log_q1 = z.sub_(lse)  # z is ours (a fresh chunk): the log-softmax at T = 1, in place
+    # One exp pass gives both the log-softmax and the softmax (torch.logsumexp, then exp of
+    # the log-softmax, would take two): z is ours (a fresh chunk), so all of it is in place.
+    m = z.amax(1, keepdim=True)
+    e = z.sub_(m).exp()
+    total = e.sum(1, keepdim=True)
+    log_total = total.log()
+    log_q1 = z.sub_(log_total)  # the log-softmax at T = 1
+    lse = m.add_(log_total)
     valid = labels >= 0
     y = labels.clamp_min(0)[:, None]
     ce = -(log_q1.gather(1, y).squeeze(1) * valid).sum()
-    q1 = log_q1.exp() if grad else None
+    q1 = e.div_(total) if grad else None
     kd, g = ce.new_zeros(()), None
     if targets is not None:
         if spec.T == 1:

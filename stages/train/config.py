@@ -114,8 +114,10 @@ class TrainConfig(Checked):
     buffer_size: int = option(16384, "Shuffle buffer rows.", minimum=0)
     prefetch: int = option(2, "Shards read ahead.", minimum=1, execution=True)
     verify_reads: bool = verify_reads_option()
-    agree_rows: int = option(
-        5000, "Cached rows (blocks for causal-lm) measured for teacher agreement.", minimum=1
+    agree_rows: int | None = option(
+        None,
+        "Cached rows measured for teacher agreement (default 5000; 512 blocks for causal-lm).",
+        minimum=1,
     )
     eval_batch_size: int | None = option(
         None,
@@ -132,8 +134,11 @@ class TrainConfig(Checked):
         "layer, never all at once (default: where the student exposes it).",
         execution=True,
     )
-    loss_chunk_mb: float = option(
-        64.0, "Causal-lm: MB of float32 logits per chunk of the loss.", above=0, execution=True
+    loss_chunk_mb: float | None = option(
+        None,
+        "Causal-lm: MB of float32 logits per chunk of the loss (default 64; 4 on the CPU).",
+        above=0,
+        execution=True,
     )
     quiet: bool = option(False, QUIET_HELP, cli=False, execution=True)
 

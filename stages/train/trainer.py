@@ -142,7 +142,8 @@ class Trainer:
                     f"--fused-head: the {r.codec.name} codec gives no per-token targets "
                     "(Codec.token_targets) for the fused loss: drop --fused-head"
                 )
-            chunk = lm_loss.chunk_tokens(cfg.loss_chunk_mb, width)
+            mb = cfg.loss_chunk_mb or lm_loss.default_chunk_mb(self.device)
+            chunk = lm_loss.chunk_tokens(mb, width)
             lm_loss.chunk_tokens(cfg.eval_logits_mb, width, "--eval-logits-mb")
         self.student = student
         self.num_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -189,7 +190,11 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, schedule(cfg.epochs * self.steps, cfg.warmup)
         )
-        self.agree = self.task.teacher_rows(r, self.data, cfg.agree_rows) if r else None
+        self.agree = (
+            self.task.teacher_rows(r, self.data, cfg.agree_rows or self.task.agree_rows)
+            if r
+            else None
+        )
 
     # ----------------------------------------------------------------- one batch, one epoch
 

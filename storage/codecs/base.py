@@ -14,10 +14,12 @@ from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from kdcache.storage.errors import UsageError
 from kdcache.storage.options import Option
+from kdcache.storage.shards import table_to_parquet_bytes
 
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 # Tasks whose rows are sequences: the codec's values are per token, stored as one list per row.
@@ -200,6 +202,22 @@ class Codec:
         """Writer settings beyond the store's fixed defaults (storage/shards.py), fixed per
         layout so that the same rows always give the same bytes."""
         return {}
+
+    def stored_bytes_per_token(self, columns: dict[str, np.ndarray], tokens: int) -> float:
+        """File bytes per token of the codec's own columns for `tokens` encoded tokens (one
+        sequence row, `finish`ed columns), written as a shard writes them: the compressed column
+        chunks, keys and the file's footer not counted. What `--budget-bytes-per-token` fits;
+        a whole shard compresses a little better (more context for the compressor)."""
+        arrays = self.arrays(columns, np.array([tokens]))
+        table = pa.Table.from_arrays(arrays, schema=pa.schema(self.stored_fields()))
+        data = table_to_parquet_bytes(table, self.parquet_options())
+        meta = pq.read_metadata(pa.BufferReader(data))
+        size = sum(
+            meta.row_group(r).column(c).total_compressed_size
+            for r in range(meta.num_row_groups)
+            for c in range(meta.num_columns)
+        )
+        return size / max(1, tokens)
 
     def groups(self) -> list[tuple[str, ...]]:
         """Columns that share an entry axis: all of them (one entry per item) unless a codec

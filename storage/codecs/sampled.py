@@ -99,7 +99,7 @@ class Sampled(Codec):
         def cost(n: int) -> float:
             ids = drawn[:, :n].sort(dim=1).values.cpu().numpy()  # a sync per try, once per run
             codec = cls(soft | {"samples": n}, "causal-lm")
-            return layout.stored_bytes_per_token(codec, codec.finish({"draws": ids}))
+            return codec.stored_bytes_per_token(codec.finish({"draws": ids}), len(ids))
 
         lo, hi = 0, 255  # the largest n with cost(n) <= budget lies in [lo, hi]; cost(0) = 0
         while lo < hi:

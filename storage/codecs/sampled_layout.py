@@ -20,11 +20,7 @@ in one pass with no per-token Python.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 VERSION = 2
 # Level 1, not zstd's default 3: on these byte planes it is as small (measured within 1%) and
@@ -69,21 +65,3 @@ def parquet_options(sequence: bool) -> dict:
         "use_dictionary": False,
         "column_encoding": {path.format(c): "BYTE_STREAM_SPLIT" for c in COLUMNS},
     }
-
-
-def stored_bytes_per_token(codec, columns: dict[str, np.ndarray]) -> float:
-    """The codec's own columns as this layout stores them, in bytes per token: the compressed
-    column chunks of `columns` (one batch of tokens) written as one row, keys and the file's
-    footer not counted. A shard compresses a little better (more context for zstd)."""
-    tokens = len(columns["sampled_n"])
-    arrays = codec.arrays(columns, np.array([tokens]))
-    table = pa.Table.from_arrays(arrays, schema=pa.schema(codec.stored_fields()))
-    buf = io.BytesIO()
-    pq.write_table(table, buf, write_statistics=False, **codec.parquet_options())
-    meta = pq.read_metadata(io.BytesIO(buf.getvalue()))
-    size = sum(
-        meta.row_group(r).column(c).total_compressed_size
-        for r in range(meta.num_row_groups)
-        for c in range(meta.num_columns)
-    )
-    return size / max(1, tokens)

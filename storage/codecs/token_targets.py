@@ -102,8 +102,12 @@ class Dense:
     def loss_grad(self, log_q: torch.Tensor, q: torch.Tensor, grad: bool):
         log_p = torch.log_softmax(retemper(self.stored, self.stored_T, self.T).to(log_q.dtype), 1)
         p = log_p.exp()
-        loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum()
+        # A class the teacher rules out (logit -inf, p = 0) adds 0, not 0 * -inf: its log p is
+        # clamped to the least finite value. Then the KL is one dot product over the chunk,
+        # and every step is in place (this runs every online-KD step, over tokens x V).
+        diff = log_p.clamp_min_(torch.finfo(log_p.dtype).min).sub_(log_q)
+        loss = torch.dot(p.reshape(-1), diff.reshape(-1))
         if not grad:
             return loss, None
-        pp = torch.where(p > 0, p, torch.zeros_like(p))
-        return loss, q.mul(pp.sum(1, keepdim=True)).sub_(pp)
+        total = p.sum(1, keepdim=True)
+        return loss, p.neg_().addcmul_(q, total)

@@ -169,15 +169,34 @@ class TopK(Codec):
 
     @classmethod
     def fit_budget(cls, budget: float, s: torch.Tensor, values: dict) -> dict:
-        dtype = values.get("dtype", "float16")
-        per_k = id_type(s.shape[-1]).bit_width // 8 + DTYPES[dtype].bit_width // 8
-        k = int((budget - 4) // per_k)  # 4: the float32 logsumexp of every token
-        if k < 1:
+        """The largest k whose columns, as a shard stores them (compressed: file bytes, as
+        the sampled codec's budget counts them), take at most `budget` bytes per token on the
+        probe's tokens `s`: a binary search, each try one `torch.topk` of the probe."""
+        soft = {"dtype": values.get("dtype", "float16"), "num_classes": int(s.shape[-1])}
+
+        def cost(k: int) -> float:
+            codec = cls(soft | {"top_k": k}, "causal-lm")
+            columns, _ = codec.encode(s.float().clone())  # a read-back per try, once per run
+            return codec.stored_bytes_per_token(columns, len(s))
+
+        # Start from the payload's k (compression only shrinks it) and double while it fits,
+        # so that no try holds far more than the answer's k values per token (V may be 152k).
+        c = int(s.shape[-1])
+        per_k = id_type(c).bit_width // 8 + DTYPES[soft["dtype"]].bit_width // 8
+        lo, hi = 0, min(c, max(1, int((budget - 4) // per_k)))
+        while hi < c and cost(hi) <= budget:
+            lo, hi = hi, min(c, 2 * hi)
+        # The largest k with cost(k) <= budget now lies in [lo, hi].
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+        if lo == 0:
             raise UsageError(
-                f"--budget-bytes-per-token {budget:g} is below topk's minimum of {4 + per_k} "
-                "bytes (one id, one value and the logsumexp): raise it"
+                f"--budget-bytes-per-token {budget:g} is below topk's minimum of {cost(1):.2f} "
+                "bytes per token (one id, one value and the logsumexp, as stored) on this "
+                "teacher: raise it"
             )
-        return {"top_k": min(k, s.shape[-1])}
+        return {"top_k": lo}
 
     def check_classes(self, num_classes: int) -> None:
         if self.k > num_classes:

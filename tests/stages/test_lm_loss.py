@@ -125,3 +125,29 @@ def test_a_chunk_smaller_than_one_token_is_refused():
     assert lm_loss.chunk_tokens(1.0, 32768) == 8
     with pytest.raises(UsageError, match=r"--loss-chunk-mb 0.1 holds less than one token.*raise"):
         lm_loss.chunk_tokens(0.1, 1 << 20)
+
+
+def test_a_teacher_that_rules_out_classes_and_a_peaked_student_match_the_plain_loss():
+    """Dense: classes at logit -inf (p = 0) add nothing, never NaN. Topk: a student whose top-k
+    holds all but ~1e-40 of its mass (every unstored q underflows in float32: the residual must
+    be taken in log space, as both losses do): the same values and gradients."""
+    x, g = batch(4)
+    n = int(x["attention_mask"].sum())
+    for codec, scale in (("dense", 2.0), ("topk", 2.0), ("topk", 30.0)):
+        s = torch.randn(n, V, generator=g) * 3
+        if codec == "dense":
+            s[:, ::7] = float("-inf")
+        codec_obj, stored = stored_columns(codec, s, g)
+        # The student ranks the teacher's classes as the teacher does, `scale` times sharper.
+        z = torch.zeros(*x["input_ids"].shape, V)
+        z[x["attention_mask"].bool()] = torch.nan_to_num(s, neginf=-50.0) * scale
+        z.requires_grad_()
+        want = reference(z, x, codec_obj, stored, 1.0, 1.0, 0.7)
+        (want_grad,) = torch.autograd.grad(want[0], z)
+        pos = lm_loss.positions(x["input_ids"], x["attention_mask"])
+        targets = codec_obj.token_targets(stored, 1.0, 1.0, V)
+        got = lm_loss.causal_lm_loss(z, pos, targets, 1.0, 0.3, 0.7, 4)
+        (grad,) = torch.autograd.grad(got[0], z)
+        assert torch.isfinite(got[0]) and torch.isfinite(grad).all(), codec
+        for a, b in zip((*got, grad), (*want, want_grad), strict=True):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)

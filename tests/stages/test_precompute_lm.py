@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kdcache.storage.codecs import sampled_layout
 from kdcache.storage.codecs.sampled import Sampled
 from kdcache.storage.reader import CacheReader
 from tests import toy_models
@@ -99,16 +98,20 @@ def test_budget_chooses_k_and_n_and_says_so(tmp_path, cli):
 
     res = said(tmp_path / "k", "--codec", "topk", "--budget-bytes-per-token", "24")
     assert res.exit_code == 0, res.stderr
-    # topk at V = 64: uint8 id + float16 value = 3 bytes per k, + 4 for the logsumexp
-    k = CacheReader(str(tmp_path / "k")).codec.k
-    assert k == (24 - 4) // 3
+    # Both codecs' budgets count their columns as stored (compressed), measured on the probe.
+    r = CacheReader(str(tmp_path / "k"))
+    k = r.codec.k
+    assert 1 <= k < 64
     assert f"--budget-bytes-per-token 24: topk chose top_k = {k}" in res.stderr
+    cols = read_all(tmp_path / "k")
+    assert r.codec.stored_bytes_per_token(cols, len(cols["logsumexp"])) <= 24 * 1.15
     res = said(tmp_path / "n", "--budget-bytes-per-token", "12")
     r = CacheReader(str(tmp_path / "n"))
     assert res.exit_code == 0 and 1 <= r.codec.n < 50
     assert f"--budget-bytes-per-token 12: sampled chose samples = {r.codec.n}" in res.stderr
-    # The budget counts the columns as layout 2 stores them (compressed), measured on the probe.
-    stored = sampled_layout.stored_bytes_per_token(r.codec, read_all(tmp_path / "n"))
+    stored = r.codec.stored_bytes_per_token(
+        cols := read_all(tmp_path / "n"), len(cols["sampled_n"])
+    )
     assert stored <= 12 * 1.15
     assert r.manifest["stats"]["disk_bytes_per_token"] > stored  # the whole files: keys, footers
     res = cli(*lm_args(tmp_path / "x", "--codec", "topk", "--budget-bytes-per-token", "5"))
