@@ -123,9 +123,11 @@ LM_ARGS_kd-sampled := --cache $(LM_CACHE)/sampled
 LM_ARGS_kd-topk-matched := --cache $(LM_CACHE)/topk-matched
 LM_ARGS_kd-topk-large := --cache $(LM_CACHE)/topk-$(LM_TOPK)
 LM_ARGS_kd-online := $(subst --checkpoint,--teacher-checkpoint,$(LM_TEACHER_MODEL))
-# The longest first (online KD pays the teacher every epoch), so the LM_JOBS slots end together.
-LM_RUN_NAMES := $(foreach n,kd-online hard kd-sampled kd-topk-matched,\
-	$(foreach k,$(LM_SEEDS),$(n)-seed$(k))) kd-topk-large-seed$(firstword $(LM_SEEDS)) hf
+# The longest first (online KD pays the teacher every epoch; then the Trainer run, about twice
+# a kdcache one), so the LM_JOBS slots end together.
+LM_RUN_NAMES := $(foreach k,$(LM_SEEDS),kd-online-seed$(k)) hf \
+	$(foreach n,hard kd-sampled kd-topk-matched,$(foreach k,$(LM_SEEDS),$(n)-seed$(k))) \
+	kd-topk-large-seed$(firstword $(LM_SEEDS))
 
 help: ## List the targets and the variables they take
 	@echo "kdcache: make TARGET [VAR=value ...]"

@@ -1,4 +1,5 @@
-"""`make run-lm` at toy size: the language-model job end to end, as `make run` drives it."""
+"""`make run-lm` at a small size: the language-model job end to end, as `make run` drives it,
+with the real parts (the committed teacher, its tokenizer trained here) on fewer tokens."""
 
 from __future__ import annotations
 
@@ -17,15 +18,12 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make"),
 ]
 
-# Every size shrunk: the pipeline, not the quality, is under test here (the README has the real
-# run). The tokenizer still trains offline, on a 300 kB prefix of the train split, and so does
-# the teacher (LM_TEACHER=train): the committed one is for the real sizes (test_lm_teacher.py).
-TINY = [
-    "LM_VOCAB=512", "LM_BLOCK=16", "LM_TOKENS=6000", "LM_EVAL_TOKENS=1000",
-    "LM_TOKENIZER_BYTES=300000", "LM_TEACHER=train", "LM_TEACHER_SIZE=n_layer=1 n_embd=16 n_head=2",
-    "LM_TEACHER_TOKENS=6000", "LM_TEACHER_EPOCHS=2",
-    "LM_STUDENT=n_layer=1 n_embd=8 n_head=2", "LM_SAMPLES=16", "LM_TOPK=16", "THREADS=1",
-    "LM_THREADS=1", "LM_SEEDS=0 1", "LM_EPOCHS=2",
+# The job's teacher, tokenizer, student and codecs as `make run` has them; only the tokens (40k
+# to train on, 10k to validate), the seeds and the epochs are fewer: about 2 minutes here. The
+# README has the full-size run; LM_TEACHER=train is tested in test_makefile_lm_teacher.py.
+SMALL = [
+    "LM_TOKENS=40000", "LM_EVAL_TOKENS=10000", "LM_SEEDS=0 1", "LM_EPOCHS=2", "THREADS=1",
+    "LM_THREADS=1",
 ]  # fmt: skip
 KINDS = ("hard", "kd-sampled", "kd-topk-matched", "kd-online")
 RUNS = {f"{k}-seed{s}" for k in KINDS for s in (0, 1)} | {"kd-topk-large-seed0", "kd-sampled-hf"}
@@ -35,7 +33,7 @@ def test_make_run_lm_writes_the_language_model_report(tmp_path):
     runs = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
     done = subprocess.run(
-        ["make", "-C", str(REPO), "run-lm", f"RUNS={runs}", *TINY],
+        ["make", "-C", str(REPO), "run-lm", f"RUNS={runs}", *SMALL],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -56,18 +54,27 @@ def test_make_run_lm_writes_the_language_model_report(tmp_path):
     assert h["sampled_student"] == "kd-sampled" and h["online_student"] == "kd-online"
     assert h["sampled_minus_online_paired"]["seeds"] == [0, 1]
     for s in lm["students"]:
-        assert 0 < s["eval_loss"] < math.log(512) + 1, s  # sane: about uniform or better
+        assert 0 < s["eval_loss"] < math.log(4096), s  # better than uniform
+    # Issue 24's third target at this size: every cache student (its mean over seeds) beats
+    # hard labels by at least 0.05 nats/token (seen: 0.24 for the least good, top-k matched).
+    hard = groups["hard"]["eval_loss"]
+    for name, g in groups.items():
+        if g["taught"] == "cache":
+            assert g["eval_loss"] <= hard - 0.05, (name, g["eval_loss"], hard)
+    every = [v for k, v in h["targets"].items() if k.startswith("every cache student")]
+    assert every == [True], h["targets"]
     codecs = sorted(c["codec"] for c in lm["caches"])
     assert codecs == ["sampled", "topk", "topk"]
-    sizes = {c["url"].rsplit("/", 1)[-1]: c["bytes_per_token"] for c in lm["caches"]}
+    # topk matched to the sampled store on disk (a budget counts compressed file bytes)
+    sizes = {c["url"].rsplit("/", 1)[-1]: c["disk_bytes_per_token"] for c in lm["caches"]}
     assert sizes["topk-matched"] == pytest.approx(sizes["sampled"], rel=0.15)
-    assert sizes["topk-16"] > sizes["topk-matched"]
+    assert sizes["topk-64"] > sizes["topk-matched"]
     assert set(lm["headline"]["targets"]) and (runs / "lm_loss_vs_bytes.png").stat().st_size
     md = (runs / "report.md").read_text()
     assert "kd-sampled" in md and "bytes/token" in md
     # a rerun with nothing to do is quick: every stage is a hit or already trained
     again = subprocess.run(
-        ["make", "-C", str(REPO), "run-lm", f"RUNS={runs}", *TINY],
+        ["make", "-C", str(REPO), "run-lm", f"RUNS={runs}", *SMALL],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert again.returncode == 0 and again.stdout.count("already trained") == len(RUNS)
