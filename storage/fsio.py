@@ -50,6 +50,13 @@ class Location:
         return "file" in _protocols(self.fs)
 
     @property
+    def atomic_create(self) -> bool:
+        """Whether `create_bytes` is atomic against other processes: a local hard link, or an
+        in-process memory filesystem. An object store's conditional PUT is atomic on AWS S3
+        but not on every S3-compatible server (moto's is not)."""
+        return self.is_local or "memory" in _protocols(self.fs)
+
+    @property
     def zarr_store(self) -> str:
         # zarr wants a plain path for local folders (its LocalStore) and a URL otherwise.
         return self.root if self.is_local else self.url.rstrip("/")

@@ -29,6 +29,8 @@ from kdcache.storage.fsio import Location
 from kdcache.storage.manifest import LOCK_FILE, dumps
 
 HEARTBEAT_SECONDS = 60.0
+# How long a non-atomic create's racers are given to land their PUTs before the second read-back.
+SETTLE_SECONDS = 0.5
 log = logging.getLogger("kdcache.lock")
 
 
@@ -98,6 +100,14 @@ class StoreLock:
             held = self._current()
             if held is None or held.get("token") != self.token:
                 raise self._raced()
+            if not self.loc.atomic_create:
+                # A read-back can come before the other racer's PUT lands (both then saw their
+                # own token: seen on moto under load): read once more after the racers' PUTs
+                # have settled, so that only the last writer keeps the lock. Once per run.
+                time.sleep(SETTLE_SECONDS)
+                held = self._current()
+                if held is None or held.get("token") != self.token:
+                    raise self._raced()
             faults.point("lock.acquired")
             self._thread = threading.Thread(target=self._beat, daemon=True, name="kdcache-lock")
             self._thread.start()
