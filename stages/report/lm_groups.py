@@ -15,8 +15,8 @@ import re
 SEED = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
 # What a group says of its runs, taken from its first run: they differ only in seed.
 SHARED = ("role", "taught", "cache", "codec", "codec_label", "short_label", "bytes_per_token",
-          "disk_bytes_per_token", "store_bytes", "online_teacher", "epochs", "model", "spec", "num_params", "trainer",
-          "agreement_on")  # fmt: skip
+          "disk_bytes_per_token", "store_bytes", "online_teacher", "epochs", "model", "spec",
+          "num_params", "trainer", "agreement_on")  # fmt: skip
 
 
 def file_bytes(e: dict) -> float | None:

@@ -136,6 +136,15 @@ def _widen(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int64) if a.dtype.kind == "u" else a
 
 
+def largest_fitting(cost, budget: float, lo: int, hi: int) -> int:
+    """The largest n in [lo, hi] with cost(n) <= budget, for a cost that grows with n, given
+    that lo fits (0 when nothing does): a binary search, each try one call of `cost`."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+    return lo
+
+
 class Codec:
     """Base of every codec. `settings` is the manifest's ``soft_labels`` object."""
 

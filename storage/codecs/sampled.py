@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from kdcache.storage.codecs import draws, register, token_targets
 from kdcache.storage.codecs import sampled_layout as layout
-from kdcache.storage.codecs.base import Codec, id_type, torch_dtype
+from kdcache.storage.codecs.base import Codec, id_type, largest_fitting, torch_dtype
 from kdcache.storage.codecs.losses import upcast
 from kdcache.storage.errors import UsageError
 from kdcache.storage.options import Option
@@ -101,10 +101,7 @@ class Sampled(Codec):
             codec = cls(soft | {"samples": n}, "causal-lm")
             return codec.stored_bytes_per_token(codec.finish({"draws": ids}), len(ids))
 
-        lo, hi = 0, 255  # the largest n with cost(n) <= budget lies in [lo, hi]; cost(0) = 0
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+        lo = largest_fitting(cost, budget, 0, 255)  # cost(0) = 0
         if lo == 0:
             raise UsageError(
                 f"--budget-bytes-per-token {budget:g} is below the sampled codec's minimum of "

@@ -23,6 +23,7 @@ from kdcache.storage.codecs.base import (
     Codec,
     fixed_list,
     id_type,
+    largest_fitting,
     torch_dtype,
 )
 from kdcache.storage.codecs.losses import (
@@ -179,17 +180,14 @@ class TopK(Codec):
             columns, _ = codec.encode(s.float().clone())  # a read-back per try, once per run
             return codec.stored_bytes_per_token(columns, len(s))
 
-        # Start from the payload's k (compression only shrinks it) and double while it fits,
+        # Start from the payload's k (compression seldom leaves more) and double while it fits,
         # so that no try holds far more than the answer's k values per token (V may be 152k).
         c = int(s.shape[-1])
         per_k = id_type(c).bit_width // 8 + DTYPES[soft["dtype"]].bit_width // 8
         lo, hi = 0, min(c, max(1, int((budget - 4) // per_k)))
         while hi < c and cost(hi) <= budget:
             lo, hi = hi, min(c, 2 * hi)
-        # The largest k with cost(k) <= budget now lies in [lo, hi].
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+        lo = largest_fitting(cost, budget, lo, hi)
         if lo == 0:
             raise UsageError(
                 f"--budget-bytes-per-token {budget:g} is below topk's minimum of {cost(1):.2f} "
